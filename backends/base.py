@@ -1,0 +1,109 @@
+"""The interface every attention backend implements, and the input checks they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional, Union
+
+import torch
+
+from kvlayout.cache_ops import check_kv_cache, check_write_kv, write_kv
+from kvlayout.capabilities import BackendCapabilities
+from kvlayout.errors import KVLayoutError, UnsupportedFeatureError
+from kvlayout.metadata import AttentionMetadata
+from kvlayout.params import AttentionParams
+from kvlayout.specs import dtype_name, is_fp8
+
+AttentionOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+class AttentionBackend(ABC):
+    """A way to run paged attention over the packed views.
+
+    ``forward`` computes attention for the step's mixed batch (decodes first, then prefills) from the
+    cache alone; ``write_kv`` appends the step's new K/V first. LSE, when asked for, is ``[T, H]`` float32
+    in the base named by ``capabilities.lse_base``.
+    """
+
+    name: str = "?"
+    capabilities: BackendCapabilities
+
+    @classmethod
+    def unavailable_reason(cls, device: Optional[torch.device] = None) -> Optional[str]:
+        """Why this backend cannot run here (None when it can)."""
+        return None
+
+    def check_spec(self, layer_name: str, spec) -> None:
+        problems = self.capabilities.problems(spec)
+        if problems:
+            raise UnsupportedFeatureError(f"backend {self.name!r} cannot serve layer {layer_name!r}: "
+                                          + "; ".join(problems))
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                 validate: bool = True) -> None:
+        write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, params: AttentionParams,
+                *, sinks: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
+                v_scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                lse: Optional[torch.Tensor] = None, return_lse: bool = False, validate: bool = True
+                ) -> AttentionOutput:
+        ...
+
+    def forward_mla(self, q: torch.Tensor, latent_cache: torch.Tensor, meta: AttentionMetadata,
+                    kv_lora_rank: int, scale: float, *, causal: bool = True, return_lse: bool = False
+                    ) -> AttentionOutput:
+        raise UnsupportedFeatureError(f"backend {self.name!r} does not run MLA; use 'torch'")
+
+    def check_forward(self, q, kv_cache, meta, params, sinks=None, k_scale=None, v_scale=None, out=None,
+                      lse=None) -> None:
+        """Shape, dtype and feature checks shared by every backend; raises before any work."""
+        caps = self.capabilities
+        b, h, n, d = check_kv_cache(kv_cache)
+        if not isinstance(meta, AttentionMetadata):
+            raise KVLayoutError(f"meta must be AttentionMetadata (build_attention_metadata), got {type(meta).__name__}")
+        if not isinstance(params, AttentionParams):
+            raise KVLayoutError(f"params must be AttentionParams, got {type(params).__name__}")
+        if (params.num_kv_heads, params.head_size) != (h, d):
+            raise KVLayoutError(f"params say {params.num_kv_heads} KV heads of size {params.head_size}, "
+                                f"but the cache holds {h} of size {d}")
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != (params.num_heads, d):
+            raise KVLayoutError(f"q must be [num_tokens, {params.num_heads}, {d}], got {tuple(getattr(q, 'shape', ()))}")
+        if q.shape[0] < meta.num_actual_tokens:
+            raise KVLayoutError(f"q has {q.shape[0]} tokens but the metadata schedules {meta.num_actual_tokens}")
+        if q.device != kv_cache.device or meta.device != kv_cache.device:
+            raise KVLayoutError(f"q ({q.device}), metadata ({meta.device}) and cache ({kv_cache.device}) "
+                                f"must be on one device")
+        if meta.block_size != n or meta.num_blocks > b:
+            raise KVLayoutError(f"metadata was built for {meta.num_blocks} blocks of {meta.block_size} tokens, "
+                                f"but the cache has {b} blocks of {n}")
+        if q.dtype not in caps.q_dtypes:
+            raise UnsupportedFeatureError(f"backend {self.name!r} does not take {dtype_name(q.dtype)} queries "
+                                          f"(supported: {', '.join(sorted(map(dtype_name, caps.q_dtypes)))})")
+        if kv_cache.dtype not in caps.kv_dtypes:
+            raise UnsupportedFeatureError(f"backend {self.name!r} does not read a {dtype_name(kv_cache.dtype)} cache")
+        if not is_fp8(kv_cache.dtype) and kv_cache.dtype != q.dtype:
+            raise KVLayoutError(f"q is {dtype_name(q.dtype)} but the cache is {dtype_name(kv_cache.dtype)}")
+        if caps.head_sizes is not None and d not in caps.head_sizes:
+            raise UnsupportedFeatureError(f"backend {self.name!r} does not support head size {d}")
+        if not caps.block_size_ok(n):
+            raise UnsupportedFeatureError(f"backend {self.name!r} needs block size {caps.block_size_rule()}, got {n}")
+        wanted = {"non_causal": not params.causal, "sliding_window": params.sliding_window is not None,
+                  "soft_cap": params.logits_soft_cap is not None, "sinks": sinks is not None,
+                  "fp8_kv": is_fp8(kv_cache.dtype), "lse": lse is not None}
+        missing = [f for f, on in wanted.items() if on and f not in caps.features]
+        if missing:
+            raise UnsupportedFeatureError(f"backend {self.name!r} does not support: {', '.join(missing)}")
+        if sinks is not None and (sinks.shape != (params.num_heads,) or sinks.dtype != torch.float32):
+            raise KVLayoutError(f"sinks must be float32 [{params.num_heads}], got {sinks.dtype} {tuple(sinks.shape)}")
+        if (k_scale is not None or v_scale is not None) and not is_fp8(kv_cache.dtype):
+            raise KVLayoutError("k_scale/v_scale are only for fp8 caches")
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None and (s.dtype != torch.float32 or s.numel() not in (1, h)):
+                raise KVLayoutError(f"{name} must be float32 with 1 or {h} elements")
+        if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+            raise KVLayoutError(f"out must match q: {tuple(q.shape)} {dtype_name(q.dtype)}")
+        if lse is not None and (lse.shape != q.shape[:2] or lse.dtype != torch.float32):
+            raise KVLayoutError(f"lse must be float32 {tuple(q.shape[:2])}")

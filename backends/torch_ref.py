@@ -1,0 +1,114 @@
+"""Reference backend: plain PyTorch, float32 math, one request at a time. The oracle for every other
+backend and the CPU default; not fast."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from kvlayout.cache_ops import gather_kv
+from kvlayout.capabilities import BackendCapabilities
+from kvlayout.errors import KVLayoutError
+from kvlayout.metadata import AttentionMetadata
+from kvlayout.params import AttentionParams
+from kvlayout.specs import ATTENTION_DTYPES
+
+from .base import AttentionBackend, AttentionOutput
+
+TORCH_CAPABILITIES = BackendCapabilities(
+    name="torch",
+    kv_dtypes=frozenset(ATTENTION_DTYPES),
+    q_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    features=frozenset({"non_causal", "sliding_window", "soft_cap", "sinks", "fp8_kv", "lse", "mla",
+                        "cross_layer"}),
+    lse_base="e",
+)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, q_offset: int,
+                    causal: bool = True, sliding_window: Optional[int] = None,
+                    soft_cap: Optional[float] = None, sinks: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [Q, Hq, D]`` over ``k [S, Hkv, D]``, ``v [S, Hkv, Dv]`` in the dtype of the inputs
+    (pass float32 or float64). Query t sits at position ``q_offset + t``. Returns ``(out [Q, Hq, Dv],
+    lse [Q, Hq])`` with the natural-log LSE of the whole softmax denominator (sink included)."""
+    nq, hq, _ = q.shape
+    s, hk, dv = v.shape
+    g = hq // hk
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    qpos = torch.arange(nq, device=q.device).unsqueeze(1) + q_offset
+    kpos = torch.arange(s, device=q.device).unsqueeze(0)
+    visible = torch.ones(nq, s, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= kpos <= qpos
+    if sliding_window is not None:
+        visible &= kpos > qpos - sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(hq, 1, 1).expand(hq, nq, 1)
+        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    probs = torch.where(finite.unsqueeze(-1), probs, torch.zeros_like(probs))
+    out = torch.einsum("hqk,khd->qhd", probs, v)
+    return out, lse.transpose(0, 1)
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+    capabilities = TORCH_CAPABILITIES
+
+    def forward(self, q, kv_cache, meta, params, *, sinks=None, k_scale=None, v_scale=None, out=None,
+                lse=None, return_lse=False, validate=True) -> AttentionOutput:
+        if validate:
+            self.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
+        out = torch.zeros_like(q) if out is None else out.zero_()
+        lse_out = lse if lse is not None else (torch.full(q.shape[:2], float("-inf"), device=q.device)
+                                               if return_lse else None)
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        qsl, seq_lens = meta.query_start_loc_cpu.tolist(), meta.seq_lens_cpu.tolist()
+        for r in range(meta.num_reqs):
+            q0, q1, s = qsl[r], qsl[r + 1], seq_lens[r]
+            if q1 == q0:
+                continue
+            k, v = gather_kv(kv_cache, meta.block_table[r, : -(-s // meta.block_size)], s, k_scale, v_scale,
+                             dtype=torch.float32)
+            o, l = dense_attention(q[q0:q1].float(), k, v, params.scale, q_offset=s - (q1 - q0),
+                                   causal=params.causal, sliding_window=params.sliding_window,
+                                   soft_cap=params.logits_soft_cap, sinks=sinks)
+            out[q0:q1] = o.to(out.dtype)
+            if lse_out is not None:
+                lse_out[q0:q1] = l
+        return (out, lse_out) if (return_lse or lse is not None) else out
+
+    def forward_mla(self, q, latent_cache, meta, kv_lora_rank, scale, *, causal=True, return_lse=False):
+        """MLA in absorbed form: ``q [T, H, L+R]`` over latents ``[B, 1, N, L+R]``; keys are the whole
+        latent, values its first ``kv_lora_rank`` entries. Returns ``[T, H, L]``."""
+        if latent_cache.dim() != 4 or latent_cache.shape[1] != 1 or q.dim() != 3 or q.shape[2] != latent_cache.shape[3]:
+            raise KVLayoutError(f"MLA needs q [T, H, L+R] and a latent cache [B, 1, N, L+R]; got q "
+                                f"{tuple(q.shape)} and cache {tuple(latent_cache.shape)}")
+        if not 0 < kv_lora_rank < latent_cache.shape[3]:
+            raise KVLayoutError(f"kv_lora_rank {kv_lora_rank} must be inside the latent size {latent_cache.shape[3]}")
+        out = torch.zeros(q.shape[0], q.shape[1], kv_lora_rank, dtype=q.dtype, device=q.device)
+        lse_out = torch.full(q.shape[:2], float("-inf"), device=q.device)
+        qsl, seq_lens = meta.query_start_loc_cpu.tolist(), meta.seq_lens_cpu.tolist()
+        n = latent_cache.shape[2]
+        for r in range(meta.num_reqs):
+            q0, q1, s = qsl[r], qsl[r + 1], seq_lens[r]
+            if q1 == q0:
+                continue
+            ids = meta.block_table[r, : -(-s // n)].long()
+            lat = latent_cache[ids, 0].reshape(-1, latent_cache.shape[3])[:s].float().unsqueeze(1)
+            o, l = dense_attention(q[q0:q1].float(), lat, lat[..., :kv_lora_rank], scale,
+                                   q_offset=s - (q1 - q0), causal=causal)
+            out[q0:q1], lse_out[q0:q1] = o.to(out.dtype), l
+        return (out, lse_out) if return_lse else out

@@ -1,0 +1,31 @@
+"""kvlayout: one packed, blocks-first KV-cache layout for every layer of a model, resolved once."""
+
+from .allocation import KVCache, allocate_kv_cache, zero_blocks
+from .cache_ops import copy_blocks, gather_kv, write_kv
+from .capabilities import BackendCapabilities, ConnectorWishes
+from .errors import (BackendUnavailableError, KVLayoutError, LayoutConflictError, UnsupportedFeatureError)
+from .layers import AttentionLayer, MambaLayer, MLALayer, bind_kv_cache, mamba_state_views
+from .layout import GroupLayout, KVCacheLayout, LayerLayout, resolve_kv_cache_layout
+from .metadata import AttentionMetadata, ScheduledRequest, build_attention_metadata, order_decodes_first
+from .params import AttentionParams
+from .planner import GroupPlan, KVCachePlan, plan_kv_cache
+from .specs import AttentionKind, AttentionSpec, MambaSpec, MLASpec, parse_dtype
+
+__version__ = "0.1.0"
+
+
+def get_attention_backend(name=None, device=None):
+    """See ``kvlayout.backends.get_attention_backend``."""
+    from .backends import get_attention_backend as _get
+    return _get(name, device)
+
+
+__all__ = [
+    "AttentionKind", "AttentionLayer", "AttentionMetadata", "AttentionParams", "AttentionSpec",
+    "BackendCapabilities", "BackendUnavailableError", "ConnectorWishes", "GroupLayout", "GroupPlan", "KVCache",
+    "KVCacheLayout", "KVCachePlan", "KVLayoutError", "LayerLayout", "LayoutConflictError", "MLALayer",
+    "MLASpec", "MambaLayer", "MambaSpec", "ScheduledRequest", "UnsupportedFeatureError", "allocate_kv_cache",
+    "bind_kv_cache", "build_attention_metadata", "copy_blocks", "gather_kv", "get_attention_backend",
+    "mamba_state_views", "order_decodes_first", "parse_dtype", "plan_kv_cache", "resolve_kv_cache_layout",
+    "write_kv", "zero_blocks",
+]

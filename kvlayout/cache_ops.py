@@ -1,0 +1,144 @@
+"""Cache operations in PyTorch: append K/V through ``slot_mapping``, copy blocks, gather for checks."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .allocation import KVCache, check_block_ids
+from .errors import KVLayoutError
+from .specs import dtype_name, is_fp8
+
+
+def _check_scale(scale: Optional[torch.Tensor], num_kv_heads: int, what: str) -> None:
+    if scale is None:
+        return
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() not in (1, num_kv_heads) \
+            or scale.dim() > 1:
+        raise KVLayoutError(f"{what} must be a float32 tensor with one element (per-tensor) or "
+                            f"{num_kv_heads} (per KV head), got {getattr(scale, 'shape', scale)!r}")
+
+
+def scale_for_heads(scale: Optional[torch.Tensor], device) -> torch.Tensor:
+    """A scale as a ``(H_kv or 1, 1)`` float32 tensor to broadcast over ``(H, ..., D)``; 1.0 if None."""
+    if scale is None:
+        return torch.ones(1, 1, device=device)
+    return scale.reshape(-1, 1).to(device)
+
+
+def check_kv_cache(kv_cache: torch.Tensor, what: str = "kv_cache") -> tuple[int, int, int, int]:
+    """Check a packed attention cache ``(B, H, N, 2·D)`` and return ``(B, H, N, D)``."""
+    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4:
+        raise KVLayoutError(f"{what} must be a 4-D packed cache (blocks, kv_heads, block_size, 2*head_size), "
+                            f"got {getattr(kv_cache, 'shape', type(kv_cache))}")
+    b, h, n, c = kv_cache.shape
+    if c % 2:
+        raise KVLayoutError(f"{what}: last dim {c} is not 2*head_size (K and V side by side)")
+    if kv_cache.stride(-1) != 1:
+        raise KVLayoutError(f"{what}: the last dim must be contiguous (stride 1), got stride {kv_cache.stride(-1)}")
+    return b, h, n, c // 2
+
+
+def check_write_kv(kv_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Every check ``write_kv`` makes, without touching memory."""
+    b, h, n, d = check_kv_cache(kv_cache)
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != (h, d):
+            raise KVLayoutError(f"{name} must be [num_tokens, {h}, {d}] to match the cache, got "
+                                f"{tuple(getattr(t, 'shape', ()))}")
+        if t.device != kv_cache.device:
+            raise KVLayoutError(f"{name} is on {t.device} but the cache is on {kv_cache.device}")
+        if not is_fp8(kv_cache.dtype) and t.dtype != kv_cache.dtype:
+            raise KVLayoutError(f"{name} is {dtype_name(t.dtype)} but the cache is {dtype_name(kv_cache.dtype)}; "
+                                f"cast it first (only fp8 caches quantize on write)")
+        if is_fp8(kv_cache.dtype) and not t.dtype.is_floating_point:
+            raise KVLayoutError(f"{name} must be floating point, got {dtype_name(t.dtype)}")
+    if k.shape[0] != v.shape[0]:
+        raise KVLayoutError(f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
+            slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise KVLayoutError("slot_mapping must be a 1-D int32/int64 tensor")
+    if slot_mapping.shape[0] < k.shape[0]:
+        raise KVLayoutError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
+    if slot_mapping.numel():
+        hi, lo = int(slot_mapping.max()), int(slot_mapping.min())
+        if hi >= b * n or lo < -1:
+            raise KVLayoutError(f"slot_mapping has slot {hi if hi >= b * n else lo}; valid slots are -1 (skip) "
+                                f"and 0..{b * n - 1} ({b} blocks of {n})")
+    if k_scale is not None or v_scale is not None:
+        if not is_fp8(kv_cache.dtype):
+            raise KVLayoutError("k_scale/v_scale are only for fp8 caches")
+    _check_scale(k_scale, h, "k_scale")
+    _check_scale(v_scale, h, "v_scale")
+
+
+def quantize_fp8(x: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``x / scale`` saturated to the fp8 range; ``x`` is ``[T, H, D]``, scale per tensor or per head."""
+    s = scale_for_heads(scale, x.device)
+    limit = torch.finfo(dtype).max
+    return (x.float() / s).clamp_(-limit, limit).to(dtype)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+             validate: bool = True) -> None:
+    """Write token ``t``'s K and V into slot ``slot_mapping[t]`` (block = slot // N, offset = slot % N).
+    Slot -1 is skipped. fp8 caches quantize with per-tensor or per-head scales."""
+    if validate:
+        check_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+    n, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+    slots = slot_mapping[: k.shape[0]]
+    keep = torch.nonzero(slots >= 0).squeeze(1)
+    slots = slots[keep].long()
+    kk, vv = k[keep], v[keep]
+    if is_fp8(kv_cache.dtype):
+        kk, vv = quantize_fp8(kk, k_scale, kv_cache.dtype), quantize_fp8(vv, v_scale, kv_cache.dtype)
+    blk, off = slots // n, slots % n
+    kv_cache[..., :d][blk, :, off] = kk
+    kv_cache[..., d:][blk, :, off] = vv
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids, num_tokens: int, k_scale: Optional[torch.Tensor] = None,
+              v_scale: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_tokens`` K and V of a sequence whose blocks are ``block_ids``, as ``[S, H, D]``
+    each (for debugging and tests). fp8 caches are dequantized to ``dtype`` (default float32)."""
+    b, h, n, d = check_kv_cache(kv_cache)
+    ids = check_block_ids(block_ids, b, kv_cache.device, "gather_kv")
+    if num_tokens < 0 or num_tokens > ids.numel() * n:
+        raise KVLayoutError(f"gather_kv: {num_tokens} tokens do not fit in {ids.numel()} blocks of {n}")
+    pages = kv_cache[ids]                                   # [nb, H, N, 2D]
+    flat = pages.permute(0, 2, 1, 3).reshape(-1, h, 2 * d)[:num_tokens]
+    k, v = flat[..., :d], flat[..., d:]
+    if is_fp8(kv_cache.dtype) or dtype is not None:
+        out = dtype or torch.float32
+        k = (k.float() * scale_for_heads(k_scale, k.device)).to(out)
+        v = (v.float() * scale_for_heads(v_scale, v.device)).to(out)
+    return k, v
+
+
+def _pairs(src, dst, num_blocks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    s = check_block_ids(src, num_blocks, device, "copy_blocks src")
+    t = check_block_ids(dst, num_blocks, device, "copy_blocks dst")
+    if s.numel() != t.numel():
+        raise KVLayoutError(f"copy_blocks: {s.numel()} source blocks but {t.numel()} destinations")
+    if t.unique().numel() != t.numel():
+        raise KVLayoutError("copy_blocks: a destination block appears twice")
+    return s, t
+
+
+def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Sequence[int], dst: Sequence[int], group: int = 0) -> None:
+    """Copy block ``src[i]`` to ``dst[i]`` (copy-on-write). On a ``KVCache`` this copies the blocks of
+    every layer of ``group`` in one operation; on a tensor, only that layer's blocks."""
+    if isinstance(cache, KVCache):
+        g = cache.layout.groups[group]
+        s, t = _pairs(src, dst, g.num_blocks, cache.buffers[group].device)
+        view = cache.group_blocks_view(group)
+        dim = 0 if g.cross_layer else 1
+        view.index_copy_(dim, t, view.index_select(dim, s))
+    elif isinstance(cache, torch.Tensor) and cache.dim() >= 1:
+        s, t = _pairs(src, dst, cache.shape[0], cache.device)
+        cache.index_copy_(0, t, cache.index_select(0, s))
+    else:
+        raise KVLayoutError("copy_blocks needs a KVCache or a layer's cache tensor")

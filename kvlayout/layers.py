@@ -1,0 +1,163 @@
+"""Layer classes that own cache views. Use them as mixins: ``class MyAttn(kvl.AttentionLayer, nn.Module)``.
+Each binds its own views in ``bind_kv_cache(tensor)``; the runner never reaches inside a layer's cache."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+from .errors import KVLayoutError
+from .metadata import AttentionMetadata
+from .params import AttentionParams
+from .specs import AttentionSpec, MambaSpec, MLASpec, is_fp8
+
+
+def _check_bound_shape(layer_name: str, tensor: torch.Tensor, block_shape: tuple, dtype: torch.dtype) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or tuple(tensor.shape[1:]) != tuple(block_shape):
+        raise KVLayoutError(f"layer {layer_name!r} expects a cache of shape (blocks, {', '.join(map(str, block_shape))}), "
+                            f"got {tuple(getattr(tensor, 'shape', ()))}")
+    if tensor.dtype != dtype:
+        raise KVLayoutError(f"layer {layer_name!r} expects a {dtype} cache, got {tensor.dtype}")
+
+
+class AttentionLayer:
+    """Keeps the packed cache ``(B, H, N, 2·D)`` and its K and V views, plus fp8 scales and sinks."""
+
+    def __init__(self, *args, layer_name: str, spec: AttentionSpec, num_heads: int, scale: Optional[float] = None,
+                 sinks: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
+                 v_scale: Optional[torch.Tensor] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(spec, AttentionSpec):
+            raise KVLayoutError(f"AttentionLayer {layer_name!r} needs an AttentionSpec, got {type(spec).__name__}")
+        self.layer_name = layer_name
+        self.kv_spec = spec
+        self.attn_params = AttentionParams(num_heads, spec.num_kv_heads, spec.head_size, scale, spec.causal,
+                                           spec.sliding_window, spec.logits_soft_cap)
+        if spec.has_sinks and sinks is None:
+            sinks = torch.zeros(num_heads, dtype=torch.float32)
+        self.sinks = sinks
+        if is_fp8(spec.dtype):
+            k_scale = torch.ones(1) if k_scale is None else k_scale
+            v_scale = torch.ones(1) if v_scale is None else v_scale
+        self.k_scale, self.v_scale = k_scale, v_scale
+        self.kv_cache: Optional[torch.Tensor] = None
+        self._checked_backends: set[str] = set()
+
+    def bind_kv_cache(self, tensor: torch.Tensor) -> None:
+        _check_bound_shape(self.layer_name, tensor, self.kv_spec.block_shape(), self.kv_spec.dtype)
+        d = self.kv_spec.head_size
+        self.kv_cache = tensor
+        self.k_cache = tensor[..., :d]             # (B, H, N, D) views, HND order
+        self.v_cache = tensor[..., d:]
+        dev = tensor.device
+        for attr in ("k_scale", "v_scale", "sinks"):
+            val = getattr(self, attr)
+            if val is not None and val.device != dev:
+                setattr(self, attr, val.to(dev))
+
+    def attend(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], meta: AttentionMetadata,
+               backend, *, return_lse: bool = False, out: Optional[torch.Tensor] = None):
+        """Append ``k``, ``v`` (``[T, H_kv, D]``; None to skip, e.g. cross-attention after its first step)
+        through ``meta.slot_mapping``, then return attention of ``q [T, H, D]`` over the cache."""
+        if self.kv_cache is None:
+            raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
+        if backend.name not in self._checked_backends:
+            backend.check_spec(self.layer_name, self.kv_spec)
+            self._checked_backends.add(backend.name)
+        if (k is None) != (v is None):
+            raise KVLayoutError("pass both k and v, or neither")
+        if k is not None:
+            backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale)
+        return backend.forward(q, self.kv_cache, meta, self.attn_params, sinks=self.sinks, k_scale=self.k_scale,
+                               v_scale=self.v_scale, out=out, return_lse=return_lse)
+
+
+class MLALayer:
+    """Keeps the latent cache ``(B, 1, N, kv_lora_rank + rope_dim)``."""
+
+    def __init__(self, *args, layer_name: str, spec: MLASpec, num_heads: int, scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(spec, MLASpec):
+            raise KVLayoutError(f"MLALayer {layer_name!r} needs an MLASpec, got {type(spec).__name__}")
+        self.layer_name, self.kv_spec, self.num_heads, self.scale = layer_name, spec, num_heads, scale
+        self.latent_cache: Optional[torch.Tensor] = None
+
+    def bind_kv_cache(self, tensor: torch.Tensor) -> None:
+        _check_bound_shape(self.layer_name, tensor, self.kv_spec.block_shape(), self.kv_spec.dtype)
+        self.latent_cache = tensor
+
+    def write_latent(self, latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write ``latent [T, L+R]`` into its slots (-1 skipped)."""
+        if self.latent_cache is None:
+            raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
+        b, _, n, c = self.latent_cache.shape
+        if latent.dim() != 2 or latent.shape[1] != c or latent.dtype != self.latent_cache.dtype:
+            raise KVLayoutError(f"latent must be [T, {c}] {self.latent_cache.dtype}, got {tuple(latent.shape)} {latent.dtype}")
+        slots = slot_mapping[: latent.shape[0]]
+        if slots.numel() and (int(slots.max()) >= b * n or int(slots.min()) < -1):
+            raise KVLayoutError(f"slot_mapping reaches past the latent cache ({b} blocks of {n})")
+        keep = torch.nonzero(slots >= 0).squeeze(1)
+        s = slots[keep]
+        self.latent_cache[s // n, 0, s % n] = latent[keep]
+
+    def attend(self, q: torch.Tensor, latent: Optional[torch.Tensor], meta: AttentionMetadata, backend,
+               return_lse: bool = False):
+        if latent is not None:
+            self.write_latent(latent, meta.slot_mapping)
+        return backend.forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank, self.scale,
+                                   return_lse=return_lse)
+
+
+def mamba_state_views(page_cache: torch.Tensor, spec: MambaSpec) -> dict[str, torch.Tensor]:
+    """Slice each named state out of the raw pages ``(B, 1, 1, page_bytes)`` int8: ``{name: (B, *shape)}``,
+    views with the page's block stride, at the spec's byte offsets."""
+    if page_cache.dtype != torch.int8 or page_cache.dim() != 4 or page_cache.shape[1:3] != (1, 1) \
+            or page_cache.shape[3] != spec.page_size_bytes:
+        raise KVLayoutError(f"Mamba pages must be int8 (B, 1, 1, {spec.page_size_bytes}), got "
+                            f"{page_cache.dtype} {tuple(page_cache.shape)}")
+    block_stride = page_cache.stride(0)
+    base = page_cache.storage_offset()
+    views = {}
+    for sl in spec.slices():
+        item = sl.dtype.itemsize
+        if (base + sl.byte_offset) % item or block_stride % item:
+            raise KVLayoutError(f"state {sl.name!r} would not be aligned to its dtype {sl.dtype}")
+        whole = torch.as_strided(page_cache, (page_cache.untyped_storage().nbytes(),), (1,), 0)
+        inner = torch.empty(sl.shape, device="meta").stride()
+        views[sl.name] = whole.view(sl.dtype).as_strided(
+            (page_cache.shape[0],) + sl.shape, (block_stride // item,) + inner, (base + sl.byte_offset) // item)
+    return views
+
+
+class MambaLayer:
+    """Keeps its raw pages and the named state views sliced from them (e.g. ``conv_state``, ``ssm_state``)."""
+
+    def __init__(self, *args, layer_name: str, spec: MambaSpec, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(spec, MambaSpec):
+            raise KVLayoutError(f"MambaLayer {layer_name!r} needs a MambaSpec, got {type(spec).__name__}")
+        self.layer_name, self.kv_spec = layer_name, spec
+        self.page_cache: Optional[torch.Tensor] = None
+        self.states: dict[str, torch.Tensor] = {}
+
+    def bind_kv_cache(self, tensor: torch.Tensor) -> None:
+        self.states = mamba_state_views(tensor, self.kv_spec)
+        self.page_cache = tensor
+
+
+def bind_kv_cache(layers: Mapping[str, object], caches: Mapping[str, torch.Tensor]) -> None:
+    """Call ``layers[name].bind_kv_cache(caches[name])`` for every layer; the two must name the same layers."""
+    missing = sorted(set(caches) - set(layers))
+    extra = sorted(set(layers) - set(caches))
+    if missing or extra:
+        raise KVLayoutError("layers and caches disagree: "
+                            + (f"no layer for cache(s) {missing}" if missing else "")
+                            + ("; " if missing and extra else "")
+                            + (f"no cache for layer(s) {extra}" if extra else ""))
+    for name, layer in layers.items():
+        if not hasattr(layer, "bind_kv_cache"):
+            raise KVLayoutError(f"layer {name!r} ({type(layer).__name__}) has no bind_kv_cache method; "
+                                f"derive it from AttentionLayer, MLALayer or MambaLayer")
+    for name, layer in layers.items():
+        layer.bind_kv_cache(caches[name])

@@ -1,0 +1,48 @@
+"""What one attention call computes, independent of where its cache lives."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import KVLayoutError
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """Head counts and the attention variant.
+
+    ``sliding_window`` W: query at position i sees keys j with ``i - W < j`` (W keys, itself included,
+    when causal). ``logits_soft_cap`` c: scores become ``c * tanh(s / c)`` after scaling (None or 0 = off).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    scale: Optional[float] = None
+    causal: bool = True
+    sliding_window: Optional[int] = None
+    logits_soft_cap: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads", "head_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise KVLayoutError(f"AttentionParams.{name} must be a positive integer, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise KVLayoutError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
+                                f"GQA needs each KV head shared by the same number of query heads")
+        if self.scale is None:
+            object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_size))
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise KVLayoutError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.logits_soft_cap is not None:
+            if self.logits_soft_cap < 0:
+                raise KVLayoutError(f"logits_soft_cap must be > 0 (None or 0 disables it), got {self.logits_soft_cap}")
+            if self.logits_soft_cap == 0:
+                object.__setattr__(self, "logits_soft_cap", None)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
