@@ -98,14 +98,14 @@ class KVCachePlan:
         from rich.table import Table
 
         table = Table(title="kvlayout plan", title_justify="left")
-        for col in ("group", "layers", "page", "padding/page", "block size", "blocks", "tokens", "memory"):
+        for col in ("group", "layers", "page", "padding/page", "block size", "blocks", "tokens (+ states)", "memory"):
             table.add_column(col, justify="right" if col != "layers" else "left")
         for g in self.groups:
             table.add_row(str(g.index), _kind_counts_text(g.kinds) + (" (cross-layer)" if g.cross_layer else ""),
                           _fmt_bytes(g.page_size_bytes),
                           f"{_fmt_bytes(g.padding_bytes_per_page)} ({100 * g.padding_bytes_per_page / (g.page_size_bytes * g.num_layers):.1f}%)",
                           "-" if g.block_size is None else str(g.block_size), f"{g.num_blocks:,}",
-                          "-" if g.num_tokens is None else f"{g.num_tokens:,}", _fmt_bytes(g.nbytes))
+                          _capacity_text(g), _fmt_bytes(g.nbytes))
         buf = io.StringIO()
         console = Console(file=buf, width=120, force_terminal=False, color_system=None)
         console.print(table)
@@ -115,6 +115,13 @@ class KVCachePlan:
         for note in self.adjustments:
             console.print(f"note: {note}")
         return buf.getvalue().rstrip()
+
+
+def _capacity_text(g: GroupPlan) -> str:
+    parts = [] if g.num_tokens is None else [f"{g.num_tokens:,}"]
+    if "mamba" in g.kinds:
+        parts.append(f"{g.num_blocks:,} states")
+    return " + ".join(parts)
 
 
 def _kind_counts(kinds) -> dict:
@@ -150,7 +157,7 @@ def unify_page_sizes(specs: Mapping[str, KVCacheSpec], backend: Optional[Backend
     if not tokenwise:
         target = need
     else:
-        pages = {}
+        pages, raised = {}, {}
         for name, spec in tokenwise.items():
             block = spec.block_size
             while (block * spec.token_bytes < need or (backend and not backend.block_size_ok(block))):
@@ -162,10 +169,12 @@ def unify_page_sizes(specs: Mapping[str, KVCacheSpec], backend: Optional[Backend
                         f"layer {name!r} ({spec.token_bytes:,} B/token, multiples of {spec.block_size}) up to "
                         f"{MAX_BLOCK_SIZE} covers it{rule}. Use a backend without that limit (torch, flashinfer).")
             if block != spec.block_size:
-                notes.append(f"{name}: block size raised {spec.block_size} -> {block} so a page "
-                              f"({block * spec.token_bytes:,} B) covers the Mamba state ({need:,} B, {need_name})")
+                raised.setdefault((spec.block_size, block, block * spec.token_bytes), []).append(name)
                 specs[name] = spec.with_block_size(block)
             pages[name] = specs[name].page_size_bytes
+        for (old, new, page), names in raised.items():
+            notes.append(f"block size of {len(names)} attention layer(s) raised {old} -> {new} so a page "
+                         f"({page:,} B) covers the largest Mamba state ({need:,} B, {need_name})")
         if len(set(pages.values())) > 1:
             (a, pa), (b, pb) = sorted(pages.items(), key=lambda kv: kv[1])[::len(pages) - 1]
             raise LayoutConflictError(
