@@ -184,9 +184,9 @@ class MambaSpec:
         for name, entry in self.states.items():
             try:
                 shape, dtype = entry
+                shape = tuple(int(s) for s in shape)
             except (TypeError, ValueError):
                 raise KVLayoutError(f"MambaSpec state {name!r} must be (shape, dtype), got {entry!r}") from None
-            shape = tuple(int(s) for s in shape)
             if not shape or any(s <= 0 for s in shape):
                 raise KVLayoutError(f"MambaSpec state {name!r} has a bad shape {shape}; all sizes must be > 0")
             norm[name] = (shape, parse_dtype(dtype))
