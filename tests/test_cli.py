@@ -1,0 +1,96 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvlayout.cli import main, parse_size
+from kvlayout.hf_config import load_hf_config, shipped_models, specs_from_hf_config
+from kvlayout.specs import AttentionSpec, MambaSpec, MLASpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_parse_size():
+    assert parse_size("40GiB") == 40 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("1e9") == 10**9
+    assert parse_size("2G") == 2 * 10**9
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "mistral-7b", "gemma-2-9b", "deepseek-v2-lite", "nemotron-h-8b"])
+def test_plan_json_every_shipped_model(model, capsys):
+    assert main(["plan", model, "--memory", "8GiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["allocated_bytes"] <= 8 << 30
+    assert out["allocated_bytes"] > 0.99 * (8 << 30) - sum(g["page_size_bytes"] * len(g["layers"]) for g in out["groups"])
+    for g in out["groups"]:
+        assert g["num_blocks"] > 0
+        assert g["nbytes"] == g["num_blocks"] * g["page_size_bytes"] * len(g["layers"])
+
+
+def test_llama_numbers_by_hand(capsys):
+    # 32 layers x 8 KV heads x (K+V) x 128 x 2 bytes = 128 KiB per token; 40 GiB hold 327,680 tokens.
+    assert main(["plan", "llama-3.1-8b", "--json"]) == 0
+    g = json.loads(capsys.readouterr().out)["groups"][0]
+    assert g["page_size_bytes"] == 16 * 8 * 2 * 128 * 2
+    assert g["num_tokens"] == 327_680
+
+
+def test_specs_per_model():
+    gemma = specs_from_hf_config(load_hf_config("gemma-2-9b"))
+    windows = [s.sliding_window for s in gemma.values()]
+    assert windows[0] == 4096 and windows[1] is None and windows[2] == 4096
+    assert all(s.logits_soft_cap == 50.0 and s.head_size == 256 for s in gemma.values())
+    mistral = specs_from_hf_config(load_hf_config("mistral-7b"))
+    assert all(s.sliding_window == 4096 for s in mistral.values())
+    ds = specs_from_hf_config(load_hf_config("deepseek-v2-lite"), tp_size=2)
+    assert all(isinstance(s, MLASpec) and s.latent_size == 576 for s in ds.values())   # replicated over TP
+    nh = specs_from_hf_config(load_hf_config("nemotron-h-8b"), tp_size=2)
+    kinds = [type(s) for s in nh.values()]
+    assert kinds.count(MambaSpec) == 24 and kinds.count(AttentionSpec) == 4
+    mamba = next(s for s in nh.values() if isinstance(s, MambaSpec))
+    assert mamba.states["ssm"][0] == (64, 64, 128)          # 128 heads over 2 ranks
+    assert mamba.states["conv"][0] == (64 * 64 + 2 * 4 * 128, 3)
+    llama_tp16 = specs_from_hf_config(load_hf_config("llama-3.1-8b"), tp_size=16)
+    assert all(s.num_kv_heads == 1 for s in llama_tp16.values())  # 8 KV heads replicated over 16 ranks
+
+
+def test_hybrid_plan_pads_mamba(capsys):
+    assert main(["plan", "nemotron-h-8b", "--memory", "8GiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (g,) = out["groups"]
+    assert g["kinds"] == {"mamba": 24, "attention": 4}
+    assert g["block_size"] % 16 == 0 and g["block_size"] * 4096 == g["page_size_bytes"]
+    assert 0 < g["padding_bytes_per_page"] <= 24 * g["page_size_bytes"] // g["block_size"]
+
+
+def test_plan_errors_are_clear(capsys):
+    assert main(["plan", "no-such-model"]) == 2
+    assert "shipped" in capsys.readouterr().err
+    assert main(["plan", "llama-3.1-8b", "--memory", "1KiB"]) == 2
+    assert "too small for one block" in capsys.readouterr().err
+    assert main(["plan", "llama-3.1-8b", "--tp", "3"]) == 2
+    assert "tensor-parallel" in capsys.readouterr().err
+
+
+def test_plan_from_config_path(tmp_path, capsys):
+    cfg = load_hf_config("mistral-7b")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["plan", str(tmp_path), "--kv-dtype", "fp8", "--memory", "1GiB"]) == 0
+    assert "32 attention" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "kvlayout.cli", "plan", "llama-3.1-8b"], capture_output=True,
+                         text=True, check=True).stdout
+    assert re.search(r"327,680", out)
+
+
+def test_readme_tour_runs():
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (5, 32, 128)
