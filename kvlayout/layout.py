@@ -164,7 +164,7 @@ def resolve_kv_cache_layout(
 
     groups, layers = [], []
     for gi, names in enumerate(group_by_page_size(specs)):
-        n_blocks = num_blocks if isinstance(num_blocks, int) else num_blocks.get(gi)
+        n_blocks = num_blocks.get(gi) if isinstance(num_blocks, Mapping) else num_blocks
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks <= 0:
             raise KVLayoutError(f"num_blocks for group {gi} must be a positive integer, got {n_blocks!r}")
         page = specs[names[0]].page_size_bytes
