@@ -18,6 +18,7 @@ ENV_VAR = "KVLAYOUT_ATTENTION_BACKEND"
 # name -> "module:Class", imported only when asked for, so optional packages stay optional.
 _REGISTRY: dict[str, str] = {
     "torch": "kvlayout.backends.torch_ref:TorchBackend",
+    "triton": "kvlayout.backends.triton_backend:TritonBackend",
 }
 # Preference order for "auto" on a CUDA device; the CPU gets the reference backend.
 AUTO_ORDER_CUDA = ("flashinfer", "triton", "torch")

@@ -1,0 +1,160 @@
+"""Cache kernels in Triton: ``write_kv`` (reshape-and-cache into the packed layout, fp8 quantization) and
+``copy_blocks`` (copy-on-write of whole blocks)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from kvlayout.allocation import KVCache, check_block_ids
+from kvlayout.cache_ops import check_write_kv
+from kvlayout.errors import KVLayoutError
+from kvlayout.specs import is_fp8
+
+_FP8_FORMAT = {  # dtype -> (mantissa bits, smallest normal exponent, largest finite value)
+    torch.float8_e4m3fn: (3, -6, 448.0),
+    torch.float8_e5m2: (2, -14, 57344.0),
+}
+
+
+@triton.jit
+def _round_to_fp8_grid(x, MBITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
+    """Saturate ``x`` (float32) to +-FMAX and round it to nearest-even on the fp8 grid in float32, so the
+    final cast is exact on every path (Triton's CPU interpreter drops the carry when a cast rounds up
+    into the next power of two)."""
+    x = tl.minimum(tl.maximum(x, -FMAX), FMAX)
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, EMIN) - MBITS                       # exponent of one unit in the last place
+    ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0                                    # 1.5 * 2^23: adding it rounds to an integer (RNE)
+    return ((x / ulp + magic) - magic) * ulp
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, num_tokens,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_cn,
+                     k_scale_stride, v_scale_stride,
+                     HEAD: tl.constexpr, NUM_HEADS: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr, FP8: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
+                     MBITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)       # flattened (head, d)
+    h = c // HEAD
+    d = c % HEAD
+    t_ok = t < num_tokens
+    slot = tl.load(slot_ptr + t, mask=t_ok, other=-1).to(tl.int64)
+    c_ok = c < NUM_HEADS * HEAD
+    ok = (slot >= 0)[:, None] & c_ok[None, :]
+    blk = slot // PAGE
+    dst = kv_ptr + (blk * stride_cb + (slot % PAGE) * stride_cn)[:, None] + (h * stride_ch + d)[None, :]
+    t64 = t.to(tl.int64)
+    k = tl.load(k_ptr + (t64 * stride_kt)[:, None] + (h * stride_kh + d)[None, :], mask=ok)
+    v = tl.load(v_ptr + (t64 * stride_vt)[:, None] + (h * stride_vh + d)[None, :], mask=ok)
+    if FP8:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        if K_SCALE:
+            k = k / tl.load(k_scale_ptr + h * k_scale_stride, mask=c_ok, other=1.0)[None, :]
+        if V_SCALE:
+            v = v / tl.load(v_scale_ptr + h * v_scale_stride, mask=c_ok, other=1.0)[None, :]
+        k = _round_to_fp8_grid(k, MBITS, EMIN, FMAX)
+        v = _round_to_fp8_grid(v, MBITS, EMIN, FMAX)
+    tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + HEAD, v.to(kv_ptr.dtype.element_ty), mask=ok)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+             validate: bool = True) -> None:
+    """Write token ``t``'s K and V (``[T, H_kv, D]``, last dim contiguous) into slot ``slot_mapping[t]`` of
+    the packed cache (block ``slot // N``, offset ``slot % N``); slot -1 is skipped. fp8 caches store
+    ``x / scale`` (per-tensor or per-KV-head float32 scale) saturated and rounded to nearest-even.
+    ``validate=False`` skips the checks (and their host sync) on the hot path."""
+    if validate:
+        check_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise KVLayoutError("write_kv: k and v need a contiguous last dim (stride 1)")
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
+        return
+    h, page, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
+    fp8 = is_fp8(kv_cache.dtype)
+    mbits, emin, fmax = _FP8_FORMAT.get(kv_cache.dtype, (0, 0, 0.0))
+    width = h * d
+    block_c = min(triton.next_power_of_2(width), 1024)
+    block_t = max(1, 2048 // block_c)
+    ks = k_scale if k_scale is not None else slot_mapping
+    vs = v_scale if v_scale is not None else slot_mapping
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(width, block_c))
+    _write_kv_kernel[grid](
+        k, v, kv_cache, slot_mapping, ks, vs, num_tokens,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        1 if k_scale is not None and k_scale.numel() > 1 else 0,
+        1 if v_scale is not None and v_scale.numel() > 1 else 0,
+        HEAD=d, NUM_HEADS=h, PAGE=page, BLOCK_T=block_t, BLOCK_C=block_c, FP8=fp8,
+        K_SCALE=fp8 and k_scale is not None, V_SCALE=fp8 and v_scale is not None,
+        MBITS=mbits, EMIN=emin, FMAX=fmax, num_warps=4)
+
+
+@triton.jit
+def _copy_blocks_kernel(src_ptr, dst_ptr, buf_ptr, inner, stride_outer, stride_block, BLOCK: tl.constexpr):
+    pair = tl.program_id(0)
+    outer = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < inner
+    s = tl.load(src_ptr + pair)
+    t = tl.load(dst_ptr + pair)
+    base = buf_ptr + outer * stride_outer
+    x = tl.load(base + s * stride_block + i, mask=ok)
+    tl.store(base + t * stride_block + i, x, mask=ok)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _blocks_view(cache: Union[KVCache, torch.Tensor], group: int) -> tuple[torch.Tensor, int]:
+    """``(view [outer, B, inner] of integers, num_blocks)`` where block ``b`` of every outer slice is the
+    contiguous run ``view[o, b, :]``."""
+    if isinstance(cache, KVCache):
+        if not 0 <= group < len(cache.layout.groups):
+            raise KVLayoutError(f"group {group} does not exist; this cache has {len(cache.layout.groups)} groups")
+        g = cache.layout.groups[group]
+        view = cache.group_blocks_view(group)
+        view = view.unsqueeze(0) if g.cross_layer else view
+        return view, g.num_blocks
+    if not isinstance(cache, torch.Tensor) or cache.dim() < 2:
+        raise KVLayoutError("copy_blocks needs a KVCache or a layer's cache tensor (blocks first)")
+    inner = cache[0]
+    if not inner.is_contiguous():
+        raise KVLayoutError("copy_blocks: a block of this tensor is not one contiguous run of memory")
+    ints = cache.view(_SAME_SIZE_INT[cache.element_size()])   # copy bits, whatever the dtype
+    return ints.as_strided((1, cache.shape[0], inner.numel()), (0, cache.stride(0), 1)), cache.shape[0]
+
+
+def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Union[Sequence[int], torch.Tensor],
+                dst: Union[Sequence[int], torch.Tensor], group: int = 0, validate: bool = True) -> None:
+    """Copy block ``src[i]`` to ``dst[i]``: on a ``KVCache`` for every layer of ``group`` in one launch, on a
+    layer tensor for that layer. Destinations must be distinct and not among the sources. ``validate=False``
+    takes device int64 ``src``/``dst`` as they are (no host sync)."""
+    view, num_blocks = _blocks_view(cache, group)
+    if validate:
+        s = check_block_ids(src, num_blocks, view.device, "copy_blocks src")
+        t = check_block_ids(dst, num_blocks, view.device, "copy_blocks dst")
+        if s.numel() != t.numel():
+            raise KVLayoutError(f"copy_blocks: {s.numel()} source blocks but {t.numel()} destinations")
+        if t.unique().numel() != t.numel():
+            raise KVLayoutError("copy_blocks: a destination block appears twice")
+        if torch.isin(t, s).any():
+            raise KVLayoutError("copy_blocks: a destination block is also a source; copy in two steps")
+    else:
+        s, t = src, dst
+    if s.numel() == 0:
+        return
+    inner = view.shape[2]
+    block = min(4096, triton.next_power_of_2(inner))
+    grid = (s.numel(), view.shape[0], triton.cdiv(inner, block))
+    _copy_blocks_kernel[grid](s, t, view, inner, view.stride(0), view.stride(1), BLOCK=block, num_warps=4)

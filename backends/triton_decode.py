@@ -1,0 +1,216 @@
+"""Split-KV (flash-decoding) paged decode in Triton: each decode request's keys are cut into ``num_splits``
+ranges computed in parallel, and a combine kernel merges the partial outputs by their log-sum-exp.
+
+Program ``(request, kv_head, split)`` handles the ``GROUP`` query heads of one KV head (padded to at least
+16 rows for the tensor cores) over one key range, reading the packed cache in place. With one split the
+kernel finalizes directly into ``out``; otherwise partials go to a float32 workspace
+``[requests, heads, splits, D]`` (outputs) and ``[requests, heads, splits]`` (log2 LSE).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kvlayout.params import AttentionParams
+from kvlayout.specs import is_fp8
+
+from .triton_attention import _scale_args, attend_paged_range, interpreting
+from .triton_softmax import LN2, LOG2E, merge_partials, softmax_finalize, softmax_init
+
+
+@triton.jit
+def _split_kv_decode_kernel(
+        q_ptr, kv_ptr, out_ptr, lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr,
+        num_splits, sm_scale, soft_cap, window,
+        stride_qt, stride_qh, stride_or, stride_oh, stride_os, stride_lr, stride_lh, stride_ls,
+        stride_kb, stride_kh, stride_kn, stride_bt, k_scale_stride, v_scale_stride,
+        HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
+        HAS_SINK: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr, PARTIAL: tl.constexpr,
+        WRITE_LSE: tl.constexpr, IEEE: tl.constexpr):
+    D_MASK: tl.constexpr = HEAD_PAD != HEAD
+    req = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tok = tl.load(qsl_ptr + req).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + req)
+    q_pos = seq_len - 1
+    # The one query sees keys [lo, seq_len): causal or not (it is the last position), window included.
+    lo = q_pos * 0
+    if WINDOW:
+        lo = tl.maximum(q_pos - window + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    s_lo = lo + split * chunk
+    s_hi = tl.minimum(s_lo + chunk, seq_len)
+    full_end = s_lo + tl.maximum(s_hi - s_lo, 0) // BLOCK_N * BLOCK_N
+
+    rows = tl.arange(0, M)
+    row_ok = rows < GROUP
+    head = kvh * GROUP + rows
+    d = tl.arange(0, HEAD_PAD)
+    d_ok = d < HEAD
+    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos_rows = tl.zeros([M], tl.int32) + q_pos
+    if K_SCALE:
+        sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
+    bt_row = bt_ptr + req.to(tl.int64) * stride_bt
+    head_off = kvh.to(tl.int64) * stride_kh
+    m, l, acc = softmax_init(M, HEAD_PAD)
+    m, l, acc = attend_paged_range(m, l, acc, q, q_pos_rows, s_lo, full_end, s_hi, kv_ptr, bt_row, head_off,
+                                   stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
+                                   BLOCK_N, False, False, SOFT_CAP, False, D_MASK, IEEE)
+    m, l, acc = attend_paged_range(m, l, acc, q, q_pos_rows, full_end, s_hi, s_hi, kv_ptr, bt_row, head_off,
+                                   stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
+                                   BLOCK_N, False, False, SOFT_CAP, True, D_MASK, IEEE)
+    sink = tl.zeros([M], tl.float32)
+    if HAS_SINK:          # only when finalizing here; with splits the combine kernel adds the sink
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")) * LOG2E
+    out, lse = softmax_finalize(m, l, acc, sink, HAS_SINK)
+    if V_SCALE:
+        out = out * tl.load(v_scale_ptr + kvh * v_scale_stride)
+    if PARTIAL:           # rows are (request, head, split) in the workspace; LSE stays in log2 units
+        o_off = req.to(tl.int64) * stride_or + head * stride_oh + split * stride_os
+        tl.store(out_ptr + o_off[:, None] + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + req.to(tl.int64) * stride_lr + head * stride_lh + split * stride_ls, lse, mask=row_ok)
+    else:                 # rows are tokens of the final output
+        tl.store(out_ptr + tok * stride_or + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if WRITE_LSE:
+            tl.store(lse_ptr + tok * stride_lr + head * stride_lh, lse * LN2, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, qsl_ptr, sinks_ptr, num_splits,
+                    stride_pr, stride_ph, stride_ps, stride_plr, stride_plh, stride_pls, stride_ot, stride_oh,
+                    stride_lt, stride_lh,
+                    HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                    HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    tok = tl.load(qsl_ptr + req).to(tl.int64)
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = s < num_splits
+    d = tl.arange(0, HEAD_PAD)
+    d_ok = d < HEAD
+    base = req.to(tl.int64) * stride_pr + head * stride_ph
+    lse = tl.load(part_lse_ptr + req.to(tl.int64) * stride_plr + head * stride_plh + s * stride_pls, mask=s_ok,
+                  other=float("-inf"))
+    o = tl.load(part_o_ptr + base + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    sink = 0.0
+    if HAS_SINK:
+        sink = tl.load(sinks_ptr + head) * LOG2E
+    out, lse_out = merge_partials(lse, o, sink, HAS_SINK)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    if WRITE_LSE:
+        tl.store(lse_ptr + tok * stride_lt + head * stride_lh, lse_out * LN2)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch settings of the split-KV decode kernel."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=64)
+def decode_config(head_size: int, elem_bytes: int, interpret: bool) -> DecodeConfig:
+    if interpret:
+        return DecodeConfig(16, 4, 1)
+    head_pad = triton.next_power_of_2(head_size)
+    return DecodeConfig(32 if head_pad * elem_bytes > 256 else 64, 4, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    """Multiprocessor count of ``device`` (8 under the CPU interpreter, so splitting is still exercised)."""
+    if device.type != "cuda":
+        return 8
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      min_tokens_per_split: int = 512, max_splits: int = 64) -> int:
+    """How many key ranges to cut each decode into: enough programs for about two per multiprocessor,
+    but no range shorter than ``min_tokens_per_split`` (a split's fixed cost and the combine pass)."""
+    programs = max(1, num_seqs * num_kv_heads)
+    want = -(-2 * num_sms // programs)
+    by_len = max(1, max_seq_len // min_tokens_per_split)
+    return max(1, min(want, by_len, max_splits))
+
+
+def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor, params: AttentionParams, *, max_seq_len: int,
+                    num_splits: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
+                    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+                    workspace: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                    config: Optional[DecodeConfig] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Decode attention for requests ``0 .. len(seq_lens)``, each with exactly one query token (token
+    ``query_start_loc[r]`` of ``q``). Writes ``out`` (allocated if None) and ``lse`` (base e, if given).
+    ``max_seq_len`` (a host integer) only steers the split count; any ``seq_lens`` are served correctly.
+    ``workspace``: preallocated ``(o [R, H, S, D] float32, lse [R, H, S] float32)`` with ``S >=
+    num_splits``. Inputs are trusted (the backend validates); no host sync."""
+    if out is None:
+        out = torch.empty_like(q)
+    num_reqs = seq_lens.shape[0]
+    if num_reqs == 0:
+        return out, lse
+    h_kv, page, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
+    h = params.num_heads
+    group = h // h_kv
+    cfg = config or decode_config(d, q.dtype.itemsize, interpreting())
+    if num_splits is None:
+        num_splits = choose_num_splits(num_reqs, h_kv, max_seq_len, device_sms(q.device))
+    partial = num_splits > 1
+    if partial:
+        if workspace is None:
+            workspace = (torch.empty(num_reqs, h, num_splits, d, dtype=torch.float32, device=q.device),
+                         torch.empty(num_reqs, h, num_splits, dtype=torch.float32, device=q.device))
+        o_dst, l_dst = workspace
+        o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(2))
+        l_strides = (l_dst.stride(0), l_dst.stride(1), l_dst.stride(2))
+    else:
+        o_dst = out
+        l_dst = lse if lse is not None else out
+        o_strides = (out.stride(0), out.stride(1), 0)
+        l_strides = (lse.stride(0), lse.stride(1), 0) if lse is not None else (0, 0, 0)
+    ks, ks_stride = _scale_args(k_scale, seq_lens)
+    vs, vs_stride = _scale_args(v_scale, seq_lens)
+    fp8 = is_fp8(kv_cache.dtype)
+    head_pad = max(16, triton.next_power_of_2(d))
+    _split_kv_decode_kernel[(num_reqs, h_kv, num_splits)](
+        q, kv_cache, o_dst, l_dst, query_start_loc, seq_lens, block_table,
+        sinks if sinks is not None else seq_lens, ks, vs,
+        num_splits, params.scale, params.logits_soft_cap or 0.0, params.sliding_window or 0,
+        q.stride(0), q.stride(1), *o_strides, *l_strides,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks_stride, vs_stride,
+        HEAD=d, HEAD_PAD=head_pad, GROUP=group, M=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=cfg.block_n, PAGE=page, WINDOW=params.sliding_window is not None,
+        SOFT_CAP=params.logits_soft_cap is not None, HAS_SINK=sinks is not None and not partial,
+        K_SCALE=k_scale is not None and fp8, V_SCALE=v_scale is not None and fp8, PARTIAL=partial,
+        WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial:
+        lse_t = lse if lse is not None else out
+        _combine_kernel[(num_reqs, h)](
+            o_dst, l_dst, out, lse_t, query_start_loc, sinks if sinks is not None else seq_lens, num_splits,
+            *o_strides, *l_strides, out.stride(0), out.stride(1),
+            lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+            HEAD=d, HEAD_PAD=head_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HAS_SINK=sinks is not None, WRITE_LSE=lse is not None, num_warps=4)
+    return out, lse
