@@ -19,6 +19,8 @@ ENV_VAR = "KVLAYOUT_ATTENTION_BACKEND"
 _REGISTRY: dict[str, str] = {
     "torch": "kvlayout.backends.torch_ref:TorchBackend",
     "triton": "kvlayout.backends.triton_backend:TritonBackend",
+    "flashinfer": "kvlayout.backends.flashinfer_backend:FlashInferBackend",
+    "flash_attn": "kvlayout.backends.flash_attn_backend:FlashAttnBackend",
 }
 # Preference order for "auto" on a CUDA device; the CPU gets the reference backend.
 AUTO_ORDER_CUDA = ("flashinfer", "triton", "torch")
