@@ -1,5 +1,6 @@
 """Split-KV (flash-decoding) paged decode in Triton: each decode request's keys are cut into ``num_splits``
-ranges computed in parallel, and a combine kernel merges the partial outputs by their log-sum-exp.
+ranges computed in parallel, and the merge kernel of ``triton_merge`` combines the partial outputs by
+their log-sum-exp.
 
 Program ``(request, kv_head, split)`` handles the ``GROUP`` query heads of one KV head (padded to at least
 16 rows for the tensor cores) over one key range, reading the packed cache in place. With one split the
@@ -21,7 +22,8 @@ from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
 from .triton_attention import _scale_args, attend_paged_range, interpreting
-from .triton_softmax import LN2, LOG2E, merge_partials, softmax_finalize, softmax_init
+from .triton_merge import merge_states_launch
+from .triton_softmax import LN2, LOG2E, softmax_finalize, softmax_init
 
 
 @triton.jit
@@ -84,33 +86,6 @@ def _split_kv_decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         if WRITE_LSE:
             tl.store(lse_ptr + tok * stride_lr + head * stride_lh, lse * LN2, mask=row_ok)
-
-
-@triton.jit
-def _combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, qsl_ptr, sinks_ptr, num_splits,
-                    stride_pr, stride_ph, stride_ps, stride_plr, stride_plh, stride_pls, stride_ot, stride_oh,
-                    stride_lt, stride_lh,
-                    HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                    HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
-    req = tl.program_id(0)
-    head = tl.program_id(1)
-    tok = tl.load(qsl_ptr + req).to(tl.int64)
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = s < num_splits
-    d = tl.arange(0, HEAD_PAD)
-    d_ok = d < HEAD
-    base = req.to(tl.int64) * stride_pr + head * stride_ph
-    lse = tl.load(part_lse_ptr + req.to(tl.int64) * stride_plr + head * stride_plh + s * stride_pls, mask=s_ok,
-                  other=float("-inf"))
-    o = tl.load(part_o_ptr + base + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    sink = 0.0
-    if HAS_SINK:
-        sink = tl.load(sinks_ptr + head) * LOG2E
-    out, lse_out = merge_partials(lse, o, sink, HAS_SINK)
-    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-    if WRITE_LSE:
-        tl.store(lse_ptr + tok * stride_lt + head * stride_lh, lse_out * LN2)
 
 
 @dataclass(frozen=True)
@@ -205,12 +180,7 @@ def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
         K_SCALE=k_scale is not None and fp8, V_SCALE=v_scale is not None and fp8, PARTIAL=partial,
         WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if partial:
-        lse_t = lse if lse is not None else out
-        _combine_kernel[(num_reqs, h)](
-            o_dst, l_dst, out, lse_t, query_start_loc, sinks if sinks is not None else seq_lens, num_splits,
-            *o_strides, *l_strides, out.stride(0), out.stride(1),
-            lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-            HEAD=d, HEAD_PAD=head_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            HAS_SINK=sinks is not None, WRITE_LSE=lse is not None, num_warps=4)
+    if partial:           # merge the splits (log2 LSEs) into the output rows of the requests' tokens
+        merge_states_launch(o_dst.permute(0, 2, 1, 3), l_dst.permute(0, 2, 1), out, lse, in_base="2", out_base="e",
+                            rows=query_start_loc, sinks=sinks, num_states=num_splits)
     return out, lse
