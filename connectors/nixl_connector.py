@@ -1,0 +1,780 @@
+"""NIXL connector: a decode engine pulls the KV blocks of a request from the prefill engine that computed them.
+
+Each engine creates one ``NixlConnector`` over its ``KVCache``. The connector registers the cache's
+allocations with NIXL once (``KVCache.buffers``), derives one region per layer (or per cross-layer
+allocation) from the tensors' storage and strides, and listens on a small side channel (TCP, 127.0.0.1 by
+default) where peers exchange a compatibility record, NIXL agent metadata and region tables (msgpack, see
+``handshake``). Descriptor lists are prepared once per peer; a transfer only indexes them.
+
+Flow (pull): the prefill engine ``hold_blocks`` a finished request and passes the returned plain dict to the
+decode engine; the decode engine ``start_load``s it into blocks of its own; NIXL READs the remote blocks and
+then notifies the prefill side, which releases the hold (``poll().released``) - or releases it after
+``hold_timeout_s`` if no reader ever reports. Nothing blocks: both engines call ``poll()`` from their
+scheduler loop. A peer that dies, stalls or never answers fails the request with a reason after
+``load_timeout_s``; its in-flight transfers are cancelled, so no block stays in use on either side, and other
+requests keep going. Keep ``load_timeout_s`` below the prefill side's ``hold_timeout_s``.
+
+Heterogeneous tensor parallelism: each rank is an engine of its own (``tp_rank``, ``tp_size``). A decode
+rank passes the prefill ranks that hold its heads (one engine, or a list) and reads exactly its head slice
+of every attention block; MLA and Mamba blocks are replicated and come from the first engine listed.
+
+Usage::
+
+    from kvlayout.connectors import NixlConnector
+
+    # prefill engine
+    prefill = NixlConnector(caches, specs=plan.specs)         # caches = kvlayout.allocate_kv_cache(plan)
+    params = prefill.hold_blocks("req-7", block_ids)           # after the prefill step wrote those blocks
+    send_to_decode_engine(params)                              # plain dict: engine address, request id, ids
+    for rel in prefill.poll().released:                        # every scheduler step
+        allocator.free(rel.block_ids)                          # read (or timed out): blocks are free again
+
+    # decode engine
+    decode = NixlConnector(dcaches, specs=dplan.specs)
+    decode.start_load(params["request_id"], params["engine"], params["block_ids"], my_block_ids)
+    events = decode.poll()                                     # every scheduler step
+    for rid in events.finished: scheduler.resume(rid)          # blocks are in place
+    for rid, reason in events.failed.items(): scheduler.recompute(rid, reason)  # free my blocks, recompute
+
+Block ids are one sequence for every layer, or ``{"attention": ids, "mamba": ids}`` when layer kinds use
+different blocks (hybrid models: many attention blocks, one Mamba state block).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from kvlayout.allocation import KVCache
+from kvlayout.errors import BackendUnavailableError, KVLayoutError
+
+from .handshake import (MAX_MESSAGE_BYTES, CompatRecord, HandshakeError, RemoteRegion, Welcome, check_compatible,
+                        decode_notif, encode_frame, encode_notif, make_hello, make_refusal, make_welcome,
+                        parse_hello, parse_reply, recv_message, send_message, build_record)
+from .topology import (ALL_KINDS, BlockIds, Region, TransferPlan, as_block_ids, descriptor_rows, layer_regions,
+                       pair_regions)
+
+DEFAULT_LOAD_TIMEOUT_S = 60.0
+DEFAULT_HOLD_TIMEOUT_S = 120.0
+DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0
+MAX_REQUEST_ID = 256
+MAX_CONCURRENT_HANDSHAKES = 16
+_INFO_KEEP = 1024
+
+
+@dataclass(frozen=True)
+class ReleasedBlocks:
+    """Blocks a prefill engine held for remote readers and may now free."""
+
+    request_id: str
+    block_ids: Any                  # as given to hold_blocks (list, or {kind: list})
+    reason: str
+    ok: bool                        # True when every reader reported a successful read
+
+
+@dataclass
+class PollResult:
+    """What happened since the last poll: loads finished / failed (with reasons), holds released."""
+
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    released: list[ReleasedBlocks] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.failed or self.released)
+
+
+@dataclass(frozen=True)
+class TransferInfo:
+    """Cost of one finished load: indices named, descriptors after coalescing (ours and, with telemetry,
+    NIXL's count), bytes, time spent building indices (ours), in NIXL's prepare and post, and in total."""
+
+    request_id: str
+    engines: tuple[str, ...]
+    num_indices: int
+    num_descriptors: int
+    nixl_descriptors: Optional[int]
+    nbytes: int
+    index_us: float
+    nixl_prepare_us: float
+    post_us: float
+    seconds: float
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``."""
+    if not isinstance(address, str) or address.count(":") < 1 or len(address) > 300:
+        raise KVLayoutError(f"engine address must be 'host:port', got {address!r}")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise KVLayoutError(f"engine address must be 'host:port' with a port in 1..65535, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class _Prepared:
+    plan: TransferPlan
+    local: Any                      # prepared local descriptor list handle
+    remote: Any                     # prepared remote descriptor list handle
+
+
+@dataclass
+class _Peer:
+    address: str
+    state: str = "connecting"       # connecting | ready
+    welcome: Optional[Welcome] = None
+    agent_name: str = ""
+    prepared: dict = field(default_factory=dict)   # primary flag -> _Prepared or None
+    kind_blocks: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Part:
+    address: str
+    handle: Any = None
+    done: bool = False
+    nixl_descriptors: Optional[int] = None
+
+
+@dataclass
+class _Load:
+    request_id: str
+    remote_request_id: str
+    engines: tuple[str, ...]
+    local_ids: dict
+    remote_ids: dict
+    started: float
+    deadline: float
+    timeout_s: float
+    parts: list = field(default_factory=list)
+    state: str = "waiting"          # waiting | running | aborting
+    reason: str = ""
+    costs: tuple = (0.0, 0.0, 0.0)
+
+
+@dataclass
+class _Hold:
+    block_ids: Any
+    num_readers: int
+    deadline: float
+    timeout_s: float
+    readers: set = field(default_factory=set)
+    failures: list = field(default_factory=list)
+
+
+class NixlConnector:
+    """Moves whole cache blocks between engines through NIXL (see the module docstring for the flow).
+
+    Args:
+        caches: this engine's ``KVCache`` (CPU -> NIXL "DRAM", CUDA -> "VRAM" on the tensors' device).
+        specs: ``plan.specs``; lets engines whose Mamba pages are padded differently exchange states.
+        engine_id: a name for logs and records (default: host-pid-random).
+        tp_rank, tp_size: this engine's tensor-parallel position; attention blocks hold heads
+            ``[tp_rank*H, (tp_rank+1)*H)`` of ``H*tp_size``.
+        host, port: where the side channel listens (default 127.0.0.1 and a free port; see ``address``).
+        load_timeout_s: a load that has not finished by then fails (handshake included).
+        hold_timeout_s: held blocks are released by then even if no reader reported.
+        handshake_timeout_s: bound on one side-channel exchange, either side.
+        max_message_bytes: bound on one side-channel message.
+        telemetry: ask NIXL for per-transfer telemetry (descriptor counts in ``transfer_info``).
+        backends: NIXL backends to create.
+    """
+
+    def __init__(self, caches: KVCache, *, specs: Optional[Mapping[str, Any]] = None,
+                 engine_id: Optional[str] = None, tp_rank: int = 0, tp_size: int = 1,
+                 host: str = "127.0.0.1", port: int = 0, load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
+                 hold_timeout_s: float = DEFAULT_HOLD_TIMEOUT_S,
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, telemetry: bool = False,
+                 backends: Sequence[str] = ("UCX",)):
+        if not isinstance(caches, KVCache):
+            raise KVLayoutError("NixlConnector needs the KVCache returned by kvlayout.allocate_kv_cache")
+        for name, v in (("load_timeout_s", load_timeout_s), ("hold_timeout_s", hold_timeout_s),
+                        ("handshake_timeout_s", handshake_timeout_s)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise KVLayoutError(f"{name} must be a positive number of seconds, got {v!r}")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 4096:
+            raise KVLayoutError(f"max_message_bytes must be an integer >= 4096, got {max_message_bytes!r}")
+        devices = {b.device for b in caches.buffers}
+        if len(devices) != 1:
+            raise KVLayoutError(f"the cache's buffers sit on several devices {sorted(map(str, devices))}; "
+                                f"use one connector per device")
+        device = devices.pop()
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+        except ImportError as exc:
+            raise BackendUnavailableError(f"the NIXL connector needs the nixl package ({exc}); "
+                                          f"install kvlayout[nixl]") from None
+        self.caches = caches
+        self.engine_id = engine_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.load_timeout_s = float(load_timeout_s)
+        self.hold_timeout_s = float(hold_timeout_s)
+        self.handshake_timeout_s = float(handshake_timeout_s)
+        self.max_message_bytes = max_message_bytes
+        self._mem_type = "VRAM" if device.type == "cuda" else "DRAM"
+        self._device_id = (device.index or 0) if device.type == "cuda" else 0
+        self._regions = layer_regions(caches)                       # one per layer
+        self._kind_blocks = _kind_blocks((r.kind, r.num_blocks) for r in self._regions)
+        self._closed = False
+
+        agent_name = f"kvl-{self.engine_id}-{secrets.token_hex(4)}"
+        self._agent = nixl_agent(agent_name, nixl_agent_config(backends=list(backends), capture_telemetry=telemetry))
+        self._telemetry = telemetry
+        self._reg = self._agent.register_memory(list(caches.buffers))   # once per allocation
+        self.record: CompatRecord = build_record(caches, engine_id=self.engine_id, agent_name=agent_name,
+                                                 tp_rank=tp_rank, tp_size=tp_size, specs=specs)
+        regions = [RemoteRegion(r.layers[0], r.base, r.block_len, r.block_stride, r.num_blocks) for r in self._regions]
+        self._welcome = make_welcome(self.record, self._agent.get_agent_metadata(), self._mem_type,
+                                     self._device_id, regions)
+        encode_frame(self._welcome, max_message_bytes)               # fail now, not in a peer's handshake
+
+        self._peers: dict[str, _Peer] = {}
+        self._local_lists: dict[bytes, Any] = {}
+        self._loads: dict[str, _Load] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._results: queue.Queue = queue.Queue()
+        self._pending = PollResult()
+        self._info: collections.OrderedDict[str, TransferInfo] = collections.OrderedDict()
+        self._stats: collections.Counter = collections.Counter()
+        self._stats_lock = threading.Lock()
+
+        self._listener = socket.create_server((host, port), backlog=64)
+        self._listener.settimeout(0.1)
+        self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_HANDSHAKES)
+        self._stop = threading.Event()
+        self._server = threading.Thread(target=self._serve, name=f"kvl-nixl-{self.engine_id}", daemon=True)
+        self._server.start()
+
+    # ------------------------------------------------------------------------------------- prefill side
+
+    def hold_blocks(self, request_id: str, block_ids: BlockIds, *, num_readers: int = 1,
+                    timeout_s: Optional[float] = None) -> dict:
+        """Keep ``block_ids`` for ``num_readers`` remote readers (one per decode rank that reads them).
+
+        Returns the plain dict a decode engine needs: ``{"engine", "request_id", "block_ids"}``. The blocks
+        come back in ``poll().released`` once every reader reported, or after ``timeout_s``
+        (default ``hold_timeout_s``); until then the engine must not reuse them.
+        """
+        self._check_open()
+        _check_request_id(request_id)
+        if request_id in self._holds:
+            raise KVLayoutError(f"request {request_id!r} already holds blocks on this engine")
+        if isinstance(num_readers, bool) or not isinstance(num_readers, int) or num_readers < 1:
+            raise KVLayoutError(f"num_readers must be a positive integer, got {num_readers!r}")
+        timeout = self.hold_timeout_s if timeout_s is None else timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        ids = as_block_ids(block_ids, "hold_blocks")
+        self._check_ids(ids, self._kind_blocks, "hold_blocks", "this engine")
+        plain = ids[ALL_KINDS].tolist() if ALL_KINDS in ids else {k: v.tolist() for k, v in ids.items()}
+        self._holds[request_id] = _Hold(plain, num_readers, time.monotonic() + timeout, float(timeout))
+        return {"engine": self.address, "request_id": request_id, "block_ids": plain}
+
+    def cancel_hold(self, request_id: str) -> ReleasedBlocks:
+        """Drop a hold now (the engine aborted the request); returns what was held."""
+        hold = self._holds.pop(request_id, None)
+        if hold is None:
+            raise KVLayoutError(f"request {request_id!r} holds no blocks on this engine")
+        return ReleasedBlocks(request_id, hold.block_ids, "cancelled by the engine", False)
+
+    # -------------------------------------------------------------------------------------- decode side
+
+    def connect(self, remote_engine: str) -> None:
+        """Start the handshake with ``remote_engine`` in the background (``start_load`` does it when needed)."""
+        self._check_open()
+        parse_address(remote_engine)
+        if remote_engine not in self._peers:
+            self._start_handshake(remote_engine)
+
+    def start_load(self, request_id: str, remote_engine: Union[str, Sequence[str]], remote_block_ids: BlockIds,
+                   local_block_ids: BlockIds, *, remote_request_id: Optional[str] = None,
+                   timeout_s: Optional[float] = None) -> None:
+        """Read the blocks ``remote_block_ids`` of ``remote_engine`` into this engine's ``local_block_ids``.
+
+        ``remote_engine`` is the address the prefill side returned from ``hold_blocks`` (or a list of them,
+        one per prefill rank holding some of this rank's heads). Returns at once; the outcome comes from
+        ``poll()``. Bad arguments raise ``KVLayoutError`` before anything starts.
+        """
+        self._check_open()
+        _check_request_id(request_id)
+        rrid = request_id if remote_request_id is None else remote_request_id
+        _check_request_id(rrid)
+        if request_id in self._loads:
+            raise KVLayoutError(f"request {request_id!r} is already loading")
+        engines = (remote_engine,) if isinstance(remote_engine, str) else tuple(remote_engine)
+        if not engines or len(set(engines)) != len(engines):
+            raise KVLayoutError(f"remote_engine must name one engine or distinct engines, got {remote_engine!r}")
+        for e in engines:
+            parse_address(e)
+        local = as_block_ids(local_block_ids, "start_load local_block_ids")
+        remote = as_block_ids(remote_block_ids, "start_load remote_block_ids")
+        if set(local) != set(remote):
+            raise KVLayoutError(f"local and remote block ids name different layer kinds: {sorted(local)} vs {sorted(remote)}")
+        for k in local:
+            if local[k].size != remote[k].size:
+                raise KVLayoutError(f"{local[k].size} local but {remote[k].size} remote block ids"
+                                    + ("" if k == ALL_KINDS else f" for {k} layers"))
+            if np.unique(local[k]).size != local[k].size:
+                raise KVLayoutError("local block ids repeat a block; each block can receive one remote block")
+        if sum(v.size for v in local.values()) == 0:
+            raise KVLayoutError("no block ids given: nothing to load")
+        self._check_ids(local, self._kind_blocks, "start_load", "this engine")
+        timeout = self.load_timeout_s if timeout_s is None else timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        now = time.monotonic()
+        load = _Load(request_id, rrid, engines, local, remote, now, now + timeout, float(timeout))
+        if all(self._peers.get(e) is not None and self._peers[e].state == "ready" for e in engines):
+            problem = self._check_against_peers(load)
+            if problem:
+                raise KVLayoutError(problem)
+            self._loads[request_id] = load
+            self._count("loads_started")
+            self._launch(load)
+            return
+        for e in engines:
+            if e not in self._peers:
+                self._start_handshake(e)
+        self._loads[request_id] = load
+        self._count("loads_started")
+
+    # ------------------------------------------------------------------------------------------ polling
+
+    def poll(self) -> PollResult:
+        """Advance handshakes, transfers and holds; return what finished, failed or was released since."""
+        self._check_open()
+        self._finish_handshakes()
+        now = time.monotonic()
+        for load in list(self._loads.values()):
+            if self._loads.get(load.request_id) is not load:
+                continue                        # settled earlier in this poll (its engine failed)
+            if load.state == "waiting":
+                self._advance_waiting(load, now)
+            elif load.state == "running":
+                self._advance_running(load, now)
+            if load.state == "aborting":
+                self._try_finish_abort(load)
+        self._advance_holds(now)
+        out, self._pending = self._pending, PollResult()
+        return out
+
+    def transfer_info(self, request_id: str) -> TransferInfo:
+        """Cost of a recently finished load (the last 1024 are kept)."""
+        if request_id not in self._info:
+            raise KVLayoutError(f"no finished load {request_id!r} is on record")
+        return self._info[request_id]
+
+    @property
+    def stats(self) -> dict:
+        """Counters (handshakes served/refused/malformed, loads, holds, stray notes) and current gauges."""
+        with self._stats_lock:
+            out = dict(self._stats)
+        out.update(loads_in_flight=len(self._loads), holds=len(self._holds),
+                   peers=sum(p.state == "ready" for p in self._peers.values()))
+        return out
+
+    def close(self) -> None:
+        """Cancel transfers, release every NIXL handle, deregister memory and stop the side channel."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        self._server.join(timeout=2)
+        for load in list(self._loads.values()):
+            for part in load.parts:
+                _release(part.handle)
+        self._loads.clear()
+        self._holds.clear()
+        for address in list(self._peers):
+            self._forget_peer(address)
+        for handle in self._local_lists.values():
+            _release(handle)
+        self._local_lists.clear()
+        try:
+            self._agent.deregister_memory(self._reg)
+        except Exception:
+            pass
+
+    def __enter__(self) -> "NixlConnector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KVLayoutError("this NixlConnector is closed")
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[key] += n
+
+    def _check_ids(self, ids: dict, kind_blocks: dict, what: str, where: str) -> None:
+        for kind, arr in ids.items():
+            if kind not in kind_blocks:
+                raise KVLayoutError(f"{what}: {where} has no {kind} layers (kinds: {sorted(set(kind_blocks) - {ALL_KINDS})})")
+            if arr.size and (arr.min() < 0 or arr.max() >= kind_blocks[kind]):
+                bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+                raise KVLayoutError(f"{what}: block id {bad} is out of range; {where} has blocks "
+                                    f"0..{kind_blocks[kind] - 1}" + ("" if kind == ALL_KINDS else f" for {kind} layers"))
+
+    # side channel, server half (runs on its own thread; touches no NIXL state)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                break
+            if not self._slots.acquire(blocking=False):
+                self._count("handshakes_busy")
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                deadline = time.monotonic() + self.handshake_timeout_s
+                try:
+                    hello = parse_hello(recv_message(conn, deadline, self.max_message_bytes))
+                    check_compatible(self.record, hello)
+                    reply = self._welcome
+                    self._count("handshakes_served")
+                except HandshakeError as exc:
+                    self._count("handshakes_refused" if exc.fields else "handshakes_malformed")
+                    reply = make_refusal(str(exc), exc.fields)
+                send_message(conn, reply, deadline, self.max_message_bytes)
+        except Exception:                       # a peer must never take the listener down
+            self._count("handshakes_dropped")
+        finally:
+            self._slots.release()
+
+    # side channel, client half
+
+    def _start_handshake(self, address: str) -> None:
+        self._peers[address] = _Peer(address)
+        self._count("handshakes_started")
+        threading.Thread(target=self._handshake, args=(address,), daemon=True).start()
+
+    def _handshake(self, address: str) -> None:
+        host, port = parse_address(address)
+        timeout = self.handshake_timeout_s
+        deadline = time.monotonic() + timeout
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                send_message(sock, make_hello(self.record), deadline, self.max_message_bytes)
+                welcome = parse_reply(recv_message(sock, deadline, self.max_message_bytes), self.max_message_bytes)
+            check_compatible(self.record, welcome.record)
+            self._results.put((address, welcome, None))
+        except HandshakeError as exc:
+            self._results.put((address, None, f"handshake with {address} failed: {exc}"))
+        except ConnectionRefusedError:
+            self._results.put((address, None, f"no engine listens at {address} (connection refused)"))
+        except (TimeoutError, socket.timeout):
+            self._results.put((address, None, f"handshake with {address} timed out after {timeout:g} s "
+                                              f"(the engine is stalled or not a kvlayout engine)"))
+        except Exception as exc:
+            self._results.put((address, None, f"handshake with {address} failed: {type(exc).__name__}: {exc}"))
+
+    def _finish_handshakes(self) -> None:
+        while True:
+            try:
+                address, welcome, reason = self._results.get_nowait()
+            except queue.Empty:
+                return
+            peer = self._peers.get(address)
+            if peer is None or peer.state != "connecting":
+                continue
+            if reason is None:
+                try:
+                    self._adopt(peer, welcome)
+                    continue
+                except Exception as exc:
+                    reason = f"could not set up transfers with {address}: {type(exc).__name__}: {exc}"
+            self._count("handshakes_failed")
+            self._fail_peer(address, reason)
+
+    def _adopt(self, peer: _Peer, welcome: Welcome) -> None:
+        """Load the peer's NIXL metadata and prepare both descriptor lists, once per peer."""
+        peer.welcome = welcome
+        name = self._agent.add_remote_agent(welcome.agent_metadata)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        peer.agent_name = name
+        if name != welcome.record.agent_name:
+            raise HandshakeError(f"the NIXL metadata names agent {name!r} but the record says "
+                                 f"{welcome.record.agent_name!r}")
+        rec = welcome.record
+        remote = {}
+        for rr, lay in zip(welcome.regions, rec.layers):
+            remote[rr.name] = Region((rr.name,), lay.kind, 0, rr.base, rr.block_len, rr.block_stride, rr.num_blocks,
+                                     lay.num_heads)
+        peer.kind_blocks = _kind_blocks((lay.kind, rr.num_blocks) for rr, lay in zip(welcome.regions, rec.layers))
+        lstart = {l.name: l.head_start for l in self.record.layers}
+        rstart = {l.name: l.head_start for l in rec.layers}
+        state_len = {l.name: l.state_bytes for l in self.record.layers if l.state_bytes}
+        for primary in (True, False):
+            pairs = pair_regions(self._regions, remote, lstart, rstart, replicated=primary, replicated_len=state_len)
+            if not pairs:
+                peer.prepared[primary] = None
+                continue
+            plan = TransferPlan(pairs)
+            lrows = descriptor_rows([p[0] for p in pairs], self._device_id)
+            key = lrows.tobytes()
+            if key not in self._local_lists:
+                self._local_lists[key] = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", lrows, self._mem_type)
+            rhandle = self._agent.prep_xfer_dlist(name, descriptor_rows([p[1] for p in pairs], welcome.device_id),
+                                                  welcome.mem_type)
+            peer.prepared[primary] = _Prepared(plan, self._local_lists[key], rhandle)
+        peer.state = "ready"
+        self._count("handshakes_ok")
+
+    def _forget_peer(self, address: str) -> None:
+        peer = self._peers.pop(address, None)
+        if peer is None:
+            return
+        for prep in peer.prepared.values():
+            if prep is not None:
+                _release(prep.remote)
+        if peer.agent_name:
+            try:
+                self._agent.remove_remote_agent(peer.agent_name)
+            except Exception:
+                pass
+
+    def _fail_peer(self, address: str, reason: str) -> None:
+        """Fail every load that uses ``address`` and forget the peer (a later load handshakes again)."""
+        for load in list(self._loads.values()):
+            if address in load.engines and load.state != "aborting":
+                self._abort(load, reason, notify=load.state == "running")
+        if all(address not in l.engines for l in self._loads.values()):
+            self._forget_peer(address)
+        elif address in self._peers:            # aborting transfers still use its lists; forget it later
+            self._peers[address].state = "dead"
+
+    def _check_against_peers(self, load: _Load) -> Optional[str]:
+        """Why ``load`` cannot run against its (ready) engines, or None."""
+        peers = [self._peers[e] for e in load.engines]
+        recs = [p.welcome.record for p in peers]
+        if len({r.tp_size for r in recs}) > 1 or len({r.tp_rank for r in recs}) != len(recs):
+            return f"engines {list(load.engines)} must be distinct ranks of one tensor-parallel group"
+        for i, p in enumerate(peers):
+            prep = p.prepared.get(i == 0)
+            if prep is None:
+                return f"engine {p.address} holds none of this rank's blocks; leave it out"
+            try:
+                self._check_ids(load.remote_ids, p.kind_blocks, "start_load", f"engine {p.address}")
+            except KVLayoutError as exc:
+                return str(exc)
+        for lay in self.record.layers:
+            if lay.kind != "attention":
+                continue
+            got = 0
+            for r in recs:
+                rl = r.layer(lay.name)
+                got += max(0, min(lay.head_start + lay.num_heads, rl.head_start + rl.num_heads)
+                           - max(lay.head_start, rl.head_start))
+            if got != lay.num_heads:
+                return (f"engines {list(load.engines)} hold {got} of the {lay.num_heads} heads "
+                        f"[{lay.head_start}, {lay.head_start + lay.num_heads}) of layer {lay.name!r} on this rank; "
+                        f"list every prefill rank that holds them")
+        kinds = set(load.local_ids) - {ALL_KINDS}
+        have = set().union(*(p.prepared[i == 0].plan.kinds for i, p in enumerate(peers)))
+        if kinds - have:
+            return f"no engine serves the {sorted(kinds - have)} layers"
+        return None
+
+    def _launch(self, load: _Load) -> None:
+        """Make and post one READ per engine (indices into the prepared lists; one note each)."""
+        load.state = "running"
+        t_index = t_prep = t_post = 0.0
+        note = encode_notif(load.remote_request_id, True)
+        for i, address in enumerate(load.engines):
+            prep = self._peers[address].prepared[i == 0]
+            t0 = time.perf_counter()
+            li, ri = prep.plan.indices(load.local_ids, load.remote_ids)
+            t1 = time.perf_counter()
+            part = _Part(address)
+            load.parts.append(part)
+            try:
+                part.handle = self._agent.make_prepped_xfer("READ", prep.local, li, prep.remote, ri, note)
+                t2 = time.perf_counter()
+                status = self._agent.transfer(part.handle)
+                t3 = time.perf_counter()
+            except Exception as exc:
+                self._abort(load, f"could not start the transfer from {address}: {type(exc).__name__}: {exc}")
+                return
+            t_index, t_prep, t_post = t_index + t1 - t0, t_prep + t2 - t1, t_post + t3 - t2
+            if status == "ERR":
+                self._abort(load, f"NIXL refused to post the transfer from {address}")
+                return
+        load.costs = (t_index * 1e6, t_prep * 1e6, t_post * 1e6)
+
+    def _advance_waiting(self, load: _Load, now: float) -> None:
+        if now > load.deadline:
+            waiting = [e for e in load.engines if self._peers.get(e) is None or self._peers[e].state != "ready"]
+            self._abort(load, f"timed out after {load.timeout_s:g} s waiting for the handshake with {waiting}",
+                        notify=False)
+            return
+        if all(self._peers.get(e) is not None and self._peers[e].state == "ready" for e in load.engines):
+            problem = self._check_against_peers(load)
+            if problem:
+                self._abort(load, problem, notify=False)
+            else:
+                self._launch(load)
+
+    def _advance_running(self, load: _Load, now: float) -> None:
+        for part in load.parts:
+            if part.done:
+                continue
+            error = None
+            try:
+                status = self._agent.check_xfer_state(part.handle)
+            except Exception as exc:
+                status, error = "ERR", f"{type(exc).__name__}: {exc}"
+            if status == "DONE":
+                part.done = True
+                if self._telemetry:
+                    try:
+                        part.nixl_descriptors = int(self._agent.get_xfer_telemetry(part.handle).descCount)
+                    except Exception:
+                        pass
+                _release(part.handle)
+                part.handle = None
+            elif status == "ERR":
+                reason = f"transfer from {part.address} failed: {error or 'NIXL reported an error'}"
+                if error and "DISCONNECT" in error.upper():
+                    self._fail_peer(part.address, reason + " (the engine died or dropped the connection)")
+                else:
+                    self._abort(load, reason)
+                return
+        if all(p.done for p in load.parts):
+            del self._loads[load.request_id]
+            self._pending.finished.append(load.request_id)
+            self._count("loads_finished")
+            self._record_info(load, now)
+        elif now > load.deadline:
+            slow = [p.address for p in load.parts if not p.done]
+            self._abort(load, f"timed out after {load.timeout_s:g} s: transfer from {slow} still in progress")
+
+    def _abort(self, load: _Load, reason: str, notify: bool = True) -> None:
+        """Cancel the load's transfers and tell its engines this reader is done (they stop holding for it)."""
+        load.state, load.reason = "aborting", reason
+        note = encode_notif(load.remote_request_id, False)
+        for part in load.parts:
+            if part.done:
+                continue
+            if part.handle is not None and _release(part.handle):
+                part.handle = None
+            peer = self._peers.get(part.address)
+            if notify and peer is not None and peer.state == "ready":
+                try:
+                    self._agent.send_notif(peer.agent_name, note)
+                except Exception:
+                    pass
+        self._try_finish_abort(load)
+
+    def _try_finish_abort(self, load: _Load) -> None:
+        """Report the failure once no transfer can still write into the load's blocks."""
+        for part in load.parts:
+            if part.handle is not None and _release(part.handle):
+                part.handle = None
+        if any(p.handle is not None for p in load.parts) or self._loads.get(load.request_id) is not load:
+            return
+        del self._loads[load.request_id]
+        self._pending.failed[load.request_id] = load.reason
+        self._count("loads_failed")
+        for address in load.engines:
+            peer = self._peers.get(address)
+            if peer is not None and peer.state == "dead" and all(address not in l.engines for l in self._loads.values()):
+                self._forget_peer(address)
+
+    def _record_info(self, load: _Load, now: float) -> None:
+        n_idx = n_desc = nbytes = 0
+        for i, address in enumerate(load.engines):
+            plan = self._peers[address].prepared[i == 0].plan
+            la, ra, ln = plan.descriptors(load.local_ids, load.remote_ids)
+            n_desc += la.size
+            nbytes += int(ln.sum())
+            n_idx += plan.indices(load.local_ids, load.remote_ids)[0].size
+        nixl = [p.nixl_descriptors for p in load.parts]
+        self._info[load.request_id] = TransferInfo(
+            load.request_id, load.engines, n_idx, n_desc, None if None in nixl else sum(nixl), nbytes,
+            *load.costs, now - load.started)
+        while len(self._info) > _INFO_KEEP:
+            self._info.popitem(last=False)
+
+    def _advance_holds(self, now: float) -> None:
+        try:
+            notes = self._agent.get_new_notifs()
+        except Exception:
+            notes = {}
+        for sender, msgs in notes.items():
+            sender = sender.decode() if isinstance(sender, bytes) else str(sender)
+            for msg in msgs:
+                parsed = decode_notif(msg)
+                hold = self._holds.get(parsed[0]) if parsed else None
+                if hold is None:
+                    self._count("stray_notes")
+                    continue
+                hold.readers.add(sender)
+                if not parsed[1]:
+                    hold.failures.append(sender)
+        for rid, hold in list(self._holds.items()):
+            if len(hold.readers) >= hold.num_readers:
+                ok = not hold.failures
+                reason = (f"read by {hold.num_readers} reader(s)" if ok else
+                          f"{len(hold.failures)} of {hold.num_readers} reader(s) gave up")
+            elif now > hold.deadline:
+                ok = False
+                reason = (f"timed out after {hold.timeout_s:g} s with {len(hold.readers)} of {hold.num_readers} "
+                          f"reader(s) done")
+            else:
+                continue
+            del self._holds[rid]
+            self._pending.released.append(ReleasedBlocks(rid, hold.block_ids, reason, ok))
+            self._count("holds_released" if ok else "holds_expired")
+
+
+def _check_request_id(request_id: Any) -> None:
+    if not isinstance(request_id, str) or not 0 < len(request_id.encode()) <= MAX_REQUEST_ID:
+        raise KVLayoutError(f"request ids must be non-empty strings of at most {MAX_REQUEST_ID} bytes, "
+                            f"got {request_id!r}"[:300])
+
+
+def _kind_blocks(pairs) -> dict:
+    """``{kind: blocks every layer of that kind has}`` plus ``"*"``: blocks every layer has."""
+    out: dict = {}
+    for kind, n in pairs:
+        out[kind] = min(out.get(kind, n), n)
+        out[ALL_KINDS] = min(out.get(ALL_KINDS, n), n)
+    return out
+
+
+def _release(handle: Any) -> bool:
+    """Release a NIXL handle; False when NIXL cannot yet (a transfer it could not cancel)."""
+    if handle is None:
+        return True
+    try:
+        handle.release()
+        return True
+    except Exception:
+        return False
