@@ -1,5 +1,5 @@
 """Cache kernels in Triton: ``write_kv`` (reshape-and-cache into the packed layout, fp8 quantization) and
-``copy_blocks`` (copy-on-write of whole blocks)."""
+``copy_blocks`` (copy-on-write of whole blocks, through the page-copy kernel of ``triton_pages``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from kvlayout.cache_ops import check_write_kv
 from kvlayout.errors import KVLayoutError
 from kvlayout.specs import is_fp8
 
+from .triton_pages import copy_pages
+
 _FP8_FORMAT = {  # dtype -> (mantissa bits, smallest normal exponent, largest finite value)
     torch.float8_e4m3fn: (3, -6, 448.0),
     torch.float8_e5m2: (2, -14, 57344.0),
@@ -25,12 +27,15 @@ def _round_to_fp8_grid(x, MBITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.cons
     """Saturate ``x`` (float32) to +-FMAX and round it to nearest-even on the fp8 grid in float32, so the
     final cast is exact on every path (Triton's CPU interpreter drops the carry when a cast rounds up
     into the next power of two)."""
-    x = tl.minimum(tl.maximum(x, -FMAX), FMAX)
-    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    bits = x.to(tl.int32, bitcast=True)
+    a = tl.minimum(tl.abs(x), FMAX)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.maximum(e, EMIN) - MBITS                       # exponent of one unit in the last place
     ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 - e) << 23).to(tl.float32, bitcast=True)
     magic = 12582912.0                                    # 1.5 * 2^23: adding it rounds to an integer (RNE)
-    return ((x / ulp + magic) - magic) * ulp
+    r = ((a * inv_ulp + magic) - magic) * ulp             # exact: ulp is a power of two
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)  # sign back
 
 
 @triton.jit
@@ -56,10 +61,10 @@ def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, n
     if FP8:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-        if K_SCALE:
-            k = k / tl.load(k_scale_ptr + h * k_scale_stride, mask=c_ok, other=1.0)[None, :]
+        if K_SCALE:       # div_rn: correctly rounded like torch (a plain fp32 '/' is approximate on GPUs)
+            k = tl.math.div_rn(k, tl.load(k_scale_ptr + h * k_scale_stride, mask=c_ok, other=1.0)[None, :])
         if V_SCALE:
-            v = v / tl.load(v_scale_ptr + h * v_scale_stride, mask=c_ok, other=1.0)[None, :]
+            v = tl.math.div_rn(v, tl.load(v_scale_ptr + h * v_scale_stride, mask=c_ok, other=1.0)[None, :])
         k = _round_to_fp8_grid(k, MBITS, EMIN, FMAX)
         v = _round_to_fp8_grid(v, MBITS, EMIN, FMAX)
     tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=ok)
@@ -98,19 +103,6 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         HEAD=d, NUM_HEADS=h, PAGE=page, BLOCK_T=block_t, BLOCK_C=block_c, FP8=fp8,
         K_SCALE=fp8 and k_scale is not None, V_SCALE=fp8 and v_scale is not None,
         MBITS=mbits, EMIN=emin, FMAX=fmax, num_warps=4)
-
-
-@triton.jit
-def _copy_blocks_kernel(src_ptr, dst_ptr, buf_ptr, inner, stride_outer, stride_block, BLOCK: tl.constexpr):
-    pair = tl.program_id(0)
-    outer = tl.program_id(1).to(tl.int64)
-    i = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < inner
-    s = tl.load(src_ptr + pair)
-    t = tl.load(dst_ptr + pair)
-    base = buf_ptr + outer * stride_outer
-    x = tl.load(base + s * stride_block + i, mask=ok)
-    tl.store(base + t * stride_block + i, x, mask=ok)
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -152,9 +144,4 @@ def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Union[Sequence[int], t
             raise KVLayoutError("copy_blocks: a destination block is also a source; copy in two steps")
     else:
         s, t = src, dst
-    if s.numel() == 0:
-        return
-    inner = view.shape[2]
-    block = min(4096, triton.next_power_of_2(inner))
-    grid = (s.numel(), view.shape[0], triton.cdiv(inner, block))
-    _copy_blocks_kernel[grid](s, t, view, inner, view.stride(0), view.stride(1), BLOCK=block, num_warps=4)
+    copy_pages(view, s, view, t)
