@@ -132,6 +132,9 @@ def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Sequence[int], dst: Se
     """Copy block ``src[i]`` to ``dst[i]`` (copy-on-write). On a ``KVCache`` this copies the blocks of
     every layer of ``group`` in one operation; on a tensor, only that layer's blocks."""
     if isinstance(cache, KVCache):
+        if not 0 <= group < len(cache.layout.groups):
+            raise KVLayoutError(f"copy_blocks: group {group} does not exist; this cache has "
+                                f"{len(cache.layout.groups)} groups")
         g = cache.layout.groups[group]
         s, t = _pairs(src, dst, g.num_blocks, cache.buffers[group].device)
         view = cache.group_blocks_view(group)
