@@ -57,6 +57,28 @@ class AttentionBackend(ABC):
                     ) -> AttentionOutput:
         raise UnsupportedFeatureError(f"backend {self.name!r} does not run MLA; use 'torch'")
 
+    def check_forward_mla(self, q, latent_cache, meta, kv_lora_rank: int) -> None:
+        """Shape, dtype and metadata checks for ``forward_mla``; raises before any work."""
+        if not isinstance(latent_cache, torch.Tensor) or latent_cache.dim() != 4 or latent_cache.shape[1] != 1 \
+                or not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != latent_cache.shape[3]:
+            raise KVLayoutError(f"MLA needs q [T, H, L+R] and a latent cache [B, 1, N, L+R]; got q "
+                                f"{tuple(getattr(q, 'shape', ()))} and cache {tuple(getattr(latent_cache, 'shape', ()))}")
+        b, _, n, c = latent_cache.shape
+        if not 0 < kv_lora_rank < c:
+            raise KVLayoutError(f"kv_lora_rank {kv_lora_rank} must be inside the latent size {c}")
+        if not isinstance(meta, AttentionMetadata):
+            raise KVLayoutError(f"meta must be AttentionMetadata (build_attention_metadata), got {type(meta).__name__}")
+        if q.shape[0] < meta.num_actual_tokens:
+            raise KVLayoutError(f"q has {q.shape[0]} tokens but the metadata schedules {meta.num_actual_tokens}")
+        if meta.block_size != n or meta.num_blocks > b:
+            raise KVLayoutError(f"metadata was built for {meta.num_blocks} blocks of {meta.block_size} tokens, "
+                                f"but the latent cache has {b} blocks of {n}")
+        if q.device != latent_cache.device or meta.device != latent_cache.device:
+            raise KVLayoutError(f"q ({q.device}), metadata ({meta.device}) and latent cache ({latent_cache.device}) "
+                                f"must be on one device")
+        if not is_fp8(latent_cache.dtype) and q.dtype != latent_cache.dtype:
+            raise KVLayoutError(f"q is {dtype_name(q.dtype)} but the latent cache is {dtype_name(latent_cache.dtype)}")
+
     def check_forward(self, q, kv_cache, meta, params, sinks=None, k_scale=None, v_scale=None, out=None,
                       lse=None) -> None:
         """Shape, dtype and feature checks shared by every backend; raises before any work."""

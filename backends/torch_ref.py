@@ -10,7 +10,6 @@ import torch
 
 from kvlayout.cache_ops import gather_kv
 from kvlayout.capabilities import BackendCapabilities
-from kvlayout.errors import KVLayoutError
 from kvlayout.metadata import AttentionMetadata
 from kvlayout.params import AttentionParams
 from kvlayout.specs import ATTENTION_DTYPES
@@ -93,11 +92,7 @@ class TorchBackend(AttentionBackend):
     def forward_mla(self, q, latent_cache, meta, kv_lora_rank, scale, *, causal=True, return_lse=False):
         """MLA in absorbed form: ``q [T, H, L+R]`` over latents ``[B, 1, N, L+R]``; keys are the whole
         latent, values its first ``kv_lora_rank`` entries. Returns ``[T, H, L]``."""
-        if latent_cache.dim() != 4 or latent_cache.shape[1] != 1 or q.dim() != 3 or q.shape[2] != latent_cache.shape[3]:
-            raise KVLayoutError(f"MLA needs q [T, H, L+R] and a latent cache [B, 1, N, L+R]; got q "
-                                f"{tuple(q.shape)} and cache {tuple(latent_cache.shape)}")
-        if not 0 < kv_lora_rank < latent_cache.shape[3]:
-            raise KVLayoutError(f"kv_lora_rank {kv_lora_rank} must be inside the latent size {latent_cache.shape[3]}")
+        self.check_forward_mla(q, latent_cache, meta, kv_lora_rank)
         out = torch.zeros(q.shape[0], q.shape[1], kv_lora_rank, dtype=q.dtype, device=q.device)
         lse_out = torch.full(q.shape[:2], float("-inf"), device=q.device)
         qsl, seq_lens = meta.query_start_loc_cpu.tolist(), meta.seq_lens_cpu.tolist()
