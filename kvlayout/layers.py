@@ -68,6 +68,7 @@ class AttentionLayer:
         if (k is None) != (v is None):
             raise KVLayoutError("pass both k and v, or neither")
         if k is not None:
+            backend.check_forward(q, self.kv_cache, meta, self.attn_params, self.sinks, self.k_scale, self.v_scale, out)
             backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale)
         return backend.forward(q, self.kv_cache, meta, self.attn_params, sinks=self.sinks, k_scale=self.k_scale,
                                v_scale=self.v_scale, out=out, return_lse=return_lse)
@@ -94,6 +95,11 @@ class MLALayer:
         b, _, n, c = self.latent_cache.shape
         if latent.dim() != 2 or latent.shape[1] != c or latent.dtype != self.latent_cache.dtype:
             raise KVLayoutError(f"latent must be [T, {c}] {self.latent_cache.dtype}, got {tuple(latent.shape)} {latent.dtype}")
+        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
+                slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape[0] < latent.shape[0]:
+            raise KVLayoutError(f"slot_mapping must be a 1-D int32/int64 tensor with at least {latent.shape[0]} "
+                                f"entries, got {getattr(slot_mapping, 'dtype', type(slot_mapping))} "
+                                f"{tuple(getattr(slot_mapping, 'shape', ()))}")
         slots = slot_mapping[: latent.shape[0]]
         if slots.numel() and (int(slots.max()) >= b * n or int(slots.min()) < -1):
             raise KVLayoutError(f"slot_mapping reaches past the latent cache ({b} blocks of {n})")
@@ -104,6 +110,8 @@ class MLALayer:
     def attend(self, q: torch.Tensor, latent: Optional[torch.Tensor], meta: AttentionMetadata, backend,
                return_lse: bool = False):
         if latent is not None:
+            if self.latent_cache is not None:
+                backend.check_forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank)
             self.write_latent(latent, meta.slot_mapping)
         return backend.forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank, self.scale,
                                    return_lse=return_lse)
