@@ -1,0 +1,308 @@
+"""A small inference engine over the paged cache: plan -> allocate -> bind, a free-list block allocator,
+continuous batching with chunked prefill and decode (decodes first each step), greedy sampling.
+
+One step: schedule (a token budget shared by running requests, then waiting ones), build the metadata once,
+run the model once, sample. A request whose blocks run out is preempted (latest admitted first): its
+blocks are freed and it is recomputed later from its prompt and the tokens it already produced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .allocation import allocate_kv_cache
+from .errors import KVLayoutError
+from .layers import bind_kv_cache
+from .metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
+from .model import LlamaModel, build_model
+from .model_config import ModelConfig
+from .planner import plan_kv_cache
+
+
+class BlockAllocator:
+    """Hands out block ids from a free list; freeing an id that is not in use is an error."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise KVLayoutError(f"the allocator needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = deque(range(num_blocks))
+        self._used = np.zeros(num_blocks, dtype=bool)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n < 0 or n > len(self._free):
+            raise KVLayoutError(f"cannot allocate {n} blocks: {len(self._free)} of {self.num_blocks} are free")
+        ids = [self._free.popleft() for _ in range(n)]
+        self._used[ids] = True
+        return ids
+
+    def free(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.num_blocks):
+            raise KVLayoutError(f"block ids {ids} reach outside 0..{self.num_blocks - 1}")
+        if len(set(ids)) != len(ids) or not self._used[arr].all():
+            raise KVLayoutError(f"freeing blocks that are not in use (double free?): {ids}")
+        self._used[arr] = False
+        self._free.extend(ids)
+
+
+@dataclass
+class Request:
+    """One generation request. ``tokens`` = prompt + output; ``num_computed`` of them have K/V in the cache."""
+
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    keep_blocks: bool = False            # on finish, hold the blocks until release() (disaggregated prefill)
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    stopped: bool = False                # hit the end-of-sequence token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        p = len(self.prompt)
+        return (self.prompt[start:min(stop, p)] if start < p else []) + self.output[max(start - p, 0):max(stop - p, 0)]
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped or len(self.output) >= self.max_new_tokens
+
+
+@dataclass
+class StepResult:
+    """What one ``Engine.step()`` did: new tokens per request, requests that finished, sizes and time."""
+
+    new_tokens: dict[str, int]
+    finished: list[str]
+    num_tokens: int
+    num_decodes: int
+    num_prefills: int
+    seconds: float
+
+
+class Engine:
+    """Model + paged cache + scheduler for one process and one device."""
+
+    def __init__(self, config: Union[ModelConfig, dict, str, Path], *, weights: Union[str, Path, None] = None,
+                 seed: int = 0, backend: str = "torch", device: Union[str, torch.device] = "cpu",
+                 dtype: Optional[torch.dtype] = None, block_size: int = 16, num_blocks: Optional[int] = None,
+                 memory_bytes: Optional[int] = None, max_num_batched_tokens: int = 256, max_num_seqs: int = 64,
+                 cross_layer: Optional[bool] = None, connector=None, eos_token_id: Optional[int] = None):
+        from .backends import get_attention_backend
+
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise KVLayoutError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if (num_blocks is None) == (memory_bytes is None):
+            raise KVLayoutError("give exactly one of num_blocks or memory_bytes for the cache size")
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.backend = get_attention_backend(backend, self.device)
+        self.model: LlamaModel = build_model(config, weights=weights, seed=seed, dtype=self.dtype,
+                                             block_size=block_size, device=self.device)
+        specs = self.model.kv_specs
+        if num_blocks is not None:
+            memory_bytes = num_blocks * sum(s.page_size_bytes for s in specs.values())
+        self.plan = plan_kv_cache(specs, memory_bytes, backend=self.backend, connector=connector,
+                                  cross_layer=cross_layer)
+        self.caches = allocate_kv_cache(self.plan, self.device)
+        bind_kv_cache(self.model.attention_layers(), self.caches)
+        group = self.plan.attention_group()
+        self.block_size, self.num_blocks = group.block_size, group.num_blocks
+        self.allocator = BlockAllocator(self.num_blocks)
+        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.eos_token_id = eos_token_id
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.held: dict[str, Request] = {}             # finished with keep_blocks, or loading remote KV
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _check_request(self, prompt: Sequence[int], max_new_tokens: int, request_id: Optional[str]) -> str:
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise KVLayoutError(f"request id {request_id!r} is already in use")
+        if len(prompt) == 0:
+            raise KVLayoutError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise KVLayoutError(f"request {request_id!r}: prompt token ids must be in 0..{vocab - 1}")
+        if max_new_tokens < 1:
+            raise KVLayoutError(f"request {request_id!r}: max_new_tokens must be >= 1, got {max_new_tokens}")
+        need = self._blocks_for(len(prompt) + max_new_tokens - 1)
+        if need > self.num_blocks:
+            raise KVLayoutError(f"request {request_id!r} needs {need} blocks of {self.block_size} tokens, the cache "
+                                f"has {self.num_blocks}; give the engine more memory or shorten the request")
+        return request_id
+
+    def add_request(self, prompt: Sequence[int], max_new_tokens: int, request_id: Optional[str] = None, *,
+                    keep_blocks: bool = False) -> str:
+        """Queue a request; returns its id. ``keep_blocks``: hold its blocks after it finishes (until
+        ``release``), e.g. on a prefill engine whose blocks a decode engine still has to pull."""
+        request_id = self._check_request(prompt, max_new_tokens, request_id)
+        req = Request(request_id, [int(t) for t in prompt], int(max_new_tokens), keep_blocks)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return request_id
+
+    def add_remote_request(self, prompt: Sequence[int], first_token: int, max_new_tokens: int,
+                           request_id: str) -> list[int]:
+        """Admit a request whose prompt K/V another engine computed: allocate blocks for the prompt and
+        return their ids (load the K/V into them), then call ``start_remote``. ``first_token`` is the
+        token the other engine sampled; it counts as the first of ``max_new_tokens``."""
+        request_id = self._check_request(prompt, max_new_tokens, request_id)
+        need = self._blocks_for(len(prompt))
+        if need > self.allocator.num_free:
+            raise KVLayoutError(f"request {request_id!r} needs {need} free blocks for its prompt, "
+                                f"{self.allocator.num_free} are free; retry after requests finish")
+        if not 0 <= int(first_token) < self.model.config.vocab_size:
+            raise KVLayoutError(f"first_token {first_token} is not a token id")
+        req = Request(request_id, [int(t) for t in prompt], int(max_new_tokens), output=[int(first_token)],
+                      num_computed=len(prompt), block_ids=self.allocator.allocate(need))
+        self.requests[request_id] = req
+        self.held[request_id] = req
+        return list(req.block_ids)
+
+    def start_remote(self, request_id: str) -> None:
+        """The K/V of a request from ``add_remote_request`` has arrived: schedule its decode."""
+        req = self.held.get(request_id)
+        if req is None or req.finished:
+            raise KVLayoutError(f"request {request_id!r} is not waiting for remote K/V")
+        del self.held[request_id]
+        self.running.append(req)
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks of a held request (finished with ``keep_blocks``, or a remote load given up)."""
+        req = self.held.pop(request_id, None)
+        if req is None:
+            raise KVLayoutError(f"request {request_id!r} holds no blocks")
+        self._free(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling -----------------------------------------------------------------------------
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _free(self, req: Request) -> None:
+        self.allocator.free(req.block_ids)
+        req.block_ids = []
+
+    def _preempt_last(self) -> Request:
+        victim = self.running.pop()
+        self._free(victim)
+        victim.num_computed = 0
+        victim.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        return victim
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """Running requests first (in admission order), then waiting ones while budget and blocks last.
+        When a running request needs a block and none is free, the latest admitted request is preempted
+        (possibly this one); no new request is admitted in a step that preempted."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self._blocks_for(req.num_computed + n) - len(req.block_ids)
+            while need > self.allocator.num_free and self.running[-1] is not req:
+                self._preempt_last()
+                preempted = True
+            if need > self.allocator.num_free:
+                self._preempt_last()                  # req itself: everything before it holds the blocks
+                preempted = True
+                break
+            req.block_ids += self.allocator.allocate(need)
+            scheduled.append((req, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self._blocks_for(req.num_computed + n) - len(req.block_ids)
+            if need > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            req.block_ids += self.allocator.allocate(need)
+            self.running.append(req)
+            scheduled.append((req, n))
+            budget -= n
+        return scheduled
+
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> StepResult:
+        """Schedule, build the metadata once, run the model once, sample greedily."""
+        t0 = time.perf_counter()
+        scheduled = self._schedule()
+        if not scheduled:
+            return StepResult({}, [], 0, 0, 0, time.perf_counter() - t0)
+        sched = [ScheduledRequest(r.num_computed, n, r.block_ids, r.request_id) for r, n in scheduled]
+        order = order_decodes_first(sched)
+        scheduled = [scheduled[i] for i in order]
+        sched = [sched[i] for i in order]
+        ids, pos = [], []
+        for req, n in scheduled:
+            ids += req.token_slice(req.num_computed, req.num_computed + n)
+            pos.append(np.arange(req.num_computed, req.num_computed + n))
+        meta = build_attention_metadata(sched, self.plan, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        positions = torch.from_numpy(np.concatenate(pos)).to(self.device, non_blocking=True)
+        logits = self.model(input_ids, positions, meta, self.backend)
+        sampled = logits.argmax(dim=-1).tolist()
+        new_tokens, finished = {}, []
+        for (req, n), tok in zip(scheduled, sampled):
+            req.num_computed += n
+            if req.num_computed < req.num_tokens:
+                continue                              # a prefill chunk that does not end the prompt
+            req.output.append(tok)
+            new_tokens[req.request_id] = tok
+            req.stopped = self.eos_token_id is not None and tok == self.eos_token_id
+            if req.finished:
+                finished.append(req.request_id)
+                self.running.remove(req)
+                if req.keep_blocks:
+                    self.held[req.request_id] = req
+                else:
+                    self._free(req)
+        return StepResult(new_tokens, finished, len(ids), meta.num_decodes, meta.num_prefills,
+                          time.perf_counter() - t0)
+
+    def run(self, on_step: Optional[Callable[[StepResult], None]] = None) -> None:
+        """Step until no request is waiting or running."""
+        while self.has_unfinished():
+            result = self.step()
+            if result.num_tokens == 0:
+                raise KVLayoutError("no request could be scheduled (the cache is full of held blocks); "
+                                    "release finished requests or give the engine more memory")
+            if on_step is not None:
+                on_step(result)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy tokens for every prompt, batched continuously; returns the new tokens per prompt."""
+        rids = [self.add_request(p, max_new_tokens) for p in prompts]
+        self.run()
+        return [self.requests[r].output for r in rids]
