@@ -172,12 +172,13 @@ def resolve_kv_cache_layout(
         want_cross = cross_layer if cross_layer is not None else bool(connector and connector.cross_layer)
         if want_cross and not uniform and len(names) > 1:
             odd = next(n for n in names if not _same_block_format(specs[names[0]], specs[n]))
-            if cross_layer or (connector and connector.cross_layer):
+            if cross_layer:
                 raise LayoutConflictError(
                     f"a cross-layer allocation needs identical block formats, but layers {names[0]!r} "
                     f"({spec_kind(specs[names[0]])} {specs[names[0]].block_shape()}) and {odd!r} "
                     f"({spec_kind(specs[odd])} {specs[odd].block_shape()}) share a page size with different "
                     f"formats; use cross_layer=False")
+            want_cross = False              # only the connector's wish: this group stays per-layer
         is_cross = bool(want_cross) and len(names) > 1
         block_size = _group_block_size(names, specs)
         groups.append(GroupLayout(gi, tuple(names), page, block_size, n_blocks, is_cross))
