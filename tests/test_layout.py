@@ -141,6 +141,22 @@ def test_cross_layer_conflicts_name_both_sides():
     assert not kvl.resolve_kv_cache_layout(odd, 4).cross_layer
 
 
+def test_connector_wish_skips_groups_that_cannot_be_cross_layer():
+    """A connector's wish (cross_layer=None) applies where the group allows it: a group of mixed formats
+    keeps one region per layer instead of failing, and a uniform group still gets the cross-layer allocation."""
+    wish = kvl.ConnectorWishes("nixl", cross_layer=True)
+    specs = {"a0": attn(h=2, d=8), "b0": attn(h=1, d=16), "x0": attn(h=4), "x1": attn(h=4)}
+    layout = kvl.resolve_kv_cache_layout(specs, 4, connector=wish)
+    mixed, uniform = layout.groups
+    assert mixed.layer_names == ("a0", "b0") and not mixed.cross_layer
+    assert uniform.layer_names == ("x0", "x1") and uniform.cross_layer
+    check_no_overlap(layout)
+    hybrid = {"a0": attn(h=2, d=16, bs=4), "m1": mamba(heads=6), "a2": attn(h=2, d=16, bs=4)}
+    assert not kvl.plan_kv_cache(hybrid, 4 << 20, connector=wish).groups[0].cross_layer
+    with pytest.raises(LayoutConflictError, match="identical block formats"):
+        kvl.plan_kv_cache(hybrid, 4 << 20, connector=wish, cross_layer=True)
+
+
 def test_same_page_different_block_sizes_conflict():
     specs = {"a": attn(h=2, bs=8), "b": attn(h=4, bs=4)}
     assert specs["a"].page_size_bytes == specs["b"].page_size_bytes
