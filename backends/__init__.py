@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "triton": "kvlayout.backends.triton_backend:TritonBackend",
     "flashinfer": "kvlayout.backends.flashinfer_backend:FlashInferBackend",
     "flash_attn": "kvlayout.backends.flash_attn_backend:FlashAttnBackend",
+    "rocm": "kvlayout.backends.rocm_backend:RocmBackend",
 }
 # Preference order for "auto" on a CUDA device; the CPU gets the reference backend.
 AUTO_ORDER_CUDA = ("flashinfer", "triton", "torch")
