@@ -111,10 +111,9 @@ def paged_inputs(meta: AttentionMetadata, reqs: np.ndarray) -> PagedInputs:
     indptr = np.zeros(len(reqs) + 1, dtype=np.int64)
     np.cumsum(pages, out=indptr[1:])
     last = seq - (pages - 1) * bs
-    total = int(indptr[-1])
     width = meta.block_table.shape[1]
-    owner = np.repeat(np.arange(len(reqs)), pages)
-    flat = reqs[owner] * width + (np.arange(total) - indptr[:-1][owner])
+    cols = np.arange(width)
+    flat = (reqs[:, None] * width + cols)[cols < pages[:, None]]     # row-major: request by request
     flat_dev = torch.from_numpy(flat).to(meta.block_table.device, non_blocking=True)
     indices = meta.block_table.reshape(-1).index_select(0, flat_dev)
     return PagedInputs(torch.from_numpy(indptr.astype(np.int32)), indices,
@@ -313,9 +312,7 @@ class FlashInferBackend(AttentionBackend):
         elif kind == "prefill":
             w = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "HND", backend=pb, **graph)
         else:
-            w = fi.BatchAttentionWithAttentionSinkWrapper(
-                ws, "HND", backend=pb, q_data_type=v.q_dtype, kv_data_type=v.kv_dtype, head_dim_qk=v.head_size,
-                head_dim_vo=v.head_size, window_left=v.window_left, **graph)
+            w = fi.BatchPrefillWithPagedKVCacheWrapper(ws, "HND", backend=pb, **_sink_jit_args(v, pb), **graph)
         slot = self._slots[key] = _Slot(w, capacity)
         return slot
 
@@ -527,6 +524,19 @@ class FlashInferBackend(AttentionBackend):
         batch_idx, indices, indptr, last = ids
         _flashinfer().append_paged_kv_cache(k, v, batch_idx[:t], slot_mapping[:t].to(torch.int32),
                                             packed_kv_views(kv_cache), indices, indptr, last, kv_layout="HND")
+
+
+def _sink_jit_args(v: Variant, backend: str) -> dict:
+    """FlashInfer's attention-sink variant as a custom prefill module (extra input: the float32 sink
+    logit per query head). The module name carries every compile-time choice, so variants of other
+    dtypes or head sizes never share a build."""
+    variants = importlib.import_module("flashinfer.jit.attention.variants")
+    swa = v.window_left >= 0
+    uri = (f"kvlayout_attention_sink_{backend}_{dtype_name(v.q_dtype)}_{dtype_name(v.kv_dtype)}_"
+           f"hd{v.head_size}_swa{int(swa)}")
+    jit_args = [uri, v.q_dtype, v.kv_dtype, v.q_dtype, torch.int32, v.head_size, v.head_size, ["sink"], ["float"],
+                ["sm_scale"], ["double"], "AttentionSink", variants.attention_sink_decl[backend]]
+    return dict(jit_args=jit_args, jit_kwargs=dict(use_sliding_window=swa, pos_encoding_mode=0))
 
 
 def _triton_write_kv():

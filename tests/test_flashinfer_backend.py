@@ -86,26 +86,21 @@ def make_fake_flashinfer() -> types.ModuleType:
 
     class Prefill(_Wrapper):
         def plan(self, qo, indptr, indices, last, hq, hkv, d, n, **kw):
+            if "jit_args" in self.kw:                    # the attention-sink variant: no soft-cap
+                assert "logits_soft_cap" not in kw
+                assert self.kw["jit_kwargs"]["use_sliding_window"] == (kw["window_left"] >= 0)
             self._store(qo, indptr, indices, last, hq, hkv, d, n, kw)
 
         def run(self, q, kv, *args, out=None, lse=None, return_lse=False):
-            _fake_attend(self.p, q, kv, out, lse if return_lse else None)
-
-    class Sinks(Prefill):
-        def __init__(self, ws, kv_layout, window_left=-1, **kw):
-            super().__init__(ws, kv_layout, **kw)
-            self.window = window_left
-
-        def plan(self, *args, **kw):
-            assert "logits_soft_cap" not in kw and kw["window_left"] == self.window
-            super().plan(*args, **kw)
-
-        def run(self, q, kv, sinks, out=None, lse=None, return_lse=False):
+            sinks = None
+            if "jit_args" in self.kw:
+                (sinks,) = args
             _fake_attend(self.p, q, kv, out, lse if return_lse else None, sinks=sinks)
 
     fi.BatchDecodeWithPagedKVCacheWrapper = Decode
     fi.BatchPrefillWithPagedKVCacheWrapper = Prefill
-    fi.BatchAttentionWithAttentionSinkWrapper = Sinks
+    fi.variants = types.ModuleType("flashinfer.jit.attention.variants")
+    fi.variants.attention_sink_decl = {"fa2": "struct AttentionSink;", "fa3": "struct AttentionSink;"}
     return fi
 
 
@@ -113,6 +108,7 @@ def make_fake_flashinfer() -> types.ModuleType:
 def fake_fi(monkeypatch):
     fi = make_fake_flashinfer()
     monkeypatch.setitem(sys.modules, "flashinfer", fi)
+    monkeypatch.setitem(sys.modules, "flashinfer.jit.attention.variants", fi.variants)
     return fi
 
 
@@ -294,8 +290,8 @@ def test_step_orchestration_against_reference(fake_fi, case):
     gen = torch.Generator().manual_seed(1)
     b = FlashInferBackend(workspace_bytes=1 << 10)
     meta, kv, q, params, extra = check_against_reference(b, case, "cpu", gen)
-    kinds = sorted(type(w).__name__ for w, _ in fake_fi.plans)
-    assert kinds == (["Sinks"] if case.sinks else ["Decode", "Prefill"])
+    kinds = sorted(type(w).__name__ + ("+sinks" if "jit_args" in w.kw else "") for w, _ in fake_fi.plans)
+    assert kinds == (["Prefill+sinks"] if case.sinks else ["Decode", "Prefill"])
     decode = [w for w, _ in fake_fi.plans if type(w).__name__ == "Decode"]
     if decode:
         assert decode[0].kw["use_tensor_cores"] == (case.num_heads // case.num_kv_heads >= 5)
@@ -353,7 +349,7 @@ GPU_CASES = [
     Case("base", 32, 8, 128), Case("noncausal", 32, 8, 128, causal=False),
     Case("gqa-kv1", 8, 1, 128), Case("cross-layer", 32, 8, 128, layers=3, block_size=64),
     Case("window", 32, 8, 128, window=33), Case("softcap", 32, 8, 128, soft_cap=30.0),
-    Case("sinks", 32, 8, 128, sinks=True), Case("sinks-window", 16, 2, 128, sinks=True, window=20),
+    Case("sinks", 32, 8, 128, sinks=True), Case("sinkswin", 16, 2, 128, sinks=True, window=20),
     Case("fp8", 32, 8, 128, kv_dtype=FP8), Case("fp8-tc", 16, 2, 128, kv_dtype=FP8, per_head_scale=False),
     Case("fp16-d64", 16, 4, 64, dtype=torch.float16, block_size=32),
     Case("fa3-base", 32, 8, 128, prefill_backend="auto"), Case("fa3-kv1", 8, 1, 128, prefill_backend="auto"),
@@ -371,7 +367,7 @@ def test_gpu_against_reference(case):
 
 BIT_CASES = [Case("base", 32, 8, 128), Case("gqa-kv1", 8, 1, 128), Case("fa3-cross", 32, 8, 128, layers=3,
                                                                           prefill_backend="auto"),
-             Case("fa3-window", 32, 8, 128, prefill_backend="fa2", window=33)]
+             Case("winbit", 32, 8, 128, prefill_backend="fa2", window=33)]
 
 
 @pytest.mark.gpu
