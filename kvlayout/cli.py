@@ -59,8 +59,13 @@ def _add_plan(sub) -> None:
     p.set_defaults(func=_cmd_plan)
 
 
+def _add_demo(sub) -> None:
+    from .demo import add_parser
+    add_parser(sub)
+
+
 # Each subcommand module adds its parser; keep this list the one place that names them.
-SUBCOMMANDS: list[Callable] = [_add_plan]
+SUBCOMMANDS: list[Callable] = [_add_plan, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

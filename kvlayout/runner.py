@@ -28,13 +28,16 @@ from .planner import plan_kv_cache
 
 
 class BlockAllocator:
-    """Hands out block ids from a free list; freeing an id that is not in use is an error."""
+    """Hands out block ids from a free list (initially ``order``, default 0, 1, ...); freeing an id that
+    is not in use is an error."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, order: Optional[Sequence[int]] = None):
         if num_blocks < 1:
             raise KVLayoutError(f"the allocator needs at least one block, got {num_blocks}")
+        if order is not None and sorted(order) != list(range(num_blocks)):
+            raise KVLayoutError(f"block order must be a permutation of 0..{num_blocks - 1}")
         self.num_blocks = num_blocks
-        self._free = deque(range(num_blocks))
+        self._free = deque(range(num_blocks) if order is None else (int(i) for i in order))
         self._used = np.zeros(num_blocks, dtype=bool)
 
     @property
@@ -99,13 +102,18 @@ class StepResult:
 
 
 class Engine:
-    """Model + paged cache + scheduler for one process and one device."""
+    """Model + paged cache + scheduler for one process and one device.
+
+    The cache holds ``num_blocks`` blocks or what fits in ``memory_bytes``. ``block_order(num_blocks)``
+    may give the allocator's initial free list (a permutation), e.g. to scramble block ids in tests.
+    """
 
     def __init__(self, config: Union[ModelConfig, dict, str, Path], *, weights: Union[str, Path, None] = None,
                  seed: int = 0, backend: str = "torch", device: Union[str, torch.device] = "cpu",
                  dtype: Optional[torch.dtype] = None, block_size: int = 16, num_blocks: Optional[int] = None,
                  memory_bytes: Optional[int] = None, max_num_batched_tokens: int = 256, max_num_seqs: int = 64,
-                 cross_layer: Optional[bool] = None, connector=None, eos_token_id: Optional[int] = None):
+                 cross_layer: Optional[bool] = None, connector=None, eos_token_id: Optional[int] = None,
+                 block_order: Optional[Callable[[int], Sequence[int]]] = None):
         from .backends import get_attention_backend
 
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
@@ -126,7 +134,7 @@ class Engine:
         bind_kv_cache(self.model.attention_layers(), self.caches)
         group = self.plan.attention_group()
         self.block_size, self.num_blocks = group.block_size, group.num_blocks
-        self.allocator = BlockAllocator(self.num_blocks)
+        self.allocator = BlockAllocator(self.num_blocks, None if block_order is None else block_order(self.num_blocks))
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.eos_token_id = eos_token_id
         self.waiting: deque[Request] = deque()

@@ -1,0 +1,47 @@
+"""``kvlayout demo`` end to end on CPU: two engine processes, NIXL pulls the blocks, tokens equal a
+single-process run; without NIXL it says how to install it and runs the single-process part."""
+
+import json
+
+import pytest
+
+from kvlayout import cli, demo
+
+SMALL = ["demo", "--requests", "3", "--min-prompt", "5", "--max-prompt", "40", "--new-tokens", "4",
+         "--block-size", "8", "--token-budget", "24", "--no-progress", "--timeout", "240"]
+
+
+def test_demo_two_processes_match_single_process(tmp_path, capsys):
+    pytest.importorskip("nixl")
+    out = tmp_path / "demo.json"
+    rc = cli.main(SMALL + ["--scramble", "--summary-json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    s = json.loads(out.read_text())
+    assert s["nixl"] and s["ok"]
+    assert "kvlayout plan" in text and "tokens match" in text
+    for i, ref in enumerate(s["reference_tokens"]):
+        r = s["requests"][f"r{i}"]
+        assert r["tokens"] == ref and len(ref) == 4
+        assert r["blocks"] == -(-r["prompt_len"] // 8)
+        assert r["bytes"] == r["blocks"] * s["page_bytes"]           # every layer's blocks, nothing else
+        assert 1 <= r["descriptors"] <= r["indices"] == r["blocks"] * 4   # 4 layers, one region each
+        assert r["released"] is True                                  # the prefill side freed its blocks
+
+
+def test_demo_without_nixl_runs_single_process(tmp_path, capsys, monkeypatch):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "nixl" else real(name, *a))
+    out = tmp_path / "demo.json"
+    rc = cli.main(SMALL + ["--requests", "2", "--summary-json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert 'pip install "kvlayout[nixl]"' in text.replace("\n", " ")
+    s = json.loads(out.read_text())
+    assert s["nixl"] is False and len(s["reference_tokens"]) == 2
+
+
+def test_demo_refuses_a_request_larger_than_the_cache(capsys):
+    rc = cli.main(SMALL + ["--num-blocks", "4", "--max-prompt", "60", "--min-prompt", "60"])
+    assert rc == 2
+    assert "needs" in capsys.readouterr().err
