@@ -264,8 +264,8 @@ def _itemsize(dtype: str) -> int:
 def parse_record(obj: Any, where: str = "record") -> CompatRecord:
     """Validate a wire record strictly and turn it into a ``CompatRecord``."""
     if isinstance(obj, dict) and obj.get("connector_version") != CONNECTOR_VERSION:
-        raise HandshakeError(f"connector version differs: here {CONNECTOR_VERSION}, remote "
-                             f"{str(obj.get('connector_version'))[:40]!r}", ["connector_version"])
+        raise HandshakeError(f"fields differ: connector_version (here {CONNECTOR_VERSION}, peer "
+                             f"{str(obj.get('connector_version'))[:40]})", ["connector_version"])
     _keys(obj, _RECORD_KEYS, where)
     tp_size = _int(obj["tp_size"], f"{where}.tp_size", 1, 1 << 16)
     tp_rank = _int(obj["tp_rank"], f"{where}.tp_rank", 0, tp_size - 1)

@@ -564,7 +564,7 @@ class NixlConnector:
         """Fail every load that uses ``address`` and forget the peer (a later load handshakes again)."""
         for load in list(self._loads.values()):
             if address in load.engines and load.state != "aborting":
-                self._abort(load, reason, notify=load.state == "running")
+                self._abort(load, reason, dead=address)
         if all(address not in l.engines for l in self._loads.values()):
             self._forget_peer(address)
         elif address in self._peers:            # aborting transfers still use its lists; forget it later
@@ -620,7 +620,11 @@ class NixlConnector:
                 status = self._agent.transfer(part.handle)
                 t3 = time.perf_counter()
             except Exception as exc:
-                self._abort(load, f"could not start the transfer from {address}: {type(exc).__name__}: {exc}")
+                reason = f"could not start the transfer from {address}: {type(exc).__name__}: {exc}"
+                if "DISCONNECT" in str(exc).upper():
+                    self._fail_peer(address, reason + " (the engine died or dropped the connection)")
+                else:
+                    self._abort(load, reason)
                 return
             t_index, t_prep, t_post = t_index + t1 - t0, t_prep + t2 - t1, t_post + t3 - t2
             if status == "ERR":
@@ -631,13 +635,12 @@ class NixlConnector:
     def _advance_waiting(self, load: _Load, now: float) -> None:
         if now > load.deadline:
             waiting = [e for e in load.engines if self._peers.get(e) is None or self._peers[e].state != "ready"]
-            self._abort(load, f"timed out after {load.timeout_s:g} s waiting for the handshake with {waiting}",
-                        notify=False)
+            self._abort(load, f"timed out after {load.timeout_s:g} s waiting for the handshake with {waiting}")
             return
         if all(self._peers.get(e) is not None and self._peers[e].state == "ready" for e in load.engines):
             problem = self._check_against_peers(load)
             if problem:
-                self._abort(load, problem, notify=False)
+                self._abort(load, problem)
             else:
                 self._launch(load)
 
@@ -675,17 +678,18 @@ class NixlConnector:
             slow = [p.address for p in load.parts if not p.done]
             self._abort(load, f"timed out after {load.timeout_s:g} s: transfer from {slow} still in progress")
 
-    def _abort(self, load: _Load, reason: str, notify: bool = True) -> None:
-        """Cancel the load's transfers and tell its engines this reader is done (they stop holding for it)."""
+    def _abort(self, load: _Load, reason: str, dead: Optional[str] = None) -> None:
+        """Cancel the load's transfers and tell its live engines (not ``dead``) that this reader gave up,
+        so they stop holding the blocks for it."""
         load.state, load.reason = "aborting", reason
-        note = encode_notif(load.remote_request_id, False)
         for part in load.parts:
-            if part.done:
-                continue
-            if part.handle is not None and _release(part.handle):
+            if not part.done and part.handle is not None and _release(part.handle):
                 part.handle = None
-            peer = self._peers.get(part.address)
-            if notify and peer is not None and peer.state == "ready":
+        note = encode_notif(load.remote_request_id, False)
+        done = {p.address for p in load.parts if p.done}   # those already got the note of a finished read
+        for address in load.engines:
+            peer = self._peers.get(address)
+            if address != dead and address not in done and peer is not None and peer.state == "ready":
                 try:
                     self._agent.send_notif(peer.agent_name, note)
                 except Exception:
