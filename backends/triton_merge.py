@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_softmax import LOG2E, merge_partials
+from .triton_softmax import merge_partials
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _merge_states_kernel(
 
 def lse_factor(base: str) -> float:
     """The factor that turns an LSE in ``base`` ("e" or "2") into log2 units."""
-    return LOG2E if base == "e" else 1.0
+    return 1.0 / math.log(2.0) if base == "e" else 1.0
 
 
 def merge_states_launch(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor], *,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634   # log2(e): natural-log units -> log2 units
-LN2 = 0.6931471805599453     # ln(2): log2 units -> natural-log units
+# constexpr, so @triton.jit code may read them (a plain global float compiles under the interpreter only)
+LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): natural-log units -> log2 units
+LN2 = tl.constexpr(0.6931471805599453)     # ln(2): log2 units -> natural-log units
 
 
 @triton.jit
