@@ -64,8 +64,13 @@ def _add_demo(sub) -> None:
     add_parser(sub)
 
 
+def _add_bench(sub) -> None:
+    from .bench import add_parser
+    add_parser(sub)
+
+
 # Each subcommand module adds its parser; keep this list the one place that names them.
-SUBCOMMANDS: list[Callable] = [_add_plan, _add_demo]
+SUBCOMMANDS: list[Callable] = [_add_plan, _add_demo, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

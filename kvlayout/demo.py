@@ -9,7 +9,6 @@ Prints the layout plan, per-phase timings, transfer bytes and descriptor counts.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os

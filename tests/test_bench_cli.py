@@ -1,0 +1,101 @@
+"""``kvlayout bench``: runs the tools' ``run(quick)`` entry points in child processes and writes
+bench.json, bench.md and bench.png; every row spelling the tools use lands on one schema."""
+
+import json
+import textwrap
+
+import pytest
+
+from kvlayout import cli
+from kvlayout.bench import EXPECTED_TOOLS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_quick_writes_its_three_files(tmp_path, capsys):
+    rc = cli.main(["bench", "--quick", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    md = (tmp_path / "bench.md").read_text()
+    for name in EXPECTED_TOOLS:                      # present, missing or skipped: each one is accounted for
+        assert result["tools"][name]["status"] in ("ok", "missing", "skipped", "error")
+        assert f"| {name} |" in md
+    for name, t in result["tools"].items():
+        assert t["status"] != "error", f"{name}: {t['message']}"
+    for row in result["rows"]:
+        assert row["tool"] in result["tools"] and row["name"] and row["backend"]
+
+
+FAKE_TOOLS = {
+    # bench_ops style: a ceilings row, then TBps / TFLOPs with the bound that binds
+    "bench_alpha": """
+        def run(quick):
+            return [{"op": "ceilings", "impl": "fake gpu", "copy_TBps": 2.0, "matmul_TFLOPs": 500.0},
+                    {"op": "prefill", "impl": "triton", "seconds": 1e-3, "TBps": 0.1, "TFLOPs": 250.0,
+                     "binds": "matmul", "pct_of_bound": 50.0},
+                    {"op": "copy", "impl": "triton", "seconds": 1e-3, "TBps": 1.5, "TFLOPs": 0.0, "binds": "copy",
+                     "pct_of_bound": 75.0}]
+    """,
+    # canonical spelling, GB/s; one row computed from bytes and seconds, one failed
+    "bench_attention": """
+        def run(quick):
+            assert quick
+            return [{"name": "decode", "backend": "flashinfer", "shape": "64x4096", "seconds": 0.5,
+                     "achieved": 1800.0, "unit": "GB/s", "ceiling": 3000.0, "ceiling_unit": "GB/s"},
+                    {"name": "write_kv", "backend": "torch", "seconds": 2.0, "bytes": 4e9},
+                    {"name": "decode", "backend": "rocm", "error": "needs an AMD GPU"}]
+    """,
+    "bench_broken": """
+        def run(quick):
+            raise RuntimeError("kernel exploded")
+    """,
+    "bench_flashinfer": """
+        if __name__ == "__main__":
+            print("no entry point")
+    """,
+}
+
+
+@pytest.fixture
+def fake_tools(tmp_path):
+    d = tmp_path / "tools"
+    d.mkdir()
+    for name, src in FAKE_TOOLS.items():
+        (d / f"{name}.py").write_text(textwrap.dedent(src))
+    return d
+
+
+def test_bench_maps_every_row_spelling_and_reports_each_tool(fake_tools, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "bench.json").read_text())
+    status = {n: t["status"] for n, t in res["tools"].items()}
+    assert status == {"bench_alpha": "ok", "bench_attention": "ok", "bench_broken": "error",
+                      "bench_flashinfer": "skipped", "bench_transfer": "missing"}
+    assert "kernel exploded" in res["tools"]["bench_broken"]["message"]
+    assert res["tools"]["bench_alpha"]["ceilings"]["copy_TBps"] == 2.0
+    rows = {(r["tool"], r["name"], r["backend"]): r for r in res["rows"]}
+    pre = rows[("bench_alpha", "prefill", "triton")]
+    assert (pre["unit"], pre["achieved"], pre["ceiling"], pre["pct_of_ceiling"]) == ("TFLOP/s", 250.0, 500.0, 50.0)
+    cp = rows[("bench_alpha", "copy", "triton")]
+    assert (cp["unit"], cp["achieved"], cp["ceiling"]) == ("TB/s", 1.5, 2.0)
+    dec = rows[("bench_attention", "decode", "flashinfer")]
+    assert dec["unit"] == "TB/s" and dec["achieved"] == pytest.approx(1.8) and dec["ceiling"] == pytest.approx(3.0)
+    assert dec["pct_of_ceiling"] == pytest.approx(60.0) and dec["shape"] == "64x4096"
+    wk = rows[("bench_attention", "write_kv", "torch")]
+    assert wk["unit"] == "TB/s" and wk["achieved"] == pytest.approx(0.002) and wk["ceiling"] is None
+    assert rows[("bench_attention", "decode", "rocm")]["error"] == "needs an AMD GPU"
+    md = (out / "bench.md").read_text()
+    assert "| bench_transfer | missing |" in md and "error: needs an AMD GPU" in md
+    assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    assert cli.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--strict"]) == 1
+    assert cli.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--only", "alpha"]) == 0
+    assert set(json.loads((out / "bench.json").read_text())["tools"]) == {"bench_alpha"}
+
+
+def test_bench_refuses_a_tools_folder_that_does_not_exist(tmp_path, capsys):
+    assert cli.main(["bench", "--quick", "--tools", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "not a folder" in capsys.readouterr().err
