@@ -14,7 +14,8 @@ tensor to a contiguous one, which we refuse instead. Which generation runs is de
 - ``fa2`` (``flash_attn``): paged block size must be a multiple of 256; decodes through
   ``flash_attn_with_kvcache`` (split-KV), prefills through ``flash_attn_varlen_func`` with ``block_table``.
 
-All return the natural-log LSE as ``[H, T]``; we hand back ``[T, H]``. FlashAttention allocates its own
+All return the natural-log LSE as ``[H, T]``; we hand back ``[T, H]``. New K/V go into the cache through
+the project's Triton ``write_kv`` kernel (FlashAttention's Python API has no cache writer of its own). FlashAttention allocates its own
 output, so a caller's ``out``/``lse`` buffer costs one copy of the output (never of the cache). fp8 caches
 are refused (FA3 wants fp8 queries too, FA4 runs fp8 on sm100 only).
 
@@ -40,6 +41,7 @@ from kvlayout.metadata import AttentionMetadata
 from kvlayout.params import AttentionParams
 
 from .base import AttentionBackend, AttentionOutput
+from .triton_cache import write_kv as triton_write_kv
 
 VERSION_ENV = "KVLAYOUT_FLASH_ATTN_VERSION"      # "2", "3" or "4": use that generation only
 ALIGN_BYTES = 16
@@ -288,6 +290,11 @@ class FlashAttnBackend(AttentionBackend):
     def unavailable_reason(cls, device: Optional[torch.device] = None) -> Optional[str]:
         gen, reasons = detect_generation(device)
         return None if gen is not None else "; ".join(reasons)
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                 validate: bool = True) -> None:
+        triton_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
 
     def _fn(self, name: str) -> Callable:
         return getattr(self._module, name)

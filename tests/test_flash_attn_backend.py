@@ -366,6 +366,19 @@ def test_forward_refuses_before_calling_the_library(rng, stand_in):
     assert "sinks" not in backend.capabilities.features and backend.capabilities.block_size_multiple == 256
 
 
+def test_write_kv_matches_the_reference_writer(rng, stand_in):
+    cache, meta, q = make_case(rng, reqs=((3, 1), (0, 6)))
+    backend, _ = stand_in("fa4", cache)
+    k = torch.randn(meta.num_actual_tokens, 2, 16, generator=rng).half()
+    v = torch.randn(meta.num_actual_tokens, 2, 16, generator=rng).half()
+    slots = meta.slot_mapping.clone()
+    slots[2] = -1
+    want = cache.clone()
+    kvl.write_kv(want, k, v, slots)
+    backend.write_kv(cache, k, v, slots)
+    assert torch.equal(cache, want)
+
+
 def test_fp8_and_unsupported_head_sizes_are_refused(rng, stand_in):
     cache, meta, q = make_case(rng, d=12, reqs=((3, 1),))
     backend, rec = stand_in("fa4", cache)

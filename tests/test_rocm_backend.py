@@ -132,12 +132,14 @@ def test_cross_layer_view(rng):
     check(rng, cross=True, dtype=torch.float16, bs=16)
 
 
-@pytest.mark.parametrize("partition_size,window,sinks", [(16, None, False), (32, 12, True), (16, 40, True)])
-def test_decode_partitions_merged_by_lse(rng, partition_size, window, sinks):
-    # long decodes (some partitions past a short sequence's end, or before the window: empty) + a prefill
-    reqs = ((70, 1), (3, 1), (47, 1), (0, 5))
-    check(rng, reqs=reqs, window=window, sinks=sinks, partition_size=partition_size, dtype=torch.float32, hkv=1,
-          hq=2)
+@pytest.mark.parametrize("tiles,window,sinks", [(1, None, False), (2, 12, True), (1, 40, True)])
+def test_decode_partitions_merged_by_lse(rng, tiles, window, sinks):
+    # long decodes (some partitions past a short sequence's end, or before the window: empty) + a prefill;
+    # partitions of 1 or 2 key tiles (16 keys a tile in the interpreter, 64 on a GPU)
+    block_n = rocm_config(64, 4, DEV == "cpu").block_n
+    reqs = ((4 * block_n + 6, 1), (3, 1), (3 * block_n - 1, 1), (0, 5))
+    check(rng, reqs=reqs, window=window and window * block_n // 16, sinks=sinks, partition_size=tiles * block_n,
+          dtype=torch.float32, hkv=1, hq=2)
 
 
 def test_automatic_partitions_are_used_for_few_long_decodes(rng):
