@@ -57,6 +57,25 @@ def attend_dense_range(m, l, acc, q, q_pos, lo, hi, k_end, k_ptr, v_ptr, stride_
 
 
 @triton.jit
+def attend_page_aligned_range(m, l, acc, q, q_pos, lo, hi, kv_ptr, bt_row_ptr, head_off, stride_kb, stride_kn, d,
+                              sm_scale, soft_cap, HEAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                              SOFT_CAP: tl.constexpr, IEEE: tl.constexpr):
+    """Unmasked cached keys ``lo .. hi`` (multiples of ``BLOCK_N``, which divides ``PAGE``): each tile lies
+    inside one page, so it takes one page id and is one strided run of ``BLOCK_N`` token rows (no per-key
+    page lookup). Every key must be visible to every row; the head size must need no padding."""
+    n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        blk = tl.load(bt_row_ptr + start // PAGE).to(tl.int64)
+        ptr = kv_ptr + blk * stride_kb + head_off + ((start % PAGE) + n)[:, None] * stride_kn + d[None, :]
+        k = tl.load(ptr)
+        v = tl.load(ptr + HEAD)
+        s = dot(q, tl.trans(k), None, IEEE)
+        s = score_tile(s, q_pos, n, 0, sm_scale, soft_cap, 0, False, False, SOFT_CAP, False)
+        m, l, acc = softmax_update(m, l, acc, s, v, IEEE)
+    return m, l, acc
+
+
+@triton.jit
 def _paged_prefill_append_kernel(
         q_ptr, k_ptr, v_ptr, kv_ptr, out_ptr, lse_ptr, cu_ptr, ctx_ptr, bt_ptr,
         num_reqs, sm_scale, soft_cap,
@@ -64,7 +83,7 @@ def _paged_prefill_append_kernel(
         stride_cb, stride_ch, stride_cn, stride_bt,
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr,
-        SOFT_CAP: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE: tl.constexpr):
+        SOFT_CAP: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE: tl.constexpr, PAGE_ALIGNED: tl.constexpr):
     M: tl.constexpr = BLOCK_Q * GROUP_PAD
     D_MASK: tl.constexpr = HEAD_PAD != HEAD
     pid = tl.program_id(0)
@@ -115,9 +134,13 @@ def _paged_prefill_append_kernel(
 
     # Cached prefix [0, ctx): every key precedes every query, so only the sequence end needs a mask.
     full = ctx // BLOCK_N * BLOCK_N
-    m, l, acc = attend_paged_range(m, l, acc, q, q_pos, 0, full, ctx, kv_ptr, bt_row, head_off, stride_cb,
-                                   stride_cn, d, d_ok, sm_scale, soft_cap, 0, HEAD, PAGE, BLOCK_N, False, False,
-                                   SOFT_CAP, False, D_MASK, IEEE)
+    if PAGE_ALIGNED:
+        m, l, acc = attend_page_aligned_range(m, l, acc, q, q_pos, 0, full, kv_ptr, bt_row, head_off, stride_cb,
+                                              stride_cn, d, sm_scale, soft_cap, HEAD, PAGE, BLOCK_N, SOFT_CAP, IEEE)
+    else:
+        m, l, acc = attend_paged_range(m, l, acc, q, q_pos, 0, full, ctx, kv_ptr, bt_row, head_off, stride_cb,
+                                       stride_cn, d, d_ok, sm_scale, soft_cap, 0, HEAD, PAGE, BLOCK_N, False, False,
+                                       SOFT_CAP, False, D_MASK, IEEE)
     m, l, acc = attend_paged_range(m, l, acc, q, q_pos, full, ctx, ctx, kv_ptr, bt_row, head_off, stride_cb,
                                    stride_cn, d, d_ok, sm_scale, soft_cap, 0, HEAD, PAGE, BLOCK_N, False, False,
                                    SOFT_CAP, True, D_MASK, IEEE)
@@ -198,9 +221,12 @@ def _config(max_q: int, group: int, d: int, dtype: torch.dtype, config: Optional
 def paged_prefill_append_launch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
                                 cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor,
                                 out: torch.Tensor, lse: Optional[torch.Tensor], *, scale: float, causal: bool,
-                                soft_cap: Optional[float], config: Optional[UnifiedConfig] = None) -> None:
+                                soft_cap: Optional[float], config: Optional[UnifiedConfig] = None,
+                                page_aligned: Optional[bool] = None) -> None:
     """One launch: append ``k_new``/``v_new`` into the pages and write ``out`` (and ``lse``, base e).
-    Inputs are trusted (``kvlayout.ops`` validates); the grid depends on host sizes only (no sync)."""
+    Inputs are trusted (``kvlayout.ops`` validates); the grid depends on host sizes only (no sync).
+    ``page_aligned``: read the cached prefix one page id per key tile (default: when the tile divides the
+    page and the head size needs no padding; False forces the per-key lookup)."""
     t, h, d = q.shape
     b = cache_seqlens.shape[0]
     if t == 0 or b == 0:
@@ -208,6 +234,8 @@ def paged_prefill_append_launch(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
     h_kv, page = kv_cache.shape[1], kv_cache.shape[2]
     group = h // h_kv
     cfg = _config(t, group, d, q.dtype, config)
+    head_pad = max(16, triton.next_power_of_2(d))
+    can_align = page % cfg.block_n == 0 and head_pad == d
     lse_t = lse if lse is not None else out
     _paged_prefill_append_kernel[(t // cfg.block_q + b, h_kv)](
         q, k_new, v_new, kv_cache, out, lse_t, cu_seqlens_q, cache_seqlens, block_table,
@@ -215,9 +243,11 @@ def paged_prefill_append_launch(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
-        HEAD=d, HEAD_PAD=max(16, triton.next_power_of_2(d)), GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        HEAD=d, HEAD_PAD=head_pad, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, PAGE=page, CAUSAL=causal, SOFT_CAP=soft_cap is not None,
-        WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
+        PAGE_ALIGNED=can_align if page_aligned is None else (page_aligned and can_align),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def masked_prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor,

@@ -142,19 +142,24 @@ def bench_prefill(device, gen, quick: bool, ceil: dict, sweep: bool) -> list[dic
         h, h_kv, d = args["q"].shape[1], args["kv_cache"].shape[1], args["q"].shape[2]
         g = triton.next_power_of_2(h // h_kv)
         chosen = unified_config(args["q"].shape[0], h // h_kv, d, args["q"].element_size(), False)
-        cfgs = {chosen, UnifiedConfig(64 // g, 64, 4, 3), UnifiedConfig(128 // g, 64, 8, 2),
-                UnifiedConfig(128 // g, 128, 8, 2), UnifiedConfig(64 // g, 128, 4, 2), UnifiedConfig(256 // g, 64, 8, 2)}
+        cfgs = {chosen, UnifiedConfig(64 // g, 64, 4, 3), UnifiedConfig(64 // g, 64, 4, 4),
+                UnifiedConfig(128 // g, 64, 4, 3), UnifiedConfig(128 // g, 128, 8, 2), UnifiedConfig(64 // g, 32, 4, 4)}
+        page = args["kv_cache"].shape[2]
         for cfg in sorted(cfgs, key=lambda c: (c.block_q, c.block_n, c.num_warps, c.num_stages)):
-            fn = (lambda cfg=cfg: paged_prefill_append_launch(
-                args["q"], args["k_new"], args["v_new"], args["kv_cache"], args["cu_seqlens_q"], args["cache_seqlens"],
-                args["block_table"], out, None, scale=1.0 / math.sqrt(d), causal=True, soft_cap=None, config=cfg))
-            try:
-                t = timed(fn, device, quick)
-            except Exception as e:                                       # e.g. out of shared memory
-                rows.append({"op": name, "impl": f"triton {cfg}", "error": str(e)[:100]})
-                continue
-            rows.append({"op": name, "impl": f"triton {tuple(vars(cfg).values())}" + (" *" if cfg == chosen else ""),
-                         **roofline(t, nbytes, flops, ceil), "err_vs_torch": rel_err(out, want)})
+            for aligned in ((True, False) if page % cfg.block_n == 0 else (False,)):
+                fn = (lambda cfg=cfg, aligned=aligned: paged_prefill_append_launch(
+                    args["q"], args["k_new"], args["v_new"], args["kv_cache"], args["cu_seqlens_q"],
+                    args["cache_seqlens"], args["block_table"], out, None, scale=1.0 / math.sqrt(d), causal=True,
+                    soft_cap=None, config=cfg, page_aligned=aligned))
+                label = f"triton {tuple(vars(cfg).values())}{' page/tile' if aligned else ''}" \
+                    + (" *" if cfg == chosen and aligned == (page % cfg.block_n == 0) else "")
+                try:
+                    t = timed(fn, device, quick)
+                except Exception as e:                                   # e.g. out of shared memory
+                    rows.append({"op": name, "impl": label, "error": str(e)[:100]})
+                    continue
+                rows.append({"op": name, "impl": label, **roofline(t, nbytes, flops, ceil),
+                             "err_vs_torch": rel_err(out, want)})
     rows += bench_flashinfer(inp, args, want, device, quick, ceil, nbytes, flops)
     return rows
 
@@ -234,13 +239,13 @@ def print_table(rows: list[dict]) -> None:
     print(f"\n{c['impl']}  |  torch {c['torch']}, triton {c['triton']}"
           + (f", flashinfer {c['flashinfer']}" if "flashinfer" in c else ""))
     print(f"ceilings (this run): copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s")
-    print(f"{'op':<44}{'impl':<34}{'time us':>10}{'TB/s':>8}{'TFLOP/s':>9}{'binds':>8}{'% bound':>9}{'err':>10}")
+    print(f"{'op':<44}{'impl':<40}{'time us':>10}{'TB/s':>8}{'TFLOP/s':>9}{'binds':>8}{'% bound':>9}{'err':>10}")
     for r in rows[1:]:
         if "error" in r:
-            print(f"{r['op']:<44}{r['impl']:<34}  failed: {r['error']}")
+            print(f"{r['op']:<44}{r['impl']:<40}  failed: {r['error']}")
             continue
         err = f"{r['err_vs_torch']:.1e}" if "err_vs_torch" in r else "-"
-        print(f"{r['op']:<44}{r['impl']:<34}{r['seconds'] * 1e6:>10.1f}{r['TBps']:>8.3f}{r['TFLOPs']:>9.1f}"
+        print(f"{r['op']:<44}{r['impl']:<40}{r['seconds'] * 1e6:>10.1f}{r['TBps']:>8.3f}{r['TFLOPs']:>9.1f}"
               f"{r['binds']:>8}{r['pct_of_bound']:>8.0f}%{err:>10}  {r.get('note', '')}")
 
 
