@@ -148,14 +148,13 @@ class Difference:
 def compare_records(local: CompatRecord, remote: CompatRecord) -> list[Difference]:
     """Every field that makes the two engines unable to exchange blocks (empty when compatible).
 
-    Tensor-parallel sizes may differ (each rank then reads its head slice); head size, dtype, block size,
-    total head count, layer names and kinds, and Mamba state layouts must agree.
+    Tensor-parallel sizes may differ (each rank then reads its head slice), and so may cross-layer versus
+    per-layer allocation (regions pair layer by layer); head size, dtype, block size, total head count,
+    layer names and kinds, and Mamba state layouts must agree.
     """
-    diffs: list[Difference] = []
-    for f in ("connector_version", "layout", "cross_layer"):
-        if getattr(local, f) != getattr(remote, f):
-            diffs.append(Difference(f, getattr(local, f), getattr(remote, f)))
-    if diffs[:1] and diffs[0].field in ("connector_version", "layout"):
+    diffs = [Difference(f, getattr(local, f), getattr(remote, f)) for f in ("connector_version", "layout")
+             if getattr(local, f) != getattr(remote, f)]
+    if diffs:
         return diffs
     lnames, rnames = [l.name for l in local.layers], [l.name for l in remote.layers]
     if lnames != rnames:

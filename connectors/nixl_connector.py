@@ -130,7 +130,7 @@ class _Prepared:
 @dataclass
 class _Peer:
     address: str
-    state: str = "connecting"       # connecting | ready
+    state: str = "connecting"       # connecting | ready (failed peers leave _peers)
     welcome: Optional[Welcome] = None
     agent_name: str = ""
     prepared: dict = field(default_factory=dict)   # primary flag -> _Prepared or None
@@ -238,6 +238,7 @@ class NixlConnector:
         encode_frame(self._welcome, max_message_bytes)               # fail now, not in a peer's handshake
 
         self._peers: dict[str, _Peer] = {}
+        self._dead: dict[str, _Peer] = {}       # failed peers whose transfers NIXL has not cancelled yet
         self._local_lists: dict[bytes, Any] = {}
         self._loads: dict[str, _Load] = {}
         self._holds: dict[str, _Hold] = {}
@@ -293,8 +294,7 @@ class NixlConnector:
         """Start the handshake with ``remote_engine`` in the background (``start_load`` does it when needed)."""
         self._check_open()
         parse_address(remote_engine)
-        if remote_engine not in self._peers:
-            self._start_handshake(remote_engine)
+        self._ensure_handshake(remote_engine)
 
     def start_load(self, request_id: str, remote_engine: Union[str, Sequence[str]], remote_block_ids: BlockIds,
                    local_block_ids: BlockIds, *, remote_request_id: Optional[str] = None,
@@ -343,8 +343,7 @@ class NixlConnector:
             self._launch(load)
             return
         for e in engines:
-            if e not in self._peers:
-                self._start_handshake(e)
+            self._ensure_handshake(e)
         self._loads[request_id] = load
         self._count("loads_started")
 
@@ -399,8 +398,10 @@ class NixlConnector:
                 _release(part.handle)
         self._loads.clear()
         self._holds.clear()
-        for address in list(self._peers):
-            self._forget_peer(address)
+        for peer in list(self._peers.values()) + list(self._dead.values()):
+            self._release_peer(peer)
+        self._peers.clear()
+        self._dead.clear()
         for handle in self._local_lists.values():
             _release(handle)
         self._local_lists.clear()
@@ -469,6 +470,12 @@ class NixlConnector:
             self._slots.release()
 
     # side channel, client half
+
+    def _ensure_handshake(self, address: str) -> None:
+        """Start a handshake unless one is done or under way (or the failed peer there is still winding down:
+        then ``poll`` starts it once the old transfers are gone)."""
+        if address not in self._peers and address not in self._dead:
+            self._start_handshake(address)
 
     def _start_handshake(self, address: str) -> None:
         self._peers[address] = _Peer(address)
@@ -547,10 +554,7 @@ class NixlConnector:
         peer.state = "ready"
         self._count("handshakes_ok")
 
-    def _forget_peer(self, address: str) -> None:
-        peer = self._peers.pop(address, None)
-        if peer is None:
-            return
+    def _release_peer(self, peer: _Peer) -> None:
         for prep in peer.prepared.values():
             if prep is not None:
                 _release(prep.remote)
@@ -562,13 +566,19 @@ class NixlConnector:
 
     def _fail_peer(self, address: str, reason: str) -> None:
         """Fail every load that uses ``address`` and forget the peer (a later load handshakes again)."""
+        peer = self._peers.pop(address, None)
+        if peer is not None:
+            self._dead[address] = peer
         for load in list(self._loads.values()):
             if address in load.engines and load.state != "aborting":
                 self._abort(load, reason, dead=address)
-        if all(address not in l.engines for l in self._loads.values()):
-            self._forget_peer(address)
-        elif address in self._peers:            # aborting transfers still use its lists; forget it later
-            self._peers[address].state = "dead"
+        self._release_dead_peers()
+
+    def _release_dead_peers(self) -> None:
+        """Release failed peers once none of their transfers is left."""
+        busy = {p.address for l in self._loads.values() for p in l.parts if p.handle is not None}
+        for address in [a for a in self._dead if a not in busy]:
+            self._release_peer(self._dead.pop(address))
 
     def _check_against_peers(self, load: _Load) -> Optional[str]:
         """Why ``load`` cannot run against its (ready) engines, or None."""
@@ -633,6 +643,8 @@ class NixlConnector:
         load.costs = (t_index * 1e6, t_prep * 1e6, t_post * 1e6)
 
     def _advance_waiting(self, load: _Load, now: float) -> None:
+        for e in load.engines:
+            self._ensure_handshake(e)
         if now > load.deadline:
             waiting = [e for e in load.engines if self._peers.get(e) is None or self._peers[e].state != "ready"]
             self._abort(load, f"timed out after {load.timeout_s:g} s waiting for the handshake with {waiting}")
@@ -706,10 +718,8 @@ class NixlConnector:
         del self._loads[load.request_id]
         self._pending.failed[load.request_id] = load.reason
         self._count("loads_failed")
-        for address in load.engines:
-            peer = self._peers.get(address)
-            if peer is not None and peer.state == "dead" and all(address not in l.engines for l in self._loads.values()):
-                self._forget_peer(address)
+        if self._dead:
+            self._release_dead_peers()
 
     def _record_info(self, load: _Load, now: float) -> None:
         n_idx = n_desc = nbytes = 0

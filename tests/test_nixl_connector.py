@@ -207,6 +207,10 @@ def test_coalescing_reduces_descriptor_counts():
     cplan = _self_plan(layer_regions(cross))
     assert len(cplan.pairs) == 1 and cplan.descriptors(*contiguous)[0].size == 1
     assert cplan.indices(*contiguous)[0].size == 16
+    per_layer = kvl.allocate_kv_cache(kvl.plan_kv_cache(specs, 4 * 4096 * 64))     # mixed: pairs layer by layer
+    mixed = TransferPlan(pair_regions(layer_regions(cross), {r.layers[0]: r for r in layer_regions(per_layer)},
+                                      {n: 0 for n in specs}, {n: 0 for n in specs}))
+    assert len(mixed.pairs) == 4 and mixed.descriptors(*contiguous)[0].size == 4 * 16
 
     # the older layout (K and V separate regions per layer) needs twice the per-layer count
     kv_split = [Region(r.layers, r.kind, 0, r.base + half * 64 * 2048, 2048, 2048, 64)
