@@ -18,7 +18,8 @@ import torch
 
 import kvlayout as kvl
 from kvlayout.backends import get_attention_backend
-from kvlayout.backends.flashinfer_backend import (INSTALL_HINT, FlashInferBackend, canonical_strides,
+from kvlayout.backends.flashinfer_backend import (INSTALL_HINT, TENSOR_CORE_MIN_GROUP, FlashInferBackend,
+                                                   canonical_strides,
                                                    packed_kv_views, paged_inputs, window_left)
 from kvlayout.backends.torch_ref import TorchBackend, dense_attention
 from kvlayout.errors import BackendUnavailableError, KVLayoutError, UnsupportedFeatureError
@@ -130,6 +131,7 @@ class Case:
     per_head_scale: bool = True
     layers: int = 1                    # >1: the layer is one of a cross-layer allocation
     prefill_backend: str = "fa2"
+    tensor_cores: Optional[bool] = None  # decode path; None: the backend's rule
 
 
 def requests_for(n: int, prefills: bool = True) -> list:
@@ -294,7 +296,7 @@ def test_step_orchestration_against_reference(fake_fi, case):
     assert kinds == (["Prefill+sinks"] if case.sinks else ["Decode", "Prefill"])
     decode = [w for w, _ in fake_fi.plans if type(w).__name__ == "Decode"]
     if decode:
-        assert decode[0].kw["use_tensor_cores"] == (case.num_heads // case.num_kv_heads >= 5)
+        assert decode[0].kw["use_tensor_cores"] == (case.num_heads // case.num_kv_heads >= TENSOR_CORE_MIN_GROUP)
     # zero-length requests are left out of the prefill plan; one-token requests after a prefill stay in it
     w, kw = fake_fi.plans[-1]
     assert len(w.p["qo"]) - 1 == meta.num_reqs - meta.num_decodes - 1 or case.sinks
@@ -346,14 +348,22 @@ def test_cuda_graph_plan_uses_fixed_buffers(fake_fi):
 # ---- GPU (real FlashInfer) -------------------------------------------------------------------------
 
 GPU_CASES = [
-    Case("base", 32, 8, 128), Case("noncausal", 32, 8, 128, causal=False),
+    Case("base", 32, 8, 128), Case("base-cc", 32, 8, 128, tensor_cores=False),
+    Case("noncausal", 32, 8, 128, causal=False, tensor_cores=True),
     Case("gqa-kv1", 8, 1, 128), Case("cross-layer", 32, 8, 128, layers=3, block_size=64),
-    Case("window", 32, 8, 128, window=33), Case("softcap", 32, 8, 128, soft_cap=30.0),
+    Case("block1", 32, 8, 128, block_size=1, tensor_cores=False),
+    Case("window", 32, 8, 128, window=33, tensor_cores=False), Case("softcap", 32, 8, 128, soft_cap=30.0,
+                                                                     tensor_cores=False),
     Case("sinks", 32, 8, 128, sinks=True), Case("sinkswin", 16, 2, 128, sinks=True, window=20),
-    Case("fp8", 32, 8, 128, kv_dtype=FP8), Case("fp8-tc", 16, 2, 128, kv_dtype=FP8, per_head_scale=False),
+    Case("fp8", 32, 8, 128, kv_dtype=FP8, tensor_cores=False),
+    Case("fp8-tc", 16, 2, 128, kv_dtype=FP8, per_head_scale=False, tensor_cores=True),
+    Case("e5m2", 32, 8, 128, kv_dtype=torch.float8_e5m2),
     Case("fp16-d64", 16, 4, 64, dtype=torch.float16, block_size=32),
     Case("fa3-base", 32, 8, 128, prefill_backend="auto"), Case("fa3-kv1", 8, 1, 128, prefill_backend="auto"),
     Case("fa3-cross", 32, 8, 128, layers=2, prefill_backend="auto", causal=False),
+    Case("fa3-window", 32, 8, 128, window=100, prefill_backend="auto"),
+    Case("fa3-softcap", 32, 8, 128, soft_cap=20.0, prefill_backend="auto"),
+    Case("fa3-sinks", 32, 8, 128, sinks=True, window=50, prefill_backend="auto"),
 ]
 
 
@@ -361,11 +371,11 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 def test_gpu_against_reference(case):
     gen = torch.Generator().manual_seed(hash(case.name) % 1000)
-    b = FlashInferBackend(prefill_backend=case.prefill_backend)
+    b = FlashInferBackend(prefill_backend=case.prefill_backend, decode_tensor_cores=case.tensor_cores)
     check_against_reference(b, case, "cuda", gen)
 
 
-BIT_CASES = [Case("base", 32, 8, 128), Case("gqa-kv1", 8, 1, 128), Case("fa3-cross", 32, 8, 128, layers=3,
+BIT_CASES = [Case("base", 32, 8, 128, tensor_cores=False), Case("gqa-kv1", 8, 1, 128), Case("fa3-cross", 32, 8, 128, layers=3,
                                                                           prefill_backend="auto"),
              Case("winbit", 32, 8, 128, prefill_backend="fa2", window=33)]
 
@@ -374,7 +384,7 @@ BIT_CASES = [Case("base", 32, 8, 128), Case("gqa-kv1", 8, 1, 128), Case("fa3-cro
 @pytest.mark.parametrize("case", BIT_CASES, ids=lambda c: c.name)
 def test_gpu_packed_views_bit_equal_to_contiguous(case):
     gen = torch.Generator().manual_seed(5)
-    b = FlashInferBackend(prefill_backend=case.prefill_backend)
+    b = FlashInferBackend(prefill_backend=case.prefill_backend, decode_tensor_cores=case.tensor_cores)
     meta, kv, q, params, _ = build_step(case, "cuda", gen)
     out = b.forward(q, kv, meta, params)
     k, v = packed_kv_views(kv)
@@ -387,11 +397,12 @@ def test_gpu_packed_views_bit_equal_to_contiguous(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [Case("graph-cc", 32, 8, 128), Case("graph-tc", 8, 1, 128),
+@pytest.mark.parametrize("case", [Case("graph-cc", 32, 8, 128, tensor_cores=False),
+                                  Case("graph-tc", 32, 8, 128, tensor_cores=True), Case("graph-kv1", 8, 1, 128),
                                   Case("graph-sinks", 32, 8, 128, sinks=True)], ids=lambda c: c.name)
 def test_gpu_cuda_graph_decode_replay(case):
     gen = torch.Generator().manual_seed(6)
-    b = FlashInferBackend(prefill_backend="fa2")
+    b = FlashInferBackend(prefill_backend="fa2", decode_tensor_cores=case.tensor_cores)
     nb, batch, width = 400, 8, 24
 
     lengths = [[5, 16, 17, 100, 1, 0, 63, 300], [300, 2, 15, 31, 32, 200, 7, 99], [0, 0, 1, 1, 64, 65, 128, 250]]

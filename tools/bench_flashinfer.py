@@ -57,7 +57,7 @@ def ceilings(iters: int) -> dict:
     return {"copy_TBps": copy_bw / 1e12, "matmul_TFLOPs": 2 * 8192 ** 3 / t / 1e12}
 
 
-def make_step(pairs, gen):
+def make_step(pairs, gen, hq=HQ):
     """Metadata, a random packed cache and q for (computed, new) pairs, blocks in random order."""
     need = [-(-(c + t) // BS) for c, t in pairs]
     nb = sum(need)
@@ -68,7 +68,7 @@ def make_step(pairs, gen):
         at += k
     meta = kvl.build_attention_metadata(reqs, BS, "cuda", num_blocks=nb)
     kv = torch.empty(nb, HKV, BS, 2 * D, dtype=DT, device="cuda").normal_(0, 0.5)
-    q = torch.empty(meta.num_actual_tokens, HQ, D, dtype=DT, device="cuda").normal_()
+    q = torch.empty(meta.num_actual_tokens, hq, D, dtype=DT, device="cuda").normal_()
     return meta, kv, q
 
 
@@ -112,6 +112,26 @@ def bench_attention(name, pairs, metric, iters, gen, triton, extra_backends=()):
     del kv, native, packed
     torch.cuda.empty_cache()
     return res
+
+
+def bench_decode_groups(iters, gen) -> list:
+    """Decode TB/s on CUDA cores vs tensor cores for GQA groups 1..8 (8 KV heads): picks the rule."""
+    rows = []
+    for name, pairs in (("64x4096", [(4095, 1)] * 64), ("256x512", [(511, 1)] * 256)):
+        meta, kv, _ = make_step(pairs, gen)
+        for g in (1, 2, 4, 8):
+            params = kvl.AttentionParams(HKV * g, HKV, D)
+            q = torch.empty(meta.num_actual_tokens, HKV * g, D, dtype=DT, device="cuda").normal_()
+            out = torch.empty_like(q)
+            row = {"shape": name, "group": g}
+            for label, tc in (("cuda_core", False), ("tensor_core", True)):
+                be = FlashInferBackend(decode_tensor_cores=tc)
+                t = cuda_time(lambda: be.forward(q, kv, meta, params, out=out, validate=False), iters)
+                row[label + "_TBps"] = kv_bytes(pairs) / t / 1e12
+            rows.append(row)
+        del kv
+        torch.cuda.empty_cache()
+    return rows
 
 
 def bench_plan_cost(batch, seq, reps=50) -> dict:
@@ -177,11 +197,12 @@ def main(argv=None) -> int:
     triton = None
     if available_backends("cuda").get("triton") is None:
         triton = get_attention_backend("triton", "cuda")
-    tc = FlashInferBackend(decode_tensor_cores=True)
+    cc = [("fi_cuda_core", FlashInferBackend(decode_tensor_cores=False)),
+          ("fi_tensor_core", FlashInferBackend(decode_tensor_cores=True))]
     shapes = [
-        ("decode 64x4096", [(4095, 1)] * 64, "TB/s", [("fi_tensor_core", tc)]),
-        ("decode 1x128k", [(131071, 1)], "TB/s", []),
-        ("decode 256x512", [(511, 1)] * 256, "TB/s", []),
+        ("decode 64x4096", [(4095, 1)] * 64, "TB/s", cc),
+        ("decode 1x128k", [(131071, 1)], "TB/s", cc),
+        ("decode 256x512", [(511, 1)] * 256, "TB/s", cc),
         ("prefill 4x4096", [(0, 4096)] * 4, "TFLOP/s", []),
         ("mixed 2048+60x2048", [(2047, 1)] * 60 + [(2048, 2048)], "ms", []),
         ("  prefill part", [(2048, 2048)], "TFLOP/s", []),
@@ -195,6 +216,10 @@ def main(argv=None) -> int:
             rows.append({"shape": name, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
     results["attention"] = rows
+    try:
+        results["decode_groups"] = bench_decode_groups(args.iters, gen)
+    except Exception as e:
+        results["decode_groups"] = [{"error": f"{type(e).__name__}: {e}"[:300]}]
     try:
         results["plan"] = bench_plan_cost(256, 512)
     except Exception as e:
@@ -242,6 +267,13 @@ def print_table(res) -> None:
         m = mixed["mixed 2048+60x2048"]["fi_packed_s"]
         s = mixed["prefill part"]["fi_packed_s"] + mixed["decode part"]["fi_packed_s"]
         print(f"mixed step {m * 1e3:.3f} ms vs prefill-only + decode-only {s * 1e3:.3f} ms ({m / s:.2f}x)")
+    groups = res.get("decode_groups", [])
+    if groups and "error" in groups[0]:
+        print(f"decode by GQA group: ERROR {groups[0]['error']}")
+    elif groups:
+        print("decode TB/s by GQA group (8 KV heads): " + "; ".join(
+            f"{r['shape']} g{r['group']} cc {r['cuda_core_TBps']:.2f} tc {r['tensor_core_TBps']:.2f}"
+            for r in groups))
     p = res["plan"]
     if "error" in p:
         print(f"plan(): ERROR {p['error']}")
