@@ -112,6 +112,8 @@ def _unified_attention_kernel(
     qb = pid - ((q_start - tok_lo) // BLOCK_Q + req)
     if qb * BLOCK_Q >= q_len:
         return
+    if CAUSAL:                     # heaviest tiles (last queries) of each request first: shorter tail
+        qb = tl.cdiv(q_len, BLOCK_Q) - 1 - qb
     seq_len = tl.load(seq_lens_ptr + req)
     ctx = seq_len - q_len
 

@@ -1,7 +1,6 @@
 """The triton backend against the reference, on the CPU through Triton's interpreter (fp16/fp32: the
 interpreter's bf16 dot is not trustworthy). Small shapes: every kernel program is interpreted in Python."""
 
-import math
 
 import pytest
 import torch
