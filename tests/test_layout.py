@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kvlayout as kvl
+from kvlayout import hf_config as hf
 from kvlayout.errors import BackendUnavailableError, KVLayoutError, LayoutConflictError
 from kvlayout.layout import check_no_overlap, group_by_page_size
 
@@ -325,7 +326,6 @@ def test_plan_json_and_describe_report_the_numbers():
 
 
 def test_shipped_hybrid_config_plans_one_page_size():
-    hf = pytest.importorskip("kvlayout.hf_config")
     cfg = hf.load_hf_config("nemotron-h-8b")
     specs = hf.specs_from_hf_config(cfg, block_size=16)
     pattern = cfg["hybrid_override_pattern"]
