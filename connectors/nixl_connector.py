@@ -37,7 +37,12 @@ Usage::
     for rid, reason in events.failed.items(): scheduler.recompute(rid, reason)  # free my blocks, recompute
 
 Block ids are one sequence for every layer, or ``{"attention": ids, "mamba": ids}`` when layer kinds use
-different blocks (hybrid models: many attention blocks, one Mamba state block).
+different blocks (hybrid models: many attention blocks, one Mamba state block); kinds left out of the
+mapping are not transferred.
+
+Engines find each other through this side channel rather than NIXL's own metadata listener: one exchange
+carries the compatibility record (checked before NIXL sees the peer's metadata), the metadata and the region
+addresses the descriptor lists need, under one size bound and one timeout.
 """
 
 from __future__ import annotations
@@ -239,6 +244,7 @@ class NixlConnector:
 
         self._peers: dict[str, _Peer] = {}
         self._dead: dict[str, _Peer] = {}       # failed peers whose transfers NIXL has not cancelled yet
+        self._engine_sets: dict[tuple, Optional[str]] = {}    # engines of a load -> why they cannot serve it
         self._local_lists: dict[bytes, Any] = {}
         self._loads: dict[str, _Load] = {}
         self._holds: dict[str, _Hold] = {}
@@ -324,7 +330,8 @@ class NixlConnector:
             if local[k].size != remote[k].size:
                 raise KVLayoutError(f"{local[k].size} local but {remote[k].size} remote block ids"
                                     + ("" if k == ALL_KINDS else f" for {k} layers"))
-            if np.unique(local[k]).size != local[k].size:
+            srt = np.sort(local[k])
+            if srt.size > 1 and (srt[1:] == srt[:-1]).any():
                 raise KVLayoutError("local block ids repeat a block; each block can receive one remote block")
         if sum(v.size for v in local.values()) == 0:
             raise KVLayoutError("no block ids given: nothing to load")
@@ -552,6 +559,7 @@ class NixlConnector:
                                                   welcome.mem_type)
             peer.prepared[primary] = _Prepared(plan, self._local_lists[key], rhandle)
         peer.state = "ready"
+        self._engine_sets.clear()
         self._count("handshakes_ok")
 
     def _release_peer(self, peer: _Peer) -> None:
@@ -569,6 +577,7 @@ class NixlConnector:
         peer = self._peers.pop(address, None)
         if peer is not None:
             self._dead[address] = peer
+            self._engine_sets.clear()
         for load in list(self._loads.values()):
             if address in load.engines and load.state != "aborting":
                 self._abort(load, reason, dead=address)
@@ -583,34 +592,43 @@ class NixlConnector:
     def _check_against_peers(self, load: _Load) -> Optional[str]:
         """Why ``load`` cannot run against its (ready) engines, or None."""
         peers = [self._peers[e] for e in load.engines]
-        recs = [p.welcome.record for p in peers]
-        if len({r.tp_size for r in recs}) > 1 or len({r.tp_rank for r in recs}) != len(recs):
-            return f"engines {list(load.engines)} must be distinct ranks of one tensor-parallel group"
-        for i, p in enumerate(peers):
-            prep = p.prepared.get(i == 0)
-            if prep is None:
-                return f"engine {p.address} holds none of this rank's blocks; leave it out"
+        problem = self._engine_set_problem(load.engines, peers)
+        if problem:
+            return problem
+        for p in peers:
             try:
                 self._check_ids(load.remote_ids, p.kind_blocks, "start_load", f"engine {p.address}")
             except KVLayoutError as exc:
                 return str(exc)
-        for lay in self.record.layers:
-            if lay.kind != "attention":
-                continue
-            got = 0
-            for r in recs:
-                rl = r.layer(lay.name)
-                got += max(0, min(lay.head_start + lay.num_heads, rl.head_start + rl.num_heads)
-                           - max(lay.head_start, rl.head_start))
-            if got != lay.num_heads:
-                return (f"engines {list(load.engines)} hold {got} of the {lay.num_heads} heads "
-                        f"[{lay.head_start}, {lay.head_start + lay.num_heads}) of layer {lay.name!r} on this rank; "
-                        f"list every prefill rank that holds them")
         kinds = set(load.local_ids) - {ALL_KINDS}
         have = set().union(*(p.prepared[i == 0].plan.kinds for i, p in enumerate(peers)))
         if kinds - have:
             return f"no engine serves the {sorted(kinds - have)} layers"
         return None
+
+    def _engine_set_problem(self, engines: tuple, peers: list) -> Optional[str]:
+        """Whether these engines together hold exactly this rank's heads (cached until peers change)."""
+        if engines in self._engine_sets:
+            return self._engine_sets[engines]
+        recs = [p.welcome.record for p in peers]
+        problem = None
+        if len({r.tp_size for r in recs}) > 1 or len({r.tp_rank for r in recs}) != len(recs):
+            problem = f"engines {list(engines)} must be distinct ranks of one tensor-parallel group"
+        for i, p in enumerate(peers):
+            if problem is None and p.prepared.get(i == 0) is None:
+                problem = f"engine {p.address} holds none of this rank's blocks; leave it out"
+        remote_heads = [{l.name: l for l in r.layers} for r in recs]
+        for lay in self.record.layers:
+            if problem is not None or lay.kind != "attention":
+                continue
+            got = sum(max(0, min(lay.head_start + lay.num_heads, rl.head_start + rl.num_heads)
+                          - max(lay.head_start, rl.head_start)) for rl in (h[lay.name] for h in remote_heads))
+            if got != lay.num_heads:
+                problem = (f"engines {list(engines)} hold {got} of the {lay.num_heads} heads "
+                           f"[{lay.head_start}, {lay.head_start + lay.num_heads}) of layer {lay.name!r} on this "
+                           f"rank; list every prefill rank that holds them")
+        self._engine_sets[engines] = problem
+        return problem
 
     def _launch(self, load: _Load) -> None:
         """Make and post one READ per engine (indices into the prepared lists; one note each)."""

@@ -233,12 +233,9 @@ class TransferPlan:
                 np.array([self.pairs[k][1].base for k in sel], dtype=np.int64),
                 np.array([self.pairs[k][1].block_stride for k in sel], dtype=np.int64),
                 np.array([self.pairs[k][0].block_len for k in sel], dtype=np.int64))
+        self.kinds = frozenset(lp.kind for lp, _ in self.pairs)
         self.num_local_descs = int(counts_l.sum())
         self.num_remote_descs = int(counts_r.sum())
-
-    @property
-    def kinds(self) -> set[str]:
-        return {lp.kind for lp, _ in self.pairs}
 
     @property
     def block_bytes(self) -> int:
