@@ -491,6 +491,19 @@ def test_silent_peer_times_out_with_a_reason(decode):
 
 
 @needs_nixl
+def test_stalled_transfer_times_out_and_the_owner_is_told(prefill, decode, monkeypatch):
+    prefill.call(cmd="hold", holds=[["stall", [12, 13]]])
+    monkeypatch.setattr(decode._agent, "check_xfer_state", lambda handle: "PROC")   # NIXL never finishes it
+    decode.start_load("stall", prefill.address, [12, 13], [60, 61], timeout_s=0.3)
+    finished, failed = run_until(decode, ["stall"], timeout=10)
+    assert "timed out after 0.3 s" in failed["stall"] and "still in progress" in failed["stall"]
+    assert decode.stats["loads_in_flight"] == 0
+    monkeypatch.undo()
+    out = prefill.call(cmd="wait", what="holds", request_ids=["stall"], timeout_s=10)
+    assert out["released"]["stall"] == ["1 of 1 reader(s) gave up", False]
+
+
+@needs_nixl
 def test_hold_is_released_on_timeout_when_no_reader_reports():
     from kvlayout.connectors import NixlConnector
     plan, caches = build_cache(4, 16, 0)
