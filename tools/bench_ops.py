@@ -37,7 +37,7 @@ import kvlayout as kvl  # noqa: E402
 from kvlayout import ops  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend  # noqa: E402
 from kvlayout.backends.triton_attention import UnifiedConfig, unified_config  # noqa: E402
-from kvlayout.backends.triton_prefill import paged_prefill_append_launch  # noqa: E402
+from kvlayout.backends.triton_prefill import append_config, paged_prefill_append_launch  # noqa: E402
 
 
 def timed(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
@@ -141,8 +141,9 @@ def bench_prefill(device, gen, quick: bool, ceil: dict, sweep: bool) -> list[dic
     if sweep and device.type == "cuda":
         h, h_kv, d = args["q"].shape[1], args["kv_cache"].shape[1], args["q"].shape[2]
         g = triton.next_power_of_2(h // h_kv)
-        chosen = unified_config(args["q"].shape[0], h // h_kv, d, args["q"].element_size(), False)
-        cfgs = {chosen, UnifiedConfig(64 // g, 64, 4, 3), UnifiedConfig(64 // g, 64, 4, 4),
+        chosen = append_config(args["q"].shape[0], h // h_kv, d, args["q"].element_size(), False)
+        cfgs = {chosen, unified_config(args["q"].shape[0], h // h_kv, d, args["q"].element_size(), False),
+                UnifiedConfig(64 // g, 64, 4, 3), UnifiedConfig(64 // g, 64, 4, 4),
                 UnifiedConfig(128 // g, 64, 4, 3), UnifiedConfig(128 // g, 128, 8, 2), UnifiedConfig(64 // g, 32, 4, 4)}
         page = args["kv_cache"].shape[2]
         for cfg in sorted(cfgs, key=lambda c: (c.block_q, c.block_n, c.num_warps, c.num_stages)):
