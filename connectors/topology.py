@@ -234,13 +234,6 @@ class TransferPlan:
                 np.array([self.pairs[k][1].block_stride for k in sel], dtype=np.int64),
                 np.array([self.pairs[k][0].block_len for k in sel], dtype=np.int64))
         self.kinds = frozenset(lp.kind for lp, _ in self.pairs)
-        self.num_local_descs = int(counts_l.sum())
-        self.num_remote_descs = int(counts_r.sum())
-
-    @property
-    def block_bytes(self) -> int:
-        """Bytes moved per block id (summed over pairs)."""
-        return sum(lp.block_len for lp, _ in self.pairs)
 
     def _rows(self, kind: str):
         return self._by_kind.get(kind)
