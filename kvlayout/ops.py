@@ -367,7 +367,8 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, lse_base: str = "e", out: 
         if v.shape[1] < 1:
             raise KVLayoutError("merge_states needs at least one state (v is [T, K, H, D] with K >= 1)")
         t, _, h, d = v.shape
-        _check_out(out, (t, h, d), out.dtype if isinstance(out, torch.Tensor) else v.dtype, v.device, "out")
+        out_dtype = out.dtype if isinstance(out, torch.Tensor) and out.dtype.is_floating_point else v.dtype
+        _check_out(out, (t, h, d), out_dtype, v.device, "out")
         _check_out(lse_out, (t, h), torch.float32, v.device, "lse_out")
     t, k, h, d = v.shape
     if out is None:
