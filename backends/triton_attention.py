@@ -192,7 +192,7 @@ def unified_config(max_query_len: int, group: int, head_size: int, elem_bytes: i
     if interpret:                       # small tiles: more tiles and masks exercised, faster on the CPU
         return UnifiedConfig(max(1, 16 // group_pad), 16, 4, 1)
     min_q = max(1, 16 // group_pad)
-    block_q = max(1, 128 // group_pad)
+    block_q = max(1, (128 if elem_bytes < 4 else 32) // group_pad)    # float32 runs on FMAs: small tiles
     block_q = max(min_q, min(block_q, triton.next_power_of_2(max(max_query_len, 1))))
     rows = block_q * group_pad
     head_pad = triton.next_power_of_2(head_size)
