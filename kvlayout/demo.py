@@ -211,7 +211,7 @@ def run(args) -> int:
         raise KVLayoutError("need --requests >= 1, 1 <= --min-prompt <= --max-prompt and --new-tokens >= 2 "
                             "(the first token comes from the prefill engine, the rest from the decode engine)")
     if args.backend is None:
-        args.backend = "torch" if args.device == "cpu" else "auto"
+        args.backend = "torch" if args.device == "cpu" else "auto"   # auto: the first that serves the model
     from .model_config import ModelConfig
     vocab = ModelConfig.from_hf(args.model).vocab_size
     prompts = make_prompts(args.requests, args.min_prompt, args.max_prompt, vocab, args.seed)
@@ -219,6 +219,8 @@ def run(args) -> int:
                   f"{args.max_prompt} tokens, {args.new_tokens} new), backend {args.backend}, device "
                   f"{args.device}, {args.dtype}, token budget {args.token_budget}/step")
     ref, single_s, eng = run_single(args, prompts, console)
+    args.backend = eng.backend.name                  # both engines run what "auto" chose here
+    console.print(f"attention backend: {args.backend}")
     console.print(eng.plan.describe())
     summary = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "reference_tokens": ref,
                "single_s": single_s}
