@@ -57,9 +57,11 @@ class AttentionLayer:
                 setattr(self, attr, val.to(dev))
 
     def attend(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], meta: AttentionMetadata,
-               backend, *, return_lse: bool = False, out: Optional[torch.Tensor] = None):
+               backend, *, return_lse: bool = False, out: Optional[torch.Tensor] = None, validate: bool = True):
         """Append ``k``, ``v`` (``[T, H_kv, D]``; None to skip, e.g. cross-attention after its first step)
-        through ``meta.slot_mapping``, then return attention of ``q [T, H, D]`` over the cache."""
+        through ``meta.slot_mapping``, then return attention of ``q [T, H, D]`` over the cache.
+        ``validate=False`` skips the per-call input checks (and their host syncs) for a hot loop whose
+        inputs the caller already trusts."""
         if self.kv_cache is None:
             raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
         if backend.name not in self._checked_backends:
@@ -68,10 +70,12 @@ class AttentionLayer:
         if (k is None) != (v is None):
             raise KVLayoutError("pass both k and v, or neither")
         if k is not None:
-            backend.check_forward(q, self.kv_cache, meta, self.attn_params, self.sinks, self.k_scale, self.v_scale, out)
-            backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale)
+            if validate:
+                backend.check_forward(q, self.kv_cache, meta, self.attn_params, self.sinks, self.k_scale,
+                                      self.v_scale, out)
+            backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale, validate=validate)
         return backend.forward(q, self.kv_cache, meta, self.attn_params, sinks=self.sinks, k_scale=self.k_scale,
-                               v_scale=self.v_scale, out=out, return_lse=return_lse)
+                               v_scale=self.v_scale, out=out, return_lse=return_lse, validate=validate)
 
 
 class MLALayer:

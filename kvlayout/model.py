@@ -56,12 +56,12 @@ class Attention(AttentionLayer, nn.Module):
         self.shape_q, self.shape_kv = (h, d), (hk, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                backend) -> torch.Tensor:
+                backend, validate: bool = True) -> torch.Tensor:
         t = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(t, *self.shape_q), cos, sin)
         k = apply_rotary(self.k_proj(x).view(t, *self.shape_kv), cos, sin)
         v = self.v_proj(x).view(t, *self.shape_kv)
-        out = self.attend(q, k, v, meta, backend)
+        out = self.attend(q, k, v, meta, backend, validate=validate)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -84,8 +84,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, backend)
+    def forward(self, x, cos, sin, meta, backend, validate=True):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, backend, validate)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -174,9 +174,10 @@ class LlamaModel(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, backend,
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, validate: bool = True) -> torch.Tensor:
         """Run the step's tokens (``input_ids``, ``positions`` ``[T]``). Returns logits ``[num_reqs, V]``
-        of each request's last scheduled token, or ``[T, V]`` for every token with ``all_logits``."""
+        of each request's last scheduled token, or ``[T, V]`` for every token with ``all_logits``.
+        ``validate=False`` skips the attention layers' per-call checks (no host syncs)."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise KVLayoutError(f"input_ids and positions must be 1-D of one length, got "
                                 f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
@@ -189,7 +190,7 @@ class LlamaModel(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, meta, backend)
+            x = layer(x, cos, sin, meta, backend, validate)
         if not all_logits:
             x = x[meta.query_start_loc[1:].long() - 1]
         return self.lm_head(self.model.norm(x))

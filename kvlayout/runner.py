@@ -130,6 +130,8 @@ class Engine:
 
     The cache holds ``num_blocks`` blocks or what fits in ``memory_bytes``. ``block_order(num_blocks)``
     may give the allocator's initial free list (a permutation), e.g. to scramble block ids in tests.
+    ``validate=False`` skips the attention layers' per-call input checks and their host syncs (the step's
+    metadata is still built and checked once per step); then one sync per step remains, for sampling.
     """
 
     def __init__(self, config: Union[ModelConfig, dict, str, Path], *, weights: Union[str, Path, None] = None,
@@ -137,7 +139,7 @@ class Engine:
                  dtype: Optional[torch.dtype] = None, block_size: int = 16, num_blocks: Optional[int] = None,
                  memory_bytes: Optional[int] = None, max_num_batched_tokens: int = 256, max_num_seqs: int = 64,
                  cross_layer: Optional[bool] = None, connector=None, eos_token_id: Optional[int] = None,
-                 block_order: Optional[Callable[[int], Sequence[int]]] = None):
+                 block_order: Optional[Callable[[int], Sequence[int]]] = None, validate: bool = True):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise KVLayoutError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if (num_blocks is None) == (memory_bytes is None):
@@ -159,6 +161,7 @@ class Engine:
         self.allocator = BlockAllocator(self.num_blocks, None if block_order is None else block_order(self.num_blocks))
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.eos_token_id = eos_token_id
+        self.validate = validate
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.held: dict[str, Request] = {}             # finished with keep_blocks, or loading remote KV
@@ -301,7 +304,7 @@ class Engine:
         meta = build_attention_metadata(sched, self.plan, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.from_numpy(np.concatenate(pos)).to(self.device, non_blocking=True)
-        logits = self.model(input_ids, positions, meta, self.backend)
+        logits = self.model(input_ids, positions, meta, self.backend, validate=self.validate)
         sampled = logits.argmax(dim=-1).tolist()
         new_tokens, finished = {}, []
         for (req, n), tok in zip(scheduled, sampled):
