@@ -7,6 +7,14 @@ tokens. 32 query / 8 KV heads, head size 128, bf16, block 16, blocks in random o
 are counted from the inputs. Also: the host cost of plan() per step for a batch of 256 decodes.
 
     python tools/bench_flashinfer.py [--out results.json] [--iters 20]
+
+On the GPU machine (no network) FlashInfer comes as wheels in .whl-fi (flashinfer_python 0.7.2.post1 and
+apache_tvm_ffi 0.1.15.post2): install them with ``pip install --no-index --no-deps --target /tmp/site
+.whl-fi/*.whl`` and kvlayout with ``pip install --no-deps --no-build-isolation --no-index --target /tmp/kvl .``,
+then ``PYTHONPATH=/tmp/kvl:/tmp/site FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0a``.
+FlashInfer compiles each kernel variant on first use (about 10 s to 70 s each, more when several build
+at once), so run the GPU tests first (``pytest -m gpu tests/test_flashinfer_backend.py``, split with -k
+into parallel shards to compile in parallel) and this benchmark after them.
 """
 
 from __future__ import annotations
