@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
@@ -62,19 +62,28 @@ def available_backends(device: Union[str, torch.device, None] = None) -> dict[st
     return {name: unavailable_reason(name, dev) for name in _REGISTRY}
 
 
-def get_attention_backend(name: Optional[str] = None, device: Union[str, torch.device, None] = None
-                          ) -> AttentionBackend:
-    """The backend called ``name`` (``auto``: the best one usable on ``device``). Raises
-    ``BackendUnavailableError`` listing what is available when the name is unknown or cannot run here."""
+def get_attention_backend(name: Optional[str] = None, device: Union[str, torch.device, None] = None,
+                          specs: Optional[Mapping[str, object]] = None) -> AttentionBackend:
+    """The backend called ``name`` (``auto``: the best one usable on ``device`` that supports every spec in
+    ``specs``, when given). Raises ``BackendUnavailableError`` listing what is available when the name is
+    unknown or cannot run here, or, for ``auto``, why each candidate cannot serve the specs."""
     name = (name or os.environ.get(ENV_VAR) or "auto").strip().lower()
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if name == "auto":
-        order = AUTO_ORDER_CUDA if dev.type == "cuda" else ("torch",)
-        for cand in order:
-            if cand in _REGISTRY and unavailable_reason(cand, dev) is None:
+        reasons = {}
+        for cand in (AUTO_ORDER_CUDA if dev.type == "cuda" else ("torch",)):
+            why = unavailable_reason(cand, dev) if cand in _REGISTRY else "not registered"
+            if why is None and specs:
+                caps = _load(cand).capabilities
+                why = "; ".join(sorted({p for spec in specs.values() for p in caps.problems(spec)})) or None
+            if why is None:
                 name = cand
                 break
+            reasons[cand] = why
+        else:
+            raise BackendUnavailableError("no attention backend can serve this here: "
+                                          + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
     if name not in _REGISTRY:
         raise BackendUnavailableError(f"unknown attention backend {name!r}; registered: "
                                       f"{', '.join(_REGISTRY)} (or 'auto')")

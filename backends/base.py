@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from kvlayout.cache_ops import check_kv_cache, check_write_kv, write_kv
+from kvlayout.cache_ops import check_kv_cache, write_kv
 from kvlayout.capabilities import BackendCapabilities
 from kvlayout.errors import KVLayoutError, UnsupportedFeatureError
 from kvlayout.metadata import AttentionMetadata

@@ -3,15 +3,12 @@ backend and the CPU default; not fast."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from kvlayout.cache_ops import gather_kv
 from kvlayout.capabilities import BackendCapabilities
-from kvlayout.metadata import AttentionMetadata
-from kvlayout.params import AttentionParams
 from kvlayout.specs import ATTENTION_DTYPES
 
 from .base import AttentionBackend, AttentionOutput

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
 from .capabilities import BackendCapabilities, ConnectorWishes
 from .errors import KVLayoutError, LayoutConflictError
 from .layout import KVCacheLayout, resolve_kv_cache_layout, spec_kind
-from .specs import AttentionSpec, KVCacheSpec, MambaSpec, MLASpec, dtype_name
+from .specs import KVCacheSpec, MambaSpec, dtype_name
 
 MAX_BLOCK_SIZE = 1 << 16
 

@@ -9,7 +9,6 @@ blocks are freed and it is recomputed later from its prompt and the tokens it al
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,35 +19,13 @@ import numpy as np
 import torch
 
 from .allocation import allocate_kv_cache
-from .errors import BackendUnavailableError, KVLayoutError
+from .backends import get_attention_backend
+from .errors import KVLayoutError
 from .layers import bind_kv_cache
 from .metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
 from .model import LlamaModel, build_model
 from .model_config import ModelConfig
 from .planner import plan_kv_cache
-
-
-def choose_backend(name: Optional[str], device: torch.device, specs: dict):
-    """The backend called ``name``; for ``auto`` (or None and no ``KVLAYOUT_ATTENTION_BACKEND``), the first
-    backend usable on ``device`` that supports every spec (dtype, head size, block size, features)."""
-    from .backends import AUTO_ORDER_CUDA, ENV_VAR, get_attention_backend
-
-    name = (name or os.environ.get(ENV_VAR) or "auto").strip().lower()
-    if name != "auto":
-        return get_attention_backend(name, device)
-    reasons = {}
-    for cand in AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",):
-        try:
-            backend = get_attention_backend(cand, device)
-        except KVLayoutError as e:
-            reasons[cand] = str(e)
-            continue
-        problems = sorted({p for spec in specs.values() for p in backend.capabilities.problems(spec)})
-        if not problems:
-            return backend
-        reasons[cand] = "; ".join(problems)
-    raise BackendUnavailableError("no attention backend can serve this model here: "
-                                  + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
 
 
 class BlockAllocator:
@@ -149,7 +126,7 @@ class Engine:
         self.model: LlamaModel = build_model(config, weights=weights, seed=seed, dtype=self.dtype,
                                              block_size=block_size, device=self.device)
         specs = self.model.kv_specs
-        self.backend = choose_backend(backend, self.device, specs)
+        self.backend = get_attention_backend(backend, self.device, specs)
         if num_blocks is not None:
             memory_bytes = num_blocks * sum(s.page_size_bytes for s in specs.values())
         self.plan = plan_kv_cache(specs, memory_bytes, backend=self.backend, connector=connector,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvlayout.cli import main, parse_size
-from kvlayout.hf_config import load_hf_config, shipped_models, specs_from_hf_config
+from kvlayout.hf_config import load_hf_config, specs_from_hf_config
 from kvlayout.specs import AttentionSpec, MambaSpec, MLASpec
 
 ROOT = Path(__file__).resolve().parent.parent
