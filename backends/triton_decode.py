@@ -119,11 +119,15 @@ def device_sms(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                      min_tokens_per_split: int = 512, max_splits: int = 64) -> int:
-    """How many key ranges to cut each decode into: enough programs for about two per multiprocessor,
-    but no range shorter than ``min_tokens_per_split`` (a split's fixed cost and the combine pass)."""
+                      min_tokens_per_split: int = 512, max_splits: int = 128) -> int:
+    """How many key ranges to cut each decode into. With two programs per multiprocessor or more the
+    sequences are not split (64 x 4096 on an H200: 4.16 TB/s unsplit, 4.04 in two); otherwise aim at
+    about four programs per multiprocessor (1 x 128k: 3.46 TB/s with 33 splits, 3.71 with 66), with no
+    range shorter than ``min_tokens_per_split``."""
     programs = max(1, num_seqs * num_kv_heads)
-    want = -(-2 * num_sms // programs)
+    if programs >= 2 * num_sms:
+        return 1
+    want = -(-4 * num_sms // programs)
     by_len = max(1, max_seq_len // min_tokens_per_split)
     return max(1, min(want, by_len, max_splits))
 

@@ -13,7 +13,8 @@ first call) and shared, as every layer of a step would.
                                     [--json PATH]
 
 ``--quick``: tiny shapes that run anywhere, the CPU interpreter included (timings then mean nothing).
-``--sweep``: also time the Triton kernels over split counts and tile configs, to tune the launch choices.
+``--sweep [KINDS]``: also time the Triton kernels over split counts and tile configs (decode, prefill, and
+the prefill part of mixed), to tune the launch choices.
 """
 
 from __future__ import annotations
@@ -234,8 +235,8 @@ def run_sweep(wname, kind, pairs, s, device, gen, res: Results, quick: bool) -> 
     if kind == "decode":
         chosen = (choose_num_splits(meta.num_reqs, s.kv_heads, meta.max_seq_len, device_sms(device)),
                   decode_config(s.head_size, el, device.type != "cuda"))
-        splits = sorted({1, 2, 4, chosen[0], 2 * chosen[0], max(1, chosen[0] // 2)} |
-                        ({16, 32, 64, 128} if meta.max_seq_len > 32768 else set()))
+        near = {chosen[0], 2 * chosen[0], max(1, chosen[0] // 2)}
+        splits = sorted(near | ({16, 32, 64, 128} if meta.max_seq_len > 32768 else {1, 2, 4}))
         cfgs = [DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 4), DecodeConfig(128, 4, 3), DecodeConfig(32, 4, 4),
                 DecodeConfig(128, 8, 2), DecodeConfig(64, 4, 2)]
         for ns in splits:
@@ -250,9 +251,10 @@ def run_sweep(wname, kind, pairs, s, device, gen, res: Results, quick: bool) -> 
     elif kind == "prefill":
         chosen = unified_config(meta.max_query_len, s.heads // s.kv_heads, s.head_size, el, device.type != "cuda")
         g = triton.next_power_of_2(s.heads // s.kv_heads)
-        cfgs = {chosen, UnifiedConfig(128 // g, 64, 8, 3), UnifiedConfig(128 // g, 128, 8, 3),
-                UnifiedConfig(128 // g, 64, 4, 3), UnifiedConfig(128 // g, 128, 8, 2), UnifiedConfig(64 // g, 64, 4, 3),
-                UnifiedConfig(128 // g, 32, 4, 4), UnifiedConfig(256 // g, 64, 8, 3)}
+        cfgs = {chosen, UnifiedConfig(128 // g, 64, 4, 3), UnifiedConfig(256 // g, 64, 8, 3),
+                UnifiedConfig(256 // g, 64, 8, 4), UnifiedConfig(256 // g, 64, 8, 2), UnifiedConfig(256 // g, 64, 16, 3),
+                UnifiedConfig(256 // g, 128, 8, 2), UnifiedConfig(256 // g, 32, 8, 4),
+                UnifiedConfig(64 // g, 64, 4, 3)}
         for cfg in sorted(cfgs, key=astuple):
             fn = (lambda cfg=cfg: unified_attention(q, kv, out, meta.query_start_loc, meta.seq_lens, meta.block_table,
                                                     params, num_tokens=meta.num_actual_tokens,
@@ -271,7 +273,8 @@ def run_sweep(wname, kind, pairs, s, device, gen, res: Results, quick: bool) -> 
 def print_table(res: Results, peer: str) -> None:
     c = res.ceilings
     print(f"\n{res.device}  |  {', '.join(f'{k} {v}' for k, v in res.versions.items())}")
-    print(f"ceilings (this run): copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"ceilings (this run): copy {c['copy_TBps']:.2f} TB/s, {res.setup['dtype'].removeprefix('torch.')} "
+          f"matmul {c['matmul_n']}^3 {c['matmul_TFLOPs']:.0f} TFLOP/s")
     print(f"{'workload':<28}{'backend':<12}{'time us':>10}{'achieved':>18}{'% ceil':>8}{'x ' + peer:>14}"
           f"{'err vs triton':>15}  note")
     for r in res.rows:
@@ -298,7 +301,8 @@ def main(argv=None) -> int:
                                        "with --quick, torch too)")
     ap.add_argument("--only", help="run only workloads whose name contains this")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (runs anywhere, the CPU interpreter too)")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the Triton launch choices")
+    ap.add_argument("--sweep", nargs="?", const="decode,prefill,mixed", default="",
+                    help="also sweep the Triton launch choices for these workload kinds (default: all)")
     ap.add_argument("--peer", default="flashinfer", help="backend the ratio column compares with")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -329,8 +333,12 @@ def main(argv=None) -> int:
             run_write_kv(wname, spec, s, backends, device, gen, res, args.quick)
         else:
             run_attention(wname, kind, spec, s, backends, device, gen, res, args.quick)
-        if args.sweep and kind in ("decode", "prefill"):
-            run_sweep(wname, kind, spec, s, device, gen, res, args.quick)
+        if kind in args.sweep.split(",") and kind != "write_kv":
+            if kind == "mixed":                                          # its prefill part alone
+                pre = [p for p in spec if p[1] > 1]
+                run_sweep(f"{wname}:prefill-only", "prefill", pre, s, device, gen, res, args.quick)
+            else:
+                run_sweep(wname, kind, spec, s, device, gen, res, args.quick)
         if gpu:
             torch.cuda.empty_cache()
     for r in res.rows:
