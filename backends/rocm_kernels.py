@@ -31,7 +31,7 @@ from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
 from .triton_merge import merge_states_launch
-from .triton_softmax import LN2, LOG2E, dot, score_tile, softmax_finalize, softmax_init, softmax_update
+from .triton_softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
 
 VECTOR_BYTES = 16
 MAX_PARTITIONS = 64
@@ -157,12 +157,8 @@ def _paged_decode_kernel(
                             kv_ptr + kvh.to(tl.int64) * stride_kh, bt_ptr + seq.to(tl.int64) * stride_bt,
                             stride_kb, stride_kn, sm_scale, soft_cap, window, HEAD, HEAD_PAD, PAGE, BLOCK_N, VEC,
                             False, WINDOW, SOFT_CAP, IEEE)
-    sink = tl.zeros([M], tl.float32)
-    if HAS_SINK:
-        sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")) * LOG2E
-    out, lse = softmax_finalize(m, l, acc, sink, HAS_SINK)
-    if V_SCALE:
-        out = out * tl.load(v_scale_ptr + kvh * v_scale_stride)
+    out, lse = finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, HAS_SINK,
+                              V_SCALE)
     if PARTIAL:
         row = seq.to(tl.int64)
     else:
@@ -224,12 +220,8 @@ def _prefix_prefill_kernel(
     m, l, acc = _fold_range(m, l, acc, q, q_pos, lo, vis_lo, vis_hi, hi, kv_ptr + kvh.to(tl.int64) * stride_kh,
                             bt_ptr + req.to(tl.int64) * stride_bt, stride_kb, stride_kn, sm_scale, soft_cap,
                             window, HEAD, HEAD_PAD, PAGE, BLOCK_N, VEC, CAUSAL, WINDOW, SOFT_CAP, IEEE)
-    sink = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_SINK:
-        sink = sink + tl.load(sinks_ptr + h) * LOG2E
-    out, lse = softmax_finalize(m, l, acc, sink, HAS_SINK)
-    if V_SCALE:
-        out = out * tl.load(v_scale_ptr + kvh * v_scale_stride)
+    out, lse = finalize_heads(m, l, acc, sinks_ptr, h + tok * 0, row_ok, v_scale_ptr, kvh * v_scale_stride,
+                              HAS_SINK, V_SCALE)
     tl.store(out_ptr + t_glob[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:

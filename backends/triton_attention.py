@@ -24,7 +24,7 @@ import triton.language as tl
 from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
-from .triton_softmax import LN2, LOG2E, dot, score_tile, softmax_finalize, softmax_init, softmax_update
+from .triton_softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
 
 
 def interpreting() -> bool:
@@ -84,6 +84,21 @@ def attend_paged_range(m, l, acc, q, q_pos, lo, hi, k_end, kv_ptr, bt_row_ptr, h
 
 
 @triton.jit
+def find_request(starts_ptr, start_lo, num_reqs, pid, BLOCK_Q: tl.constexpr):
+    """The request a program works on, when request r owns the programs from
+    ``(starts[r] - start_lo) // BLOCK_Q + r`` on (its query tiles, rounded up): a binary search for the
+    last r whose first program is ``<= pid``."""
+    lo = pid * 0
+    hi = lo + num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        go = (tl.load(starts_ptr + mid) - start_lo) // BLOCK_Q + mid <= pid
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go, hi, mid)
+    return lo - 1
+
+
+@triton.jit
 def _unified_attention_kernel(
         q_ptr, kv_ptr, out_ptr, lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, sinks_ptr, k_scale_ptr, v_scale_ptr,
         num_reqs, tok_lo, sm_scale, soft_cap, window,
@@ -98,15 +113,7 @@ def _unified_attention_kernel(
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
 
-    # The request of this program: the last r with (qsl[r] - tok_lo) // BLOCK_Q + r <= pid.
-    lo = pid * 0
-    hi = lo + num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        go = (tl.load(qsl_ptr + mid) - tok_lo) // BLOCK_Q + mid <= pid
-        lo = tl.where(go, mid + 1, lo)
-        hi = tl.where(go, hi, mid)
-    req = lo - 1
+    req = find_request(qsl_ptr, tok_lo, num_reqs, pid, BLOCK_Q)
     q_start = tl.load(qsl_ptr + req)
     q_len = tl.load(qsl_ptr + req + 1) - q_start
     qb = pid - ((q_start - tok_lo) // BLOCK_Q + req)
@@ -161,12 +168,8 @@ def _unified_attention_kernel(
                                    stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
                                    BLOCK_N, CAUSAL, WINDOW, SOFT_CAP, True, D_MASK, IEEE)
 
-    sink = tl.zeros([M], tl.float32)
-    if HAS_SINK:
-        sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")) * LOG2E
-    out, lse = softmax_finalize(m, l, acc, sink, HAS_SINK)
-    if V_SCALE:
-        out = out * tl.load(v_scale_ptr + kvh * v_scale_stride)
+    out, lse = finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, HAS_SINK,
+                              V_SCALE)
     tl.store(out_ptr + t_glob[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:

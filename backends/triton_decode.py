@@ -23,7 +23,7 @@ from kvlayout.specs import is_fp8
 
 from .triton_attention import _scale_args, attend_paged_range, interpreting
 from .triton_merge import merge_states_launch
-from .triton_softmax import LN2, LOG2E, softmax_finalize, softmax_init
+from .triton_softmax import LN2, finalize_heads, softmax_init
 
 
 @triton.jit
@@ -71,12 +71,9 @@ def _split_kv_decode_kernel(
     m, l, acc = attend_paged_range(m, l, acc, q, q_pos_rows, full_end, s_hi, s_hi, kv_ptr, bt_row, head_off,
                                    stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
                                    BLOCK_N, False, False, SOFT_CAP, True, D_MASK, IEEE)
-    sink = tl.zeros([M], tl.float32)
-    if HAS_SINK:          # only when finalizing here; with splits the combine kernel adds the sink
-        sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")) * LOG2E
-    out, lse = softmax_finalize(m, l, acc, sink, HAS_SINK)
-    if V_SCALE:
-        out = out * tl.load(v_scale_ptr + kvh * v_scale_stride)
+    # HAS_SINK only when finalizing here; with splits the combine kernel adds the sink
+    out, lse = finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, HAS_SINK,
+                              V_SCALE)
     if PARTIAL:           # rows are (request, head, split) in the workspace; LSE stays in log2 units
         o_off = req.to(tl.int64) * stride_or + head * stride_oh + split * stride_os
         tl.store(out_ptr + o_off[:, None] + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])

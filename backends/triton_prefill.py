@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import UnifiedConfig, attend_paged_range, interpreting, unified_config
+from .triton_attention import UnifiedConfig, attend_paged_range, find_request, interpreting, unified_config
 from .triton_softmax import LN2, dot, score_tile, softmax_finalize, softmax_init, softmax_update
 
 
@@ -89,15 +89,7 @@ def _paged_prefill_append_kernel(
     D_MASK: tl.constexpr = HEAD_PAD != HEAD
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    # Request r owns programs cu[r] // BLOCK_Q + r ..; find the last r whose first program is <= pid.
-    lo = pid * 0
-    hi = lo + num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        go = tl.load(cu_ptr + mid) // BLOCK_Q + mid <= pid
-        lo = tl.where(go, mid + 1, lo)
-        hi = tl.where(go, hi, mid)
-    req = lo - 1
+    req = find_request(cu_ptr, 0, num_reqs, pid, BLOCK_Q)
     q_start = tl.load(cu_ptr + req)
     q_len = tl.load(cu_ptr + req + 1) - q_start
     qb = pid - (q_start // BLOCK_Q + req)

@@ -97,6 +97,21 @@ def softmax_finalize(m, l, acc, sink, HAS_SINK: tl.constexpr):
 
 
 @triton.jit
+def finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, v_scale_off,
+                   HAS_SINK: tl.constexpr, V_SCALE: tl.constexpr):
+    """``softmax_finalize`` for rows that belong to query heads ``head [M]``: loads the layer's learned sinks
+    (natural-log logits) for those heads and applies the fp8 V scale at ``v_scale_ptr + v_scale_off``.
+    Returns ``(out [M, D], lse [M])`` with ``lse`` in log2 units."""
+    sink = m * 0.0
+    if HAS_SINK:
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")) * LOG2E
+    out, lse = softmax_finalize(m, l, acc, sink, HAS_SINK)
+    if V_SCALE:
+        out = out * tl.load(v_scale_ptr + v_scale_off)
+    return out, lse
+
+
+@triton.jit
 def merge_partials(lse, o, sink, HAS_SINK: tl.constexpr):
     """Merge ``S`` normalized partial states of one row: ``lse [S]`` (log2 units, -inf for an empty part)
     and ``o [S, D]``. Returns ``(out [D], lse)`` in log2 units, a sink logit (log2 units) included."""
