@@ -13,6 +13,7 @@ import kvlayout as kvl
 from kvlayout.backends import flash_attn_backend as fab
 from kvlayout.backends.torch_ref import TorchBackend
 from kvlayout.errors import BackendUnavailableError, UnsupportedFeatureError
+from paged_case import paged_case
 
 REF = TorchBackend()
 
@@ -22,23 +23,8 @@ def make_case(rng, *, hq=4, hkv=2, d=16, bs=4, reqs=((7, 1), (3, 1), (0, 9), (5,
     """A cache holding every request's history in random block order, the step's metadata and queries
     (plus ``pad`` rows no request owns). With ``cross`` the layer is a cross-layer view beside a layer of
     large values, so reading the wrong layer shows."""
-    spec = kvl.AttentionSpec(hkv, d, dtype, bs)
-    need = [-(-(c + n) // bs) for c, n in reqs]
-    nb = sum(need) + 2
-    specs = {"other": spec, "me": spec} if cross else {"me": spec}
-    caches = kvl.allocate_kv_cache(kvl.resolve_kv_cache_layout(specs, nb, cross_layer=cross), device)
-    cache = caches["me"]
-    cache.copy_(torch.randn(cache.shape, generator=rng).to(dtype))
-    if cross:
-        caches["other"].fill_(300.0)
-    ids = torch.randperm(nb, generator=rng).tolist()
-    sched, at = [], 0
-    for (c, n), k in zip(reqs, need):
-        sched.append(kvl.ScheduledRequest(c, n, ids[at:at + k]))
-        at += k
-    meta = kvl.build_attention_metadata(sched, bs, device, num_blocks=nb)
-    q = torch.randn(meta.num_actual_tokens + pad, hq, d, generator=rng).to(dtype).to(device)
-    return cache, meta, q
+    return paged_case(rng, hq=hq, hkv=hkv, d=d, bs=bs, reqs=reqs, dtype=dtype, device=device, cross=cross,
+                      pad=pad)
 
 
 def rel_err(x, ref):

@@ -10,6 +10,7 @@ from kvlayout.backends.rocm_backend import RocmBackend, step_plan
 from kvlayout.backends.rocm_kernels import decode_partition_size, prefill_tiles, rocm_config, vector_width
 from kvlayout.backends.torch_ref import TorchBackend
 from kvlayout.errors import KVLayoutError, UnsupportedFeatureError
+from paged_case import paged_case
 
 ROCM = RocmBackend()
 REF = TorchBackend()
@@ -27,23 +28,9 @@ def make_case(rng, *, hq=4, hkv=2, d=64, bs=4, reqs=MIXED, dtype=torch.float16, 
     """A cache holding every request's history in random block order, the step's metadata, queries (plus
     ``pad`` rows no request owns) and fp8 scales. With ``cross`` the layer is a cross-layer view next to a
     layer of large values, so reading the wrong layer shows."""
-    spec = kvl.AttentionSpec(hkv, d, dtype, bs)
-    need = [-(-(c + n) // bs) for c, n in reqs]
-    nb = sum(need) + 2
-    specs = {"other": spec, "me": spec} if cross else {"me": spec}
-    caches = kvl.allocate_kv_cache(kvl.resolve_kv_cache_layout(specs, nb, cross_layer=cross), device)
-    cache = caches["me"]
-    cache.copy_(torch.randn(cache.shape, generator=rng).to(device).to(dtype))
-    if cross:
-        caches["other"].fill_(100.0)
-    ids = torch.randperm(nb, generator=rng).tolist()
-    sched, at = [], 0
-    for (c, n), k in zip(reqs, need):
-        sched.append(kvl.ScheduledRequest(c, n, ids[at:at + k]))
-        at += k
-    meta = kvl.build_attention_metadata(sched, bs, device, num_blocks=nb)
-    q_dtype = q_dtype or (torch.float16 if dtype in FP8 else dtype)
-    q = torch.randn(meta.num_actual_tokens + pad, hq, d, generator=rng).to(device).to(q_dtype)
+    cache, meta, q = paged_case(rng, hq=hq, hkv=hkv, d=d, bs=bs, reqs=reqs, dtype=dtype, device=device,
+                                cross=cross, pad=pad, q_dtype=q_dtype or (torch.float16 if dtype in FP8 else dtype),
+                                other_fill=100.0)
     scales = {}
     if dtype in FP8:
         n = hkv if per_head else 1
