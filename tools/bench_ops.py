@@ -20,16 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import statistics
 import sys
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-
-if not torch.cuda.is_available():                      # must precede the first @triton.jit definition
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from bench_common import ceilings_row, measure_ceilings, timed  # sets TRITON_INTERPRET on the CPU
 
 import triton  # noqa: E402
 
@@ -38,35 +33,6 @@ from kvlayout import ops  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend  # noqa: E402
 from kvlayout.backends.triton_attention import UnifiedConfig, unified_config  # noqa: E402
 from kvlayout.backends.triton_prefill import append_config, paged_prefill_append_launch  # noqa: E402
-
-
-def timed(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
-    """Median seconds per call: CUDA events with L2 flushed between calls (triton's do_bench) on a GPU,
-    the host clock on the CPU."""
-    if device.type == "cuda":
-        return triton.testing.do_bench(fn, warmup=10 if quick else 50, rep=30 if quick else 300,
-                                       return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def ceilings(device: torch.device, quick: bool) -> dict:
-    """Copy bandwidth (read + write bytes of a 1 GiB device copy) and bf16 matmul rate (8192^3)."""
-    n = (1 << 30) if device.type == "cuda" and not quick else (16 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), device, quick)
-    del src, dst
-    m = 8192 if device.type == "cuda" and not quick else 512
-    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(m, m, device=device).to(dt), torch.randn(m, m, device=device).to(dt)
-    tm = timed(lambda: a @ b, device, quick)
-    return {"copy_TBps": 2 * n / t / 1e12, "matmul_TFLOPs": 2 * m ** 3 / tm / 1e12}
 
 
 def prefill_inputs(quick: bool, device: torch.device, gen: torch.Generator) -> dict:
@@ -221,15 +187,8 @@ def run(quick: bool, sweep: bool = False) -> list[dict]:
     """Every measurement as a list of rows (dicts); the first row holds the ceilings and the device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
-    ceil = ceilings(device, quick)
-    head = {"op": "ceilings", "impl": torch.cuda.get_device_name() if device.type == "cuda" else
-            "cpu (Triton interpreter)", **ceil, "torch": torch.__version__, "triton": triton.__version__}
-    try:
-        import flashinfer
-        head["flashinfer"] = flashinfer.__version__
-    except ImportError:
-        pass
-    rows = [head]
+    ceil = measure_ceilings(device, quick)
+    rows = [ceilings_row(ceil, device)]
     rows += bench_prefill(device, gen, quick, ceil, sweep)
     rows += bench_pages_and_merge(device, gen, quick, ceil)
     return rows
