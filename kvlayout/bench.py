@@ -34,6 +34,7 @@ path, out, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 sys.path.insert(0, path.rsplit("/", 1)[0] if "/" in path else ".")
 spec = importlib.util.spec_from_file_location("kvlayout_bench_tool", path)
 tool = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = tool          # dataclasses in the tool look their module up there
 spec.loader.exec_module(tool)
 rows = tool.run(quick=quick)
 open(out, "w").write(json.dumps([dict(r) for r in rows], default=str))
