@@ -14,24 +14,20 @@ first call) and shared, as every layer of a step would.
 
 ``--quick``: tiny shapes that run anywhere, the CPU interpreter included (timings then mean nothing).
 ``--sweep [KINDS]``: also time the Triton kernels over split counts and tile configs (decode, prefill, and
-the prefill part of mixed), to tune the launch choices.
+the prefill part of mixed), to tune the launch choices. ``run(quick) -> list[dict]`` is ``kvlayout bench``'s
+entry point (the same workloads, no sweep).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from dataclasses import asdict, astuple, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-
-if not torch.cuda.is_available():                      # must precede the first @triton.jit definition
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from bench_common import ceilings_row, device_name, measure_ceilings, timed, versions  # TRITON_INTERPRET on CPU
 
 import triton  # noqa: E402
 
@@ -62,6 +58,8 @@ class Row:
     err_vs_triton: Optional[float] = None
     peer_ratio: Optional[float] = None  # peer time / this time (> 1: faster than the peer)
     note: str = ""
+    bytes: Optional[int] = None        # counted from the inputs
+    flops: Optional[float] = None
 
 
 @dataclass
@@ -72,36 +70,6 @@ class Results:
     ceilings: dict
     rows: list = field(default_factory=list)
     sweep: list = field(default_factory=list)
-
-
-# ---- timing ---------------------------------------------------------------------------------------
-
-def timed(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
-    """Median seconds per call: CUDA events (triton's do_bench, L2 flushed between calls) on a GPU, the
-    host clock on the CPU."""
-    if device.type == "cuda":
-        return triton.testing.do_bench(fn, warmup=10 if quick else 50, rep=30 if quick else 200,
-                                       return_mode="median") / 1e3
-    times = []
-    for _ in range(1 if quick else 3):          # the caller's validating call was the warm-up
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
-    n = (64 << 20) if quick or device.type != "cuda" else (1 << 30)
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), device, quick)
-    copy = 2 * n / t
-    src = dst = None                                   # free the 2 GiB before the matmul
-    m = 1024 if quick or device.type != "cuda" else 8192
-    a = torch.randn(m, m, device=device).to(dtype)
-    b = torch.randn(m, m, device=device).to(dtype)
-    t = timed(lambda: a @ b, device, quick)
-    return {"copy_TBps": copy / 1e12, "matmul_TFLOPs": 2 * m ** 3 / t / 1e12, "copy_bytes": 2 * n, "matmul_n": m}
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -179,15 +147,17 @@ def run_attention(name, kind, pairs, s, backends, device, gen, res: Results, qui
                 res.rows.append(Row(wname, b.name, float("nan"), "s", float("nan"), None, note=str(e)[:80]))
                 continue
             outs[(wname, b.name)] = out
+            work = {"bytes": attn_bytes(pp, s), "flops": attn_flops(pp, s)}
             if kind == "decode":
-                v = attn_bytes(pp, s) / t
-                res.rows.append(Row(wname, b.name, t, "TB/s", v / 1e12, 100 * v / 1e12 / res.ceilings["copy_TBps"]))
+                v = work["bytes"] / t
+                res.rows.append(Row(wname, b.name, t, "TB/s", v / 1e12, 100 * v / 1e12 / res.ceilings["copy_TBps"],
+                                    **work))
             elif kind == "prefill":
-                v = attn_flops(pp, s) / t
+                v = work["flops"] / t
                 res.rows.append(Row(wname, b.name, t, "TFLOP/s", v / 1e12,
-                                    100 * v / 1e12 / res.ceilings["matmul_TFLOPs"]))
+                                    100 * v / 1e12 / res.ceilings["matmul_TFLOPs"], **work))
             else:
-                res.rows.append(Row(wname, b.name, t, "s", t, None))
+                res.rows.append(Row(wname, b.name, t, "s", t, None, **work))
     for (wname, bname), out in outs.items():
         ref = outs.get((wname, "triton"))
         if ref is not None:
@@ -223,7 +193,7 @@ def run_write_kv(name, num_tokens, s, backends, device, gen, res: Results, quick
         b.write_kv(kv, k, v, slots)
         t = timed(lambda bb=b: bb.write_kv(kv, k, v, slots, validate=False), device, quick)
         val = nbytes / t / 1e12
-        res.rows.append(Row(name, b.name, t, "TB/s", val, 100 * val / res.ceilings["copy_TBps"]))
+        res.rows.append(Row(name, b.name, t, "TB/s", val, 100 * val / res.ceilings["copy_TBps"], bytes=nbytes))
 
 
 def run_sweep(wname, kind, pairs, s, device, gen, res: Results, quick: bool) -> None:
@@ -273,7 +243,7 @@ def run_sweep(wname, kind, pairs, s, device, gen, res: Results, quick: bool) -> 
 def print_table(res: Results, peer: str) -> None:
     c = res.ceilings
     print(f"\n{res.device}  |  {', '.join(f'{k} {v}' for k, v in res.versions.items())}")
-    print(f"ceilings (this run): copy {c['copy_TBps']:.2f} TB/s, {res.setup['dtype'].removeprefix('torch.')} "
+    print(f"ceilings (this run): copy {c['copy_TBps']:.2f} TB/s, {c['matmul_dtype']} "
           f"matmul {c['matmul_n']}^3 {c['matmul_TFLOPs']:.0f} TFLOP/s")
     print(f"{'workload':<28}{'backend':<12}{'time us':>10}{'achieved':>18}{'% ceil':>8}{'x ' + peer:>14}"
           f"{'err vs triton':>15}  note")
@@ -295,6 +265,67 @@ def print_table(res: Results, peer: str) -> None:
                   f"{rate}{'  *' if sw.get('chosen') else ''}")
 
 
+def bench(quick: bool, backends: Optional[str] = None, only: Optional[str] = None, sweep: str = "",
+          peer: str = "flashinfer") -> Results:
+    """Run the workloads (``only``: names containing it) on ``backends`` (comma-separated; default: every
+    usable one but the torch reference, which quick runs include) and the sweeps for the kinds in ``sweep``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    s = Setup(4, 2, 64, 16, torch.bfloat16 if gpu else torch.float16) if quick else \
+        Setup(32, 8, 128, 16, torch.bfloat16)
+    usable = [n for n, why in available_backends(device).items() if why is None]
+    names = backends.split(",") if backends else [n for n in usable if n != "torch" or quick]
+    if "triton" not in names and "triton" in usable:
+        names.insert(0, "triton")                                        # the error column's reference
+    bes = [get_attention_backend(n, device) for n in names]
+    gen = torch.Generator(device).manual_seed(0)
+    res = Results(device_name(device), versions(), asdict(s) | {"dtype": str(s.dtype)},
+                  measure_ceilings(device, quick))
+    for wname, (kind, spec) in workloads(quick).items():
+        if only and only not in wname:
+            continue
+        print(f"... {wname}", file=sys.stderr, flush=True)
+        if kind == "write_kv":
+            run_write_kv(wname, spec, s, bes, device, gen, res, quick)
+        else:
+            run_attention(wname, kind, spec, s, bes, device, gen, res, quick)
+        if kind in sweep.split(",") and kind != "write_kv":
+            if kind == "mixed":                                          # its prefill part alone
+                pre = [p for p in spec if p[1] > 1]
+                run_sweep(f"{wname}:prefill-only", "prefill", pre, s, device, gen, res, quick)
+            else:
+                run_sweep(wname, kind, spec, s, device, gen, res, quick)
+        if gpu:
+            torch.cuda.empty_cache()
+    for r in res.rows:
+        p = next((p for p in res.rows if p.workload == r.workload and p.backend == peer), None)
+        if p is not None and r.backend != peer and p.seconds == p.seconds:
+            r.peer_ratio = p.seconds / r.seconds
+    return res
+
+
+def run(quick: bool) -> list[dict]:
+    """``kvlayout bench``'s entry point: what ``main`` runs (no sweep), as rows of its schema. The mixed
+    step's rows carry the rate of whichever ceiling binds (bytes over copy or FLOPs over matmul)."""
+    res = bench(quick)
+    c = res.ceilings
+    rows = [ceilings_row(c, "cuda" if torch.cuda.is_available() else "cpu")]
+    for r in res.rows:
+        row = {"name": r.workload, "backend": r.backend, "bytes": r.bytes, "flops": r.flops, "note": r.note,
+               "err_vs_triton": r.err_vs_triton, "peer_ratio": r.peer_ratio}
+        if r.seconds != r.seconds:                                       # not run: the backend refused
+            rows.append({**row, "note": f"not run: {r.note}"})
+            continue
+        unit = r.metric
+        if unit == "s":
+            unit = "TFLOP/s" if r.flops / c["matmul_TFLOPs"] > r.bytes / c["copy_TBps"] else "TB/s"
+        work = r.flops if unit == "TFLOP/s" else r.bytes
+        ceiling = c["matmul_TFLOPs"] if unit == "TFLOP/s" else c["copy_TBps"]
+        rows.append({**row, "seconds": r.seconds, "achieved": work / r.seconds / 1e12, "unit": unit,
+                     "ceiling": ceiling})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", help="comma-separated names (default: every usable one but the torch reference; "
@@ -306,45 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", default="flashinfer", help="backend the ratio column compares with")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
-    s = Setup(4, 2, 64, 16, torch.bfloat16 if gpu else torch.float16) if args.quick else \
-        Setup(32, 8, 128, 16, torch.bfloat16)
-    usable = [n for n, why in available_backends(device).items() if why is None]
-    names = args.backends.split(",") if args.backends else [n for n in usable if n != "torch" or args.quick]
-    if "triton" not in names and "triton" in usable:
-        names.insert(0, "triton")                                        # the error column's reference
-    backends = [get_attention_backend(n, device) for n in names]
-    gen = torch.Generator(device).manual_seed(0)
-    versions = {"torch": torch.__version__, "triton": triton.__version__}
-    try:
-        import flashinfer
-        versions["flashinfer"] = flashinfer.__version__
-    except ImportError:
-        pass
-    res = Results(torch.cuda.get_device_name() if gpu else "cpu (Triton interpreter)", versions, asdict(s) | {
-        "dtype": str(s.dtype)}, measure_ceilings(device, s.dtype, args.quick))
-    for wname, (kind, spec) in workloads(args.quick).items():
-        if args.only and args.only not in wname:
-            continue
-        print(f"... {wname}", file=sys.stderr, flush=True)
-        if kind == "write_kv":
-            run_write_kv(wname, spec, s, backends, device, gen, res, args.quick)
-        else:
-            run_attention(wname, kind, spec, s, backends, device, gen, res, args.quick)
-        if kind in args.sweep.split(",") and kind != "write_kv":
-            if kind == "mixed":                                          # its prefill part alone
-                pre = [p for p in spec if p[1] > 1]
-                run_sweep(f"{wname}:prefill-only", "prefill", pre, s, device, gen, res, args.quick)
-            else:
-                run_sweep(wname, kind, spec, s, device, gen, res, args.quick)
-        if gpu:
-            torch.cuda.empty_cache()
-    for r in res.rows:
-        peer = next((p for p in res.rows if p.workload == r.workload and p.backend == args.peer), None)
-        if peer is not None and r.backend != args.peer and peer.seconds == peer.seconds:
-            r.peer_ratio = peer.seconds / r.seconds
+    res = bench(args.quick, args.backends, args.only, args.sweep, args.peer)
     print_table(res, args.peer)
     if args.json:
         with open(args.json, "w") as f:
