@@ -86,7 +86,9 @@ def measure_ceilings(device: Device, quick: bool = False) -> dict:
 
 def device_name(device: Device) -> str:
     device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else device.type
 
 
 def versions() -> dict:

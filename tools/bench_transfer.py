@@ -16,6 +16,8 @@ Model: a Llama-3.1-8B-like cache (32 layers, 8 KV heads, head size 128, bf16, bl
    polls) is reported apart from NIXL's prepare and from the transport (post -> done).
 
     python tools/bench_transfer.py [--quick] [--device cpu|cuda] [--json out.json]
+
+``run(quick) -> list[dict]`` is ``kvlayout bench``'s entry point (CPU memory, as the command's default).
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import time
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench_common import ceilings_row, host_time, measure_ceilings  # noqa: E402
 
-import kvlayout as kvl
-from kvlayout.connectors.topology import Region, TransferPlan, as_block_ids, layer_regions, pair_regions
+import kvlayout as kvl  # noqa: E402
+from kvlayout.connectors.topology import Region, TransferPlan, as_block_ids, layer_regions, pair_regions  # noqa: E402
 
 LAYERS, HEADS, HEAD_SIZE, DTYPE, BLOCK = 32, 8, 128, torch.bfloat16, 16
 TOKENS = 4096
@@ -49,13 +52,8 @@ def page_bytes(heads: int = HEADS) -> int:
 
 
 def median_us(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    """Median host microseconds of ``reps`` calls after one warm-up."""
+    return host_time(fn, reps, warmup=1) * 1e6
 
 
 # ----------------------------------------------------------------------------- 1. descriptor counts
@@ -260,6 +258,69 @@ def transfer_table(layers: int, device: str, iters: int) -> dict:
     }
 
 
+def collect(quick: bool, device: str) -> dict:
+    """The three parts: 4 layers and fewer repetitions when quick."""
+    reps = 50 if quick else 500
+    layers = 4 if quick else LAYERS
+    return {"model": f"{LAYERS} layers, {HEADS} KV heads, D={HEAD_SIZE}, bf16, block {BLOCK}, {TOKENS}-token request",
+            "device": device, "descriptors": descriptor_table(reps),
+            "nixl_prepare": nixl_prepare_table(layers, device, reps // 5),
+            "transfer": transfer_table(layers, device, 3 if quick else 8)}
+
+
+def print_report(out: dict) -> None:
+    print(f"\n{out['model']}\n\n1. per transfer ({LAYERS} layers; connector's cost = index building)")
+    print(f"{'layout':10} {'block ids':28} {'regions':>7} {'indices':>8} {'descriptors':>11} {'index us':>9}")
+    for r in out["descriptors"]:
+        print(f"{r['layout']:10} {r['blocks']:28} {r['regions']:7d} {r['indices']:8d} {r['descriptors']:11d} "
+              f"{r['index_us']:9.1f}")
+    t = out["transfer"]
+    print(f"\n2. NIXL's prepare per request (make_prepped_xfer; lists prepared once), {t['layers']} layers")
+    print(f"{'layout':10} {'block ids':12} {'indices':>8} {'descriptors':>11} {'NIXL us':>9}")
+    for r in out["nixl_prepare"]:
+        print(f"{r['layout']:10} {r['blocks']:12} {r['indices']:8d} {r['descriptors']:11d} {r['nixl_prepare_us']:9.1f}")
+    print(f"\n3. pull of one request through NixlConnector ({t['layers']} layers, {t['bytes'] / 2**20:.0f} MiB, "
+          f"{t['blocks']} random blocks, {out['device']}), median")
+    print(f"   connector: index {t['connector_index_us']:.0f} us + other start_load work "
+          f"{t['connector_start_other_us']:.0f} us + {t['connector_poll_us']:.1f} us per poll")
+    print(f"   NIXL prepare {t['nixl_prepare_us']:.0f} us; post {t['post_us']:.0f} us "
+          f"({t['descriptors']} descriptors planned, NIXL counted {t['nixl_descriptors']})")
+    print(f"   transport (post -> done) {t['transport_s'] * 1e3:.1f} ms = {t['GBps_transport']:.2f} GB/s; "
+          f"end to end {t['GBps_total']:.2f} GB/s")
+    print(f"   torch copy of the same bytes: contiguous {t['torch_copy_GBps']:.2f} GB/s, "
+          f"block gather {t['torch_block_gather_GBps']:.2f} GB/s")
+
+
+def run(quick: bool, device: str = "cpu") -> list[dict]:
+    """``kvlayout bench``'s entry point: the device ceilings, then every number of ``collect`` as rows. The
+    transfer rows are payload GB/s against a torch copy of the same bytes in one process (their ceiling);
+    index building and NIXL's prepare are host microseconds per request (time only)."""
+    rows = [ceilings_row(measure_ceilings(device, quick), device)]
+    out = collect(quick, device)
+    for r in out["descriptors"]:
+        rows.append({"name": f"index building: {r['layout']}, {r['blocks']}", "backend": "kvlayout connector",
+                     "seconds": r["index_us"] * 1e-6, "note": f"{LAYERS} layers: {r['regions']} regions, "
+                     f"{r['indices']} indices -> {r['descriptors']} descriptors"})
+    for r in out["nixl_prepare"]:
+        rows.append({"name": f"NIXL prepare: {r['layout']}, {r['blocks']}", "backend": "nixl",
+                     "seconds": r["nixl_prepare_us"] * 1e-6,
+                     "note": f"{r['layers']} layers: {r['indices']} indices, {r['descriptors']} descriptors"})
+    t = out["transfer"]
+    name = f"pull {t['layers']} layers, {t['bytes'] / 2**20:.0f} MiB, {t['blocks']} random blocks ({device})"
+    ceiling = {"ceiling": t["torch_copy_GBps"], "ceiling_unit": "GB/s", "unit": "GB/s", "bytes": t["bytes"]}
+    rows += [
+        {"name": name, "backend": "NixlConnector end to end", "seconds": t["total_s"], "achieved": t["GBps_total"],
+         **ceiling, "note": f"ceiling: torch copy of the same bytes; connector index {t['connector_index_us']:.0f} "
+         f"us + other start_load {t['connector_start_other_us']:.0f} us + {t['connector_poll_us']:.1f} us per poll"},
+        {"name": name, "backend": "NIXL transport", "seconds": t["transport_s"], "achieved": t["GBps_transport"],
+         **ceiling, "note": f"post -> done; NIXL prepare {t['nixl_prepare_us']:.0f} us, post {t['post_us']:.0f} us, "
+         f"{t['nixl_descriptors']} descriptors"},
+        {"name": name, "backend": "torch block gather", "seconds": t["bytes"] / t["torch_block_gather_GBps"] / 1e9,
+         "achieved": t["torch_block_gather_GBps"], **ceiling, "note": "index_select + index_copy_, one process"},
+    ]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small transfer (4 layers), fewer repetitions")
@@ -270,32 +331,8 @@ def main() -> None:
     if args.serve:
         serve(json.loads(args.serve))
         return
-    reps = 50 if args.quick else 500
-    layers = 4 if args.quick else LAYERS
-    out = {"model": f"{LAYERS} layers, {HEADS} KV heads, D={HEAD_SIZE}, bf16, block {BLOCK}, {TOKENS}-token request",
-           "descriptors": descriptor_table(reps), "nixl_prepare": nixl_prepare_table(layers, args.device, reps // 5),
-           "transfer": transfer_table(layers, args.device, 3 if args.quick else 8)}
-
-    print(f"\n{out['model']}\n\n1. per transfer ({LAYERS} layers; connector's cost = index building)")
-    print(f"{'layout':10} {'block ids':28} {'regions':>7} {'indices':>8} {'descriptors':>11} {'index us':>9}")
-    for r in out["descriptors"]:
-        print(f"{r['layout']:10} {r['blocks']:28} {r['regions']:7d} {r['indices']:8d} {r['descriptors']:11d} "
-              f"{r['index_us']:9.1f}")
-    print(f"\n2. NIXL's prepare per request (make_prepped_xfer; lists prepared once), {layers} layers")
-    print(f"{'layout':10} {'block ids':12} {'indices':>8} {'descriptors':>11} {'NIXL us':>9}")
-    for r in out["nixl_prepare"]:
-        print(f"{r['layout']:10} {r['blocks']:12} {r['indices']:8d} {r['descriptors']:11d} {r['nixl_prepare_us']:9.1f}")
-    t = out["transfer"]
-    print(f"\n3. pull of one request through NixlConnector ({t['layers']} layers, {t['bytes'] / 2**20:.0f} MiB, "
-          f"{t['blocks']} random blocks, {args.device}), median")
-    print(f"   connector: index {t['connector_index_us']:.0f} us + other start_load work "
-          f"{t['connector_start_other_us']:.0f} us + {t['connector_poll_us']:.1f} us per poll")
-    print(f"   NIXL prepare {t['nixl_prepare_us']:.0f} us; post {t['post_us']:.0f} us "
-          f"({t['descriptors']} descriptors planned, NIXL counted {t['nixl_descriptors']})")
-    print(f"   transport (post -> done) {t['transport_s'] * 1e3:.1f} ms = {t['GBps_transport']:.2f} GB/s; "
-          f"end to end {t['GBps_total']:.2f} GB/s")
-    print(f"   torch copy of the same bytes: contiguous {t['torch_copy_GBps']:.2f} GB/s, "
-          f"block gather {t['torch_block_gather_GBps']:.2f} GB/s")
+    out = collect(args.quick, args.device)
+    print_report(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
