@@ -27,7 +27,8 @@ from dataclasses import asdict, astuple, dataclass, field
 from typing import Optional
 
 import torch
-from bench_common import ceilings_row, device_name, measure_ceilings, timed, versions  # TRITON_INTERPRET on CPU
+# bench_common sets TRITON_INTERPRET=1 on a machine without CUDA, before any kernel is defined
+from bench_common import ceilings_row, device_name, measure_ceilings, rate_row, timed, versions
 
 import triton  # noqa: E402
 
@@ -308,21 +309,15 @@ def run(quick: bool) -> list[dict]:
     """``kvlayout bench``'s entry point: what ``main`` runs (no sweep), as rows of its schema. The mixed
     step's rows carry the rate of whichever ceiling binds (bytes over copy or FLOPs over matmul)."""
     res = bench(quick)
-    c = res.ceilings
-    rows = [ceilings_row(c, "cuda" if torch.cuda.is_available() else "cpu")]
+    rows = [ceilings_row(res.ceilings, "cuda" if torch.cuda.is_available() else "cpu")]
     for r in res.rows:
-        row = {"name": r.workload, "backend": r.backend, "bytes": r.bytes, "flops": r.flops, "note": r.note,
-               "err_vs_triton": r.err_vs_triton, "peer_ratio": r.peer_ratio}
+        row = {"name": r.workload, "backend": r.backend, "note": r.note, "err_vs_triton": r.err_vs_triton,
+               "peer_ratio": r.peer_ratio}
         if r.seconds != r.seconds:                                       # not run: the backend refused
             rows.append({**row, "note": f"not run: {r.note}"})
             continue
-        unit = r.metric
-        if unit == "s":
-            unit = "TFLOP/s" if r.flops / c["matmul_TFLOPs"] > r.bytes / c["copy_TBps"] else "TB/s"
-        work = r.flops if unit == "TFLOP/s" else r.bytes
-        ceiling = c["matmul_TFLOPs"] if unit == "TFLOP/s" else c["copy_TBps"]
-        rows.append({**row, "seconds": r.seconds, "achieved": work / r.seconds / 1e12, "unit": unit,
-                     "ceiling": ceiling})
+        rows.append({**row, **rate_row(r.seconds, res.ceilings, r.bytes, r.flops,
+                                       None if r.metric == "s" else r.metric)})
     return rows
 
 

@@ -106,3 +106,14 @@ def versions() -> dict:
 def ceilings_row(ceilings: dict, device: Device) -> dict:
     """The row ``kvlayout bench`` reads a run's ceilings from: op "ceilings", the device as impl, versions."""
     return {"op": "ceilings", "impl": device_name(device), **ceilings, **versions()}
+
+
+def rate_row(seconds: float, ceilings: dict, nbytes: Optional[float] = None, flops: Optional[float] = None,
+             unit: Optional[str] = None) -> dict:
+    """A timed row's schema fields: the rate in ``unit`` ("TB/s" from bytes, "TFLOP/s" from FLOPs; by default
+    whichever ceiling binds, bytes over copy or FLOPs over matmul) next to that ceiling."""
+    if unit is None:
+        unit = "TFLOP/s" if (flops or 0) / ceilings["matmul_TFLOPs"] > (nbytes or 0) / ceilings["copy_TBps"] else "TB/s"
+    work, ceiling = (flops, ceilings["matmul_TFLOPs"]) if unit == "TFLOP/s" else (nbytes, ceilings["copy_TBps"])
+    return {"seconds": seconds, "bytes": nbytes, "flops": flops, "achieved": work / seconds / 1e12, "unit": unit,
+            "ceiling": ceiling}

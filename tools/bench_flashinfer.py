@@ -6,7 +6,10 @@ a mixed step (a 2048-token chunk on a 2048-token prefix plus 60 decodes of 2048)
 tokens. 32 query / 8 KV heads, head size 128, bf16, block 16, blocks in random order. Bytes and FLOPs
 are counted from the inputs. Also: the host cost of plan() per step for a batch of 256 decodes.
 
-    python tools/bench_flashinfer.py [--out results.json] [--iters 20]
+    python tools/bench_flashinfer.py [--out results.json] [--iters 20] [--quick]
+
+``--quick``: tiny shapes (a smoke test; timings then mean little). ``run(quick) -> list[dict]`` is ``kvlayout
+bench``'s entry point; without CUDA or FlashInfer it returns one row saying why it was skipped.
 
 On the GPU machine (no network) FlashInfer comes as wheels in .whl-fi (flashinfer_python 0.7.2.post1 and
 apache_tvm_ffi 0.1.15.post2): install them with ``pip install --no-index --no-deps --target /tmp/site
@@ -25,8 +28,8 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
+from bench_common import ceilings_row, measure_ceilings, rate_row, timed
 
 import kvlayout as kvl
 from kvlayout.backends import available_backends, get_attention_backend
@@ -34,35 +37,6 @@ from kvlayout.backends.flashinfer_backend import FlashInferBackend, packed_kv_vi
 
 HQ, HKV, D, BS, DT = 32, 8, 128, 16, torch.bfloat16
 PARAMS = kvl.AttentionParams(HQ, HKV, D)
-
-
-def cuda_time(fn, iters: int, reps: int = 5) -> float:
-    """Median over ``reps`` of the mean seconds per call of ``iters`` back-to-back calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / iters)
-    return statistics.median(times)
-
-
-def ceilings(iters: int) -> dict:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src), iters)
-    copy_bw = 2 * src.numel() / t
-    del src, dst
-    a = torch.randn(8192, 8192, dtype=DT, device="cuda")
-    b = torch.randn(8192, 8192, dtype=DT, device="cuda")
-    t = cuda_time(lambda: a @ b, max(iters // 4, 3))
-    return {"copy_TBps": copy_bw / 1e12, "matmul_TFLOPs": 2 * 8192 ** 3 / t / 1e12}
 
 
 def make_step(pairs, gen, hq=HQ):
@@ -103,29 +77,33 @@ def bench_attention(name, pairs, metric, iters, gen, triton, extra_backends=()):
     native = tuple(t.contiguous() for t in packed)
     out_p, out_n, out_b = (torch.empty_like(q) for _ in range(3))
     res = {"shape": name}
-    res["fi_packed_s"] = cuda_time(lambda: run_parts(step, q, packed, out_p), iters)
-    res["fi_native_s"] = cuda_time(lambda: run_parts(step, q, native, out_n), iters)
-    res["kvlayout_fwd_s"] = cuda_time(lambda: fi.forward(q, kv, meta, PARAMS, out=out_b, validate=False), iters)
+    res["fi_packed_s"] = timed(lambda: run_parts(step, q, packed, out_p), "cuda", iters=iters)
+    res["fi_native_s"] = timed(lambda: run_parts(step, q, native, out_n), "cuda", iters=iters)
+    res["kvlayout_fwd_s"] = timed(lambda: fi.forward(q, kv, meta, PARAMS, out=out_b, validate=False), "cuda",
+                                  iters=iters)
     res["bit_equal"] = bool(torch.equal(out_p, out_n) and torch.equal(out_p, out_b))
     for label, be in extra_backends:
-        res[f"{label}_s"] = cuda_time(lambda: be.forward(q, kv, meta, PARAMS, out=out_b, validate=False), iters)
+        res[f"{label}_s"] = timed(lambda: be.forward(q, kv, meta, PARAMS, out=out_b, validate=False), "cuda",
+                                  iters=iters)
     if triton is not None:
         try:
-            res["triton_s"] = cuda_time(lambda: triton.forward(q, kv, meta, PARAMS, out=out_b, validate=False),
-                                        iters)
+            res["triton_s"] = timed(lambda: triton.forward(q, kv, meta, PARAMS, out=out_b, validate=False),
+                                    "cuda", iters=iters)
         except Exception as e:                          # report, do not hide, a backend that fails here
             res["triton_error"] = f"{type(e).__name__}: {e}"[:200]
     res["metric"] = metric
     res["work"] = {"TB/s": kv_bytes(pairs), "TFLOP/s": attn_flops(pairs)}.get(metric)
-    del kv, native, packed
+    res["bytes"], res["flops"] = kv_bytes(pairs), attn_flops(pairs)
+    kv = native = packed = None                          # free the caches (the lambdas above hold their names)
     torch.cuda.empty_cache()
     return res
 
 
-def bench_decode_groups(iters, gen) -> list:
+def bench_decode_groups(iters, gen, quick: bool = False) -> list:
     """Decode TB/s on CUDA cores vs tensor cores for GQA groups 1..8 (8 KV heads): picks the rule."""
     rows = []
-    for name, pairs in (("64x4096", [(4095, 1)] * 64), ("256x512", [(511, 1)] * 256)):
+    shapes = (("4x256", [(255, 1)] * 4),) if quick else (("64x4096", [(4095, 1)] * 64), ("256x512", [(511, 1)] * 256))
+    for name, pairs in shapes:
         meta, kv, _ = make_step(pairs, gen)
         for g in (1, 2, 4, 8):
             params = kvl.AttentionParams(HKV * g, HKV, D)
@@ -134,10 +112,10 @@ def bench_decode_groups(iters, gen) -> list:
             row = {"shape": name, "group": g}
             for label, tc in (("cuda_core", False), ("tensor_core", True)):
                 be = FlashInferBackend(decode_tensor_cores=tc)
-                t = cuda_time(lambda: be.forward(q, kv, meta, params, out=out, validate=False), iters)
+                t = timed(lambda: be.forward(q, kv, meta, params, out=out, validate=False), "cuda", iters=iters)
                 row[label + "_TBps"] = kv_bytes(pairs) / t / 1e12
             rows.append(row)
-        del kv
+        kv = None
         torch.cuda.empty_cache()
     return rows
 
@@ -186,28 +164,26 @@ def bench_write_kv(num_tokens, iters, gen) -> dict:
             if expect is None:
                 expect = kv.clone()
             res[f"{how}_equal"] = bool(torch.equal(kv, expect))
-            res[f"{how}_s"] = cuda_time(lambda: be.write_kv(kv, k, v, slots, validate=False), iters)
+            res[f"{how}_s"] = timed(lambda: be.write_kv(kv, k, v, slots, validate=False), "cuda", iters=iters)
         except Exception as e:
             res[f"{how}_error"] = f"{type(e).__name__}: {e}"[:200]
     return res
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument("--iters", type=int, default=20)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
-    gen = torch.Generator().manual_seed(0)
-    results = {"device": torch.cuda.get_device_name(), "ceilings": ceilings(args.iters)}
-    triton = None
-    if available_backends("cuda").get("triton") is None:
-        triton = get_attention_backend("triton", "cuda")
+def attention_shapes(quick: bool) -> list:
+    """(name, pairs, metric, extra backends): issue 3's shapes, or tiny ones when quick."""
     cc = [("fi_cuda_core", FlashInferBackend(decode_tensor_cores=False)),
           ("fi_tensor_core", FlashInferBackend(decode_tensor_cores=True))]
-    shapes = [
+    if quick:
+        return [
+            ("decode 4x256", [(255, 1)] * 4, "TB/s", cc),
+            ("decode 16x64", [(63, 1)] * 16, "TB/s", cc),
+            ("prefill 2x256", [(0, 256)] * 2, "TFLOP/s", []),
+            ("mixed 128+6x128", [(127, 1)] * 6 + [(128, 128)], "ms", []),
+            ("  prefill part", [(128, 128)], "TFLOP/s", []),
+            ("  decode part", [(127, 1)] * 6, "TB/s", []),
+        ]
+    return [
         ("decode 64x4096", [(4095, 1)] * 64, "TB/s", cc),
         ("decode 1x128k", [(131071, 1)], "TB/s", cc),
         ("decode 256x512", [(511, 1)] * 256, "TB/s", cc),
@@ -216,26 +192,105 @@ def main(argv=None) -> int:
         ("  prefill part", [(2048, 2048)], "TFLOP/s", []),
         ("  decode part", [(2047, 1)] * 60, "TB/s", []),
     ]
+
+
+def collect(iters: int, quick: bool = False) -> dict:
+    """Every measurement (needs CUDA); each part that fails is reported as an error entry."""
+    gen = torch.Generator().manual_seed(0)
+    results = {"device": torch.cuda.get_device_name(), "ceilings": measure_ceilings("cuda", quick)}
+    triton = None
+    if available_backends("cuda").get("triton") is None:
+        triton = get_attention_backend("triton", "cuda")
     rows = []
-    for name, pairs, metric, extra in shapes:
+    for name, pairs, metric, extra in attention_shapes(quick):
         try:
-            rows.append(bench_attention(name, pairs, metric, args.iters, gen, triton, extra))
+            rows.append(bench_attention(name, pairs, metric, iters, gen, triton, extra))
         except Exception as e:
             rows.append({"shape": name, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
     results["attention"] = rows
     try:
-        results["decode_groups"] = bench_decode_groups(args.iters, gen)
+        results["decode_groups"] = bench_decode_groups(iters, gen, quick)
     except Exception as e:
         results["decode_groups"] = [{"error": f"{type(e).__name__}: {e}"[:300]}]
     try:
-        results["plan"] = bench_plan_cost(256, 512)
+        results["plan"] = bench_plan_cost(*((16, 64, 10) if quick else (256, 512)))
     except Exception as e:
         results["plan"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     try:
-        results["write_kv"] = bench_write_kv(65536, args.iters, gen)
+        results["write_kv"] = bench_write_kv(1024 if quick else 65536, iters, gen)
     except Exception as e:
         results["write_kv"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return results
+
+
+LABELS = {"fi_packed": "flashinfer packed views", "fi_native": "flashinfer native K/V",
+          "kvlayout_fwd": "kvlayout flashinfer backend", "fi_cuda_core": "flashinfer cuda-core decode",
+          "fi_tensor_core": "flashinfer tensor-core decode"}
+
+
+def run(quick: bool) -> list[dict]:
+    """``kvlayout bench``'s entry point: ``collect`` as rows of its schema (the mixed step in whichever
+    rate binds); one row saying why when there is no CUDA device or no FlashInfer."""
+    why = "needs a CUDA GPU" if not torch.cuda.is_available() else available_backends("cuda").get("flashinfer")
+    if why:
+        return [{"name": "flashinfer", "backend": "flashinfer", "note": f"skipped: {why}"}]
+    res = collect(5 if quick else 20, quick)
+    c = res["ceilings"]
+    rows = [ceilings_row(c, "cuda")]
+    step = ""
+    for r in res["attention"]:
+        name = f"{step}: {r['shape'].strip()}" if r["shape"].startswith(" ") else r["shape"]
+        step = step if r["shape"].startswith(" ") else r["shape"]             # the step "  ... part" rows split
+        if "error" in r:
+            rows.append({"name": name, "backend": "flashinfer", "error": r["error"]})
+            continue
+        unit = None if r["metric"] == "ms" else r["metric"]
+        for key, t in r.items():
+            if key.endswith("_s"):
+                note = f"bit-equal to native: {r['bit_equal']}" if key == "kvlayout_fwd_s" else ""
+                rows.append({"name": name, "backend": LABELS.get(key[:-2], key[:-2]), "note": note,
+                             **rate_row(t, c, r["bytes"], r["flops"], unit)})
+        if "triton_error" in r:
+            rows.append({"name": name, "backend": "triton", "error": r["triton_error"]})
+    for g in res["decode_groups"]:
+        if "error" in g:
+            rows.append({"name": "decode by GQA group", "backend": "flashinfer", "error": g["error"]})
+            continue
+        for label in ("cuda_core", "tensor_core"):
+            rows.append({"name": f"decode {g['shape']}, GQA group {g['group']}", "unit": "TB/s",
+                         "backend": f"flashinfer {label.replace('_', '-')} decode", "achieved": g[f"{label}_TBps"],
+                         "ceiling": c["copy_TBps"]})
+    p = res["plan"]
+    if "error" in p:
+        rows.append({"name": "plan() per step", "backend": "flashinfer", "error": p["error"]})
+    else:
+        for backend, key in (("kvlayout flashinfer backend", "plan_us"), ("flashinfer", "flashinfer_plan_us")):
+            rows.append({"name": f"plan() per step, {p['batch']} decodes", "backend": backend,
+                         "seconds": p[key] * 1e-6, "note": "host time"})
+    w = res["write_kv"]
+    if "error" in w:
+        rows.append({"name": "write_kv", "backend": "flashinfer", "error": w["error"]})
+    for how in ("torch", "triton", "flashinfer") if "error" not in w else ():
+        name, backend = f"write_kv {w['tokens']} tokens", f"append={how}"
+        if f"{how}_error" in w:
+            rows.append({"name": name, "backend": backend, "error": w[f"{how}_error"]})
+        elif f"{how}_s" in w:
+            rows.append({"name": name, "backend": backend, **rate_row(w[f"{how}_s"], c, w["bytes"], unit="TB/s"),
+                         "note": "" if w.get(f"{how}_equal") else "DIFFERS from append=torch"})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = collect(args.iters, args.quick)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -271,8 +326,9 @@ def print_table(res) -> None:
         if "triton_error" in r:
             print(f"{'':22} triton: {r['triton_error']}")
     mixed = {r["shape"].strip(): r for r in res["attention"] if "error" not in r}
-    if {"mixed 2048+60x2048", "prefill part", "decode part"} <= set(mixed):
-        m = mixed["mixed 2048+60x2048"]["fi_packed_s"]
+    whole = next((k for k in mixed if k.startswith("mixed")), None)
+    if whole and {"prefill part", "decode part"} <= set(mixed):
+        m = mixed[whole]["fi_packed_s"]
         s = mixed["prefill part"]["fi_packed_s"] + mixed["decode part"]["fi_packed_s"]
         print(f"mixed step {m * 1e3:.3f} ms vs prefill-only + decode-only {s * 1e3:.3f} ms ({m / s:.2f}x)")
     groups = res.get("decode_groups", [])

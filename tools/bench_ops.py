@@ -24,7 +24,7 @@ import sys
 from typing import Optional
 
 import torch
-from bench_common import ceilings_row, measure_ceilings, timed  # sets TRITON_INTERPRET on the CPU
+from bench_common import ceilings_row, measure_ceilings, timed  # sets TRITON_INTERPRET=1 without CUDA
 
 import triton  # noqa: E402
 
