@@ -118,13 +118,15 @@ class AttentionBackend(ABC):
         missing = [f for f, on in wanted.items() if on and f not in caps.features]
         if missing:
             raise UnsupportedFeatureError(f"backend {self.name!r} does not support: {', '.join(missing)}")
+        if sinks is not None and sinks.device != kv_cache.device:
+            raise KVLayoutError(f"sinks are on {sinks.device} but the cache is on {kv_cache.device}")
         if sinks is not None and (sinks.shape != (params.num_heads,) or sinks.dtype != torch.float32):
             raise KVLayoutError(f"sinks must be float32 [{params.num_heads}], got {sinks.dtype} {tuple(sinks.shape)}")
         if (k_scale is not None or v_scale is not None) and not is_fp8(kv_cache.dtype):
             raise KVLayoutError("k_scale/v_scale are only for fp8 caches")
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if s is not None and (s.dtype != torch.float32 or s.numel() not in (1, h)):
-                raise KVLayoutError(f"{name} must be float32 with 1 or {h} elements")
+            if s is not None and (s.dtype != torch.float32 or s.numel() not in (1, h) or s.device != kv_cache.device):
+                raise KVLayoutError(f"{name} must be float32 with 1 or {h} elements, on the cache's device")
         if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
             raise KVLayoutError(f"out must match q: {tuple(q.shape)} {dtype_name(q.dtype)}")
         if lse is not None and (lse.shape != q.shape[:2] or lse.dtype != torch.float32):

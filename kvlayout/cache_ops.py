@@ -59,6 +59,8 @@ def check_write_kv(kv_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -> 
     if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
             slot_mapping.dtype not in (torch.int32, torch.int64):
         raise KVLayoutError("slot_mapping must be a 1-D int32/int64 tensor")
+    if slot_mapping.device != kv_cache.device:
+        raise KVLayoutError(f"slot_mapping is on {slot_mapping.device} but the cache is on {kv_cache.device}")
     if slot_mapping.shape[0] < k.shape[0]:
         raise KVLayoutError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
     if slot_mapping.numel():
@@ -142,6 +144,7 @@ def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Sequence[int], dst: Se
         view.index_copy_(dim, t, view.index_select(dim, s))
     elif isinstance(cache, torch.Tensor) and cache.dim() >= 1:
         s, t = _pairs(src, dst, cache.shape[0], cache.device)
-        cache.index_copy_(0, t, cache.index_select(0, s))
+        raw = cache.view(torch.int8) if cache.element_size() == 1 else cache   # fp8 has no CPU index_copy_
+        raw.index_copy_(0, t, raw.index_select(0, s))
     else:
         raise KVLayoutError("copy_blocks needs a KVCache or a layer's cache tensor")

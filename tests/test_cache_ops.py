@@ -176,6 +176,27 @@ def test_copy_blocks_on_one_tensor_copies_only_that_layer(rng):
     assert torch.equal(caches["l1"], exp)
 
 
+@pytest.mark.parametrize("dtype", FP8)
+def test_copy_blocks_on_one_fp8_tensor(dtype, rng):
+    caches = make_cache(dtype, n_layers=2)
+    (buf,) = caches.buffers
+    buf.copy_(torch.randint(-100, 100, buf.shape, generator=rng, dtype=torch.int8))
+    before = {n: t.view(torch.int8).clone() for n, t in caches.items()}
+    kvl.copy_blocks(caches["l0"], [2, 5], [7, 0])
+    exp = before["l0"].clone()
+    exp[[7, 0]] = before["l0"][[2, 5]]
+    assert torch.equal(caches["l0"].view(torch.int8), exp)
+    assert torch.equal(caches["l1"].view(torch.int8), before["l1"])
+
+
+def test_write_kv_refuses_slot_mapping_on_another_device():
+    cache = make_cache(torch.float32)["l0"]
+    k = torch.randn(2, H, D)
+    slots = torch.tensor([0, 1], device="meta")
+    with pytest.raises(KVLayoutError, match="slot_mapping is on meta"):
+        kvl.write_kv(cache, k, k, slots)
+
+
 def test_copy_blocks_on_mamba_pages(rng):
     spec = kvl.MambaSpec(states={"ssm": ((2, 3, 4), torch.float32)})
     caches = kvl.allocate_kv_cache(kvl.resolve_kv_cache_layout({"m": spec}, 5))
