@@ -54,8 +54,10 @@ def find_tools_dir(given: Optional[str] = None) -> Optional[Path]:
 
 
 def discover(tools_dir: Optional[Path]) -> dict[str, Optional[Path]]:
-    """``{tool name: path or None (missing)}``: every ``bench_*.py`` there plus the expected ones."""
-    found = {p.stem: p for p in sorted(tools_dir.glob("bench_*.py"))} if tools_dir else {}
+    """``{tool name: path or None (missing)}``: every ``bench_*.py`` there that is a tool (has ``run`` or a
+    ``__main__`` block; a shared module such as ``bench_common.py`` is neither) plus the expected ones."""
+    found = {p.stem: p for p in sorted(tools_dir.glob("bench_*.py")) if has_entry_point(p) or
+             'if __name__ == "__main__"' in p.read_text(errors="replace")} if tools_dir else {}
     return {**{name: None for name in EXPECTED_TOOLS}, **found}
 
 

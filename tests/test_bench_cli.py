@@ -55,6 +55,11 @@ FAKE_TOOLS = {
         if __name__ == "__main__":
             print("no entry point")
     """,
+    # a module the tools share (neither run() nor a __main__ block): not a tool, not listed
+    "bench_common": """
+        def timed(fn):
+            return fn()
+    """,
 }
 
 
