@@ -306,17 +306,20 @@ def run(quick: bool, device: str = "cpu") -> list[dict]:
                      "seconds": r["nixl_prepare_us"] * 1e-6,
                      "note": f"{r['layers']} layers: {r['indices']} indices, {r['descriptors']} descriptors"})
     t = out["transfer"]
-    name = f"pull {t['layers']} layers, {t['bytes'] / 2**20:.0f} MiB, {t['blocks']} random blocks ({device})"
+    name = f"pull {t['bytes'] / 2**20:.0f} MiB ({device})"
+    what = f"{t['layers']} layers, {t['blocks']} random blocks"
     ceiling = {"ceiling": t["torch_copy_GBps"], "ceiling_unit": "GB/s", "unit": "GB/s", "bytes": t["bytes"]}
     rows += [
-        {"name": name, "backend": "NixlConnector end to end", "seconds": t["total_s"], "achieved": t["GBps_total"],
-         **ceiling, "note": f"ceiling: torch copy of the same bytes; connector index {t['connector_index_us']:.0f} "
-         f"us + other start_load {t['connector_start_other_us']:.0f} us + {t['connector_poll_us']:.1f} us per poll"},
+        {"name": name, "backend": "NixlConnector", "seconds": t["total_s"], "achieved": t["GBps_total"], **ceiling,
+         "note": f"end to end, {what}; ceiling: torch copy of the same bytes; connector index "
+                 f"{t['connector_index_us']:.0f} us + other start_load {t['connector_start_other_us']:.0f} us + "
+                 f"{t['connector_poll_us']:.1f} us per poll"},
         {"name": name, "backend": "NIXL transport", "seconds": t["transport_s"], "achieved": t["GBps_transport"],
-         **ceiling, "note": f"post -> done; NIXL prepare {t['nixl_prepare_us']:.0f} us, post {t['post_us']:.0f} us, "
-         f"{t['nixl_descriptors']} descriptors"},
-        {"name": name, "backend": "torch block gather", "seconds": t["bytes"] / t["torch_block_gather_GBps"] / 1e9,
-         "achieved": t["torch_block_gather_GBps"], **ceiling, "note": "index_select + index_copy_, one process"},
+         **ceiling, "note": f"post -> done, {what}; NIXL prepare {t['nixl_prepare_us']:.0f} us, "
+                            f"post {t['post_us']:.0f} us, {t['nixl_descriptors']} descriptors"},
+        {"name": name, "backend": "torch gather", "seconds": t["bytes"] / t["torch_block_gather_GBps"] / 1e9,
+         "achieved": t["torch_block_gather_GBps"], **ceiling,
+         "note": f"index_select + index_copy_ in one process, {what}"},
     ]
     return rows
 
