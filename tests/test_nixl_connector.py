@@ -494,6 +494,12 @@ def test_silent_peer_times_out_with_a_reason(decode):
 def test_stalled_transfer_times_out_and_the_owner_is_told(prefill, decode, monkeypatch):
     prefill.call(cmd="hold", holds=[["stall", [12, 13]]])
     monkeypatch.setattr(decode._agent, "check_xfer_state", lambda handle: "PROC")   # NIXL never finishes it
+    # On CPU, UCX moves the bytes inside transfer() and NIXL then delivers the READ's own "done" note; a
+    # transfer that really stalls never does. Keep that note from naming this request, or the owner may
+    # (correctly) see a finished read before the reader's "gave up".
+    from kvlayout.connectors import nixl_connector
+    real_note = nixl_connector.encode_notif
+    monkeypatch.setattr(nixl_connector, "encode_notif", lambda rid, ok: real_note(rid if not ok else "x" + rid, ok))
     decode.start_load("stall", prefill.address, [12, 13], [60, 61], timeout_s=0.3)
     finished, failed = run_until(decode, ["stall"], timeout=10)
     assert "timed out after 0.3 s" in failed["stall"] and "still in progress" in failed["stall"]
