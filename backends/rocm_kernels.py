@@ -30,6 +30,7 @@ import triton.language as tl
 from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
+from .triton_attention import load_group_query
 from .triton_merge import merge_states_launch
 from .triton_softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
 
@@ -143,13 +144,7 @@ def _paged_decode_kernel(
     vis_lo = tl.maximum(p_lo, tl.cdiv(w_lo, BLOCK_N) * BLOCK_N)
     vis_hi = p_lo + tl.maximum(p_hi - p_lo, 0) // BLOCK_N * BLOCK_N
 
-    rows = tl.arange(0, M)
-    row_ok = rows < GROUP
-    head = kvh * GROUP + rows
-    d = tl.arange(0, HEAD_PAD)
-    d_ok = d < HEAD
-    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q, head, row_ok, d, d_ok = load_group_query(q_ptr, tok, kvh, stride_qt, stride_qh, GROUP, M, HEAD, HEAD_PAD)
     if K_SCALE:
         sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
     m, l, acc = softmax_init(M, HEAD_PAD)

@@ -84,6 +84,21 @@ def attend_paged_range(m, l, acc, q, q_pos, lo, hi, k_end, kv_ptr, bt_row_ptr, h
 
 
 @triton.jit
+def load_group_query(q_ptr, tok, kvh, stride_qt, stride_qh, GROUP: tl.constexpr, M: tl.constexpr,
+                     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """The query of token ``tok`` for the ``GROUP`` query heads of KV head ``kvh``, as ``M >= GROUP`` rows
+    (padding rows masked to zero). Returns ``(q [M, HEAD_PAD], head, row_ok, d, d_ok)``."""
+    rows = tl.arange(0, M)
+    row_ok = rows < GROUP
+    head = kvh * GROUP + rows
+    d = tl.arange(0, HEAD_PAD)
+    d_ok = d < HEAD
+    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return q, head, row_ok, d, d_ok
+
+
+@triton.jit
 def find_request(starts_ptr, start_lo, num_reqs, pid, BLOCK_Q: tl.constexpr):
     """The request a program works on, when request r owns the programs from
     ``(starts[r] - start_lo) // BLOCK_Q + r`` on (its query tiles, rounded up): a binary search for the

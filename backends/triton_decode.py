@@ -21,7 +21,7 @@ import triton.language as tl
 from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
-from .triton_attention import _scale_args, attend_paged_range, interpreting
+from .triton_attention import _scale_args, attend_paged_range, interpreting, load_group_query
 from .triton_merge import merge_states_launch
 from .triton_softmax import LN2, finalize_heads, softmax_init
 
@@ -52,13 +52,7 @@ def _split_kv_decode_kernel(
     s_hi = tl.minimum(s_lo + chunk, seq_len)
     full_end = s_lo + tl.maximum(s_hi - s_lo, 0) // BLOCK_N * BLOCK_N
 
-    rows = tl.arange(0, M)
-    row_ok = rows < GROUP
-    head = kvh * GROUP + rows
-    d = tl.arange(0, HEAD_PAD)
-    d_ok = d < HEAD
-    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q, head, row_ok, d, d_ok = load_group_query(q_ptr, tok, kvh, stride_qt, stride_qh, GROUP, M, HEAD, HEAD_PAD)
     q_pos_rows = tl.zeros([M], tl.int32) + q_pos
     if K_SCALE:
         sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
