@@ -299,15 +299,20 @@ class FlashAttnBackend(AttentionBackend):
     def _fn(self, name: str) -> Callable:
         return getattr(self._module, name)
 
+    def check_forward(self, q, kv_cache, meta, params, sinks=None, k_scale=None, v_scale=None, out=None,
+                      lse=None) -> None:
+        """The shared checks, plus whether this generation can read the NHD views in place."""
+        super().check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
+        problems = layout_problems(self.generation, *nhd_views(kv_cache))
+        if problems:
+            raise UnsupportedFeatureError(f"backend 'flash_attn' ({self.generation.name}) cannot read this "
+                                          f"cache in place: " + "; ".join(problems))
+
     def forward(self, q, kv_cache, meta, params, *, sinks=None, k_scale=None, v_scale=None, out=None,
                 lse=None, return_lse=False, validate=True) -> AttentionOutput:
-        k, v = nhd_views(kv_cache)
         if validate:
             self.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
-            problems = layout_problems(self.generation, k, v)
-            if problems:
-                raise UnsupportedFeatureError(f"backend 'flash_attn' ({self.generation.name}) cannot read this "
-                                              f"cache in place: " + "; ".join(problems))
+        k, v = nhd_views(kv_cache)
         want_lse = return_lse or lse is not None
         t = meta.num_actual_tokens
         calls = plan_calls(self.generation, q, k, v, meta, params, sinks, want_lse)

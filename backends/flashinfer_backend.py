@@ -256,7 +256,10 @@ class FlashInferBackend(AttentionBackend):
                 f"backend 'flashinfer' runs MLA for fp16/bf16 latents with kv_lora_rank a multiple of 128 and "
                 f"rope_dim a multiple of 64; got {dtype_name(dtype)}, kv_lora_rank={rank}, rope_dim={rope}")
 
-    def _check_flashinfer_forward(self, params, sinks, out, lse) -> None:
+    def check_forward(self, q, kv_cache, meta, params, sinks=None, k_scale=None, v_scale=None, out=None,
+                      lse=None) -> None:
+        """The shared checks, plus FlashInfer's: no sinks with soft-cap, contiguous out/lse."""
+        super().check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
         if sinks is not None and params.logits_soft_cap is not None:
             raise UnsupportedFeatureError("backend 'flashinfer' cannot combine learned sinks with a logits "
                                           "soft-cap (FlashInfer's sink variant has none)")
@@ -399,7 +402,6 @@ class FlashInferBackend(AttentionBackend):
                 lse=None, return_lse=False, validate=True) -> AttentionOutput:
         if validate:
             self.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
-            self._check_flashinfer_forward(params, sinks, out, lse)
         capturing = kv_cache.is_cuda and torch.cuda.is_current_stream_capturing()
         step = self._step_plan(meta, params, q.dtype, kv_cache.dtype, sinks is not None, capturing)
         total = meta.num_actual_tokens
@@ -430,21 +432,11 @@ class FlashInferBackend(AttentionBackend):
     def forward_mla(self, q, latent_cache, meta, kv_lora_rank, scale, *, causal=True, return_lse=False):
         """MLA through FlashInfer's MLA wrapper, reading the latent cache ``(B, 1, N, L+R)`` in place:
         the compressed part and the rope part are two strided views of it (no copy)."""
-        if not isinstance(latent_cache, torch.Tensor) or latent_cache.dim() != 4 or latent_cache.shape[1] != 1 \
-                or latent_cache.stride(-1) != 1:
-            raise KVLayoutError(f"MLA needs a latent cache (B, 1, N, L+R) with a contiguous last dim, got "
-                                f"{tuple(getattr(latent_cache, 'shape', ()))}")
+        self.check_forward_mla(q, latent_cache, meta, kv_lora_rank)
         c = latent_cache.shape[3]
-        if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != c:
-            raise KVLayoutError(f"MLA needs q [T, H, {c}], got {tuple(getattr(q, 'shape', ()))}")
-        if not 0 < kv_lora_rank < c:
-            raise KVLayoutError(f"kv_lora_rank {kv_lora_rank} must be inside the latent size {c}")
-        self._check_mla_dims(kv_lora_rank, c - kv_lora_rank, latent_cache.dtype)
-        if q.dtype != latent_cache.dtype:
-            raise KVLayoutError(f"q is {dtype_name(q.dtype)} but the latent cache is {dtype_name(latent_cache.dtype)}")
-        if meta.block_size != latent_cache.shape[2] or meta.num_blocks > latent_cache.shape[0] \
-                or q.shape[0] < meta.num_actual_tokens or q.device != latent_cache.device:
-            raise KVLayoutError("MLA: q, metadata and latent cache disagree (tokens, block size, blocks or device)")
+        if latent_cache.stride(-1) != 1:
+            raise KVLayoutError("MLA needs a latent cache with a contiguous last dim")
+        self._check_mla_dims(kv_lora_rank, c - kv_lora_rank, latent_cache.dtype)   # fp16/bf16: q dtype must match
         total, h = meta.num_actual_tokens, q.shape[1]
         key = ("flashinfer-mla", id(self), h, kv_lora_rank, c, float(scale), bool(causal), q.dtype)
         step = meta.backend_state.get(key)

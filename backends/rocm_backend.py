@@ -19,12 +19,11 @@ import torch
 from kvlayout.errors import KVLayoutError
 from kvlayout.metadata import AttentionMetadata
 
-from .base import AttentionBackend, AttentionOutput
+from .base import AttentionOutput
 from .rocm_kernels import (RocmConfig, decode_partition_size, paged_decode, prefill_tiles, prefix_prefill,
                            rocm_config)
 from .triton_attention import interpreting
 from .triton_backend import TRITON_CAPABILITIES, TritonBackend
-from .triton_cache import write_kv as triton_write_kv
 from .triton_decode import device_sms
 
 ROCM_CAPABILITIES = dataclasses.replace(TRITON_CAPABILITIES, name="rocm")
@@ -54,40 +53,11 @@ def step_plan(meta: AttentionMetadata, block_m: int) -> RocmStepPlan:
     return plan
 
 
-class RocmBackend(AttentionBackend):
+class RocmBackend(TritonBackend):
+    """The Triton backend's runtime, checks and ``write_kv``, with the AMD-shaped attention kernels."""
+
     name = "rocm"
     capabilities = ROCM_CAPABILITIES
-
-    @classmethod
-    def unavailable_reason(cls, device: Optional[torch.device] = None) -> Optional[str]:
-        return TritonBackend.unavailable_reason(device)        # the same Triton runtime, on CUDA or HIP
-
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-                 validate: bool = True) -> None:
-        triton_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
-
-    def _check_launch(self, q, kv_cache, meta, sinks, k_scale, v_scale, out) -> None:
-        want = "cpu" if interpreting() else "cuda"
-        if kv_cache.device.type != want:
-            raise KVLayoutError(f"the rocm backend runs on {want} tensors here, got {kv_cache.device}")
-        if q.stride(-1) != 1 or (out is not None and out.stride(-1) != 1):
-            raise KVLayoutError("q and out need a contiguous last dim (stride 1)")
-        if meta.query_start_loc.shape[0] != meta.num_reqs + 1 or meta.block_table.shape[0] != meta.num_reqs \
-                or meta.query_start_loc_cpu.shape[0] != meta.num_reqs + 1:
-            raise KVLayoutError(f"metadata is inconsistent: {meta.num_reqs} requests but query_start_loc has "
-                                f"{meta.query_start_loc.shape[0]} entries and the block table "
-                                f"{meta.block_table.shape[0]} rows; build it with build_attention_metadata")
-        for name, t in (("query_start_loc", meta.query_start_loc), ("seq_lens", meta.seq_lens),
-                        ("block_table", meta.block_table)):
-            if t.dtype != torch.int32 or t.stride(-1) != 1:
-                raise KVLayoutError(f"metadata {name} must be int32 with a contiguous last dim")
-        if meta.num_decode_tokens != meta.num_decodes:
-            raise KVLayoutError(f"metadata says {meta.num_decodes} decodes with {meta.num_decode_tokens} tokens; "
-                                f"decodes have one token each")
-        for name, t in (("sinks", sinks), ("k_scale", k_scale), ("v_scale", v_scale)):
-            if t is not None and (t.device != kv_cache.device or not t.is_contiguous()):
-                raise KVLayoutError(f"{name} must be a contiguous tensor on {kv_cache.device}")
 
     def config(self, q: torch.Tensor, head_size: int) -> RocmConfig:
         return rocm_config(head_size, q.dtype.itemsize, interpreting())
@@ -99,7 +69,6 @@ class RocmBackend(AttentionBackend):
         program per sequence and KV head; else keys per partition, a multiple of the key tile)."""
         if validate:
             self.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
-            self._check_launch(q, kv_cache, meta, sinks, k_scale, v_scale, out)
         cfg = self.config(q, params.head_size)
         if validate and partition_size and partition_size % cfg.block_n:
             raise KVLayoutError(f"partition_size {partition_size} must be a multiple of the key tile {cfg.block_n}")

@@ -68,16 +68,21 @@ class TritonBackend(AttentionBackend):
             return "on the CPU the kernels need Triton's interpreter: set TRITON_INTERPRET=1 before importing them"
         return f"runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), not on {kind}"
 
-    def _check_launch(self, q, kv_cache, meta, sinks, k_scale, v_scale, out) -> None:
+    def check_forward(self, q, kv_cache, meta, params, sinks=None, k_scale=None, v_scale=None, out=None,
+                      lse=None) -> None:
+        """The shared checks, plus what the Triton launches need (device, strides, int32 metadata)."""
+        super().check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
         want = "cpu" if interpreting() else "cuda"
         if kv_cache.device.type != want:
-            raise KVLayoutError(f"the triton backend runs on {want} tensors here "
+            raise KVLayoutError(f"the {self.name} backend runs on {want} tensors here "
                                 f"({'interpreter' if want == 'cpu' else 'compiled kernels'}), got {kv_cache.device}")
         if q.stride(-1) != 1 or (out is not None and out.stride(-1) != 1):
             raise KVLayoutError("q and out need a contiguous last dim (stride 1)")
-        if meta.query_start_loc.shape[0] != meta.num_reqs + 1 or meta.block_table.shape[0] != meta.num_reqs:
+        if meta.query_start_loc.shape[0] != meta.num_reqs + 1 or meta.block_table.shape[0] != meta.num_reqs \
+                or meta.query_start_loc_cpu.shape[0] != meta.num_reqs + 1:
             raise KVLayoutError(f"metadata is inconsistent: {meta.num_reqs} requests, query_start_loc of "
-                                f"{meta.query_start_loc.shape[0]}, block table of {meta.block_table.shape[0]} rows")
+                                f"{meta.query_start_loc.shape[0]}, block table of {meta.block_table.shape[0]} rows; "
+                                f"build it with build_attention_metadata")
         for name, t in (("query_start_loc", meta.query_start_loc), ("seq_lens", meta.seq_lens),
                         ("block_table", meta.block_table)):
             if t.dtype != torch.int32 or t.stride(-1) != 1:
@@ -98,7 +103,6 @@ class TritonBackend(AttentionBackend):
                 lse=None, return_lse=False, validate=True) -> AttentionOutput:
         if validate:
             self.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
-            self._check_launch(q, kv_cache, meta, sinks, k_scale, v_scale, out)
         want_lse = return_lse or lse is not None
         if out is None:
             out = torch.empty_like(q)

@@ -69,13 +69,13 @@ class AttentionLayer:
             self._checked_backends.add(backend.name)
         if (k is None) != (v is None):
             raise KVLayoutError("pass both k and v, or neither")
+        if validate:              # the attention checks run before the write, so a refused call writes nothing
+            backend.check_forward(q, self.kv_cache, meta, self.attn_params, self.sinks, self.k_scale,
+                                  self.v_scale, out)
         if k is not None:
-            if validate:
-                backend.check_forward(q, self.kv_cache, meta, self.attn_params, self.sinks, self.k_scale,
-                                      self.v_scale, out)
             backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale, validate=validate)
         return backend.forward(q, self.kv_cache, meta, self.attn_params, sinks=self.sinks, k_scale=self.k_scale,
-                               v_scale=self.v_scale, out=out, return_lse=return_lse, validate=validate)
+                               v_scale=self.v_scale, out=out, return_lse=return_lse, validate=False)
 
 
 class MLALayer:
