@@ -1,20 +1,18 @@
-"""Cache kernels in Triton: ``write_kv`` (reshape-and-cache into the packed layout, fp8 quantization) and
-``copy_blocks`` (copy-on-write of whole blocks, through the page-copy kernel of ``triton_pages``)."""
+"""The Triton ``write_kv`` kernel: reshape-and-cache into the packed layout, with fp8 quantization. Block
+copies are ``kvlayout.ops.copy_blocks`` (the page kernels of ``triton_pages``)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from kvlayout.allocation import KVCache, check_block_ids
 from kvlayout.cache_ops import check_write_kv
 from kvlayout.errors import KVLayoutError
 from kvlayout.specs import is_fp8
 
-from .triton_pages import copy_pages
 
 _FP8_FORMAT = {  # dtype -> (mantissa bits, smallest normal exponent, largest finite value)
     torch.float8_e4m3fn: (3, -6, 448.0),
@@ -103,45 +101,3 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         HEAD=d, NUM_HEADS=h, PAGE=page, BLOCK_T=block_t, BLOCK_C=block_c, FP8=fp8,
         K_SCALE=fp8 and k_scale is not None, V_SCALE=fp8 and v_scale is not None,
         MBITS=mbits, EMIN=emin, FMAX=fmax, num_warps=4)
-
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _blocks_view(cache: Union[KVCache, torch.Tensor], group: int) -> tuple[torch.Tensor, int]:
-    """``(view [outer, B, inner] of integers, num_blocks)`` where block ``b`` of every outer slice is the
-    contiguous run ``view[o, b, :]``."""
-    if isinstance(cache, KVCache):
-        if not 0 <= group < len(cache.layout.groups):
-            raise KVLayoutError(f"group {group} does not exist; this cache has {len(cache.layout.groups)} groups")
-        g = cache.layout.groups[group]
-        view = cache.group_blocks_view(group)
-        view = view.unsqueeze(0) if g.cross_layer else view
-        return view, g.num_blocks
-    if not isinstance(cache, torch.Tensor) or cache.dim() < 2:
-        raise KVLayoutError("copy_blocks needs a KVCache or a layer's cache tensor (blocks first)")
-    inner = cache[0]
-    if not inner.is_contiguous():
-        raise KVLayoutError("copy_blocks: a block of this tensor is not one contiguous run of memory")
-    ints = cache.view(_SAME_SIZE_INT[cache.element_size()])   # copy bits, whatever the dtype
-    return ints.as_strided((1, cache.shape[0], inner.numel()), (0, cache.stride(0), 1)), cache.shape[0]
-
-
-def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Union[Sequence[int], torch.Tensor],
-                dst: Union[Sequence[int], torch.Tensor], group: int = 0, validate: bool = True) -> None:
-    """Copy block ``src[i]`` to ``dst[i]``: on a ``KVCache`` for every layer of ``group`` in one launch, on a
-    layer tensor for that layer. Destinations must be distinct and not among the sources. ``validate=False``
-    takes device int64 ``src``/``dst`` as they are (no host sync)."""
-    view, num_blocks = _blocks_view(cache, group)
-    if validate:
-        s = check_block_ids(src, num_blocks, view.device, "copy_blocks src")
-        t = check_block_ids(dst, num_blocks, view.device, "copy_blocks dst")
-        if s.numel() != t.numel():
-            raise KVLayoutError(f"copy_blocks: {s.numel()} source blocks but {t.numel()} destinations")
-        if t.unique().numel() != t.numel():
-            raise KVLayoutError("copy_blocks: a destination block appears twice")
-        if torch.isin(t, s).any():
-            raise KVLayoutError("copy_blocks: a destination block is also a source; copy in two steps")
-    else:
-        s, t = src, dst
-    copy_pages(view, s, view, t)

@@ -117,6 +117,22 @@ def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, what
 
 # ------------------------------------------------------------------------------ paged prefill with append
 
+def _run_attention(q: torch.Tensor, lse_shape, out, lse, return_lse: bool, *, launch=None, reference=None):
+    """Run an attention op into ``out``/``lse`` (allocated when not given): ``launch(out, lse)`` for the
+    Triton kernel (``lse`` None when not wanted), or ``reference() -> (out, lse)`` copied into them."""
+    want_lse = return_lse or lse is not None
+    if launch is not None:
+        out = torch.empty_like(q) if out is None else out
+        if want_lse and lse is None:
+            lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        launch(out, lse)
+    else:
+        o, l = reference()
+        out = o if out is None else out.copy_(o)
+        lse = l if lse is None else lse.copy_(l)
+    return (out, lse) if want_lse else out
+
+
 def check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
                                     logits_soft_cap=None, out=None, lse=None) -> None:
     """Every check ``paged_prefill_with_append`` makes, without touching memory (reads the index tensors
@@ -218,20 +234,16 @@ def paged_prefill_with_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch
                                         logits_soft_cap, out, lse)
     scale = _scale_value(scale, q.shape[2])
     cap = soft_cap_value(logits_soft_cap)
-    want_lse = return_lse or lse is not None
     if _use_triton(impl, q.device, "paged_prefill_with_append", q.dtype):
         from .backends.triton_prefill import paged_prefill_append_launch
-        out = torch.empty_like(q) if out is None else out
-        if want_lse and lse is None:
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        paged_prefill_append_launch(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table, out, lse,
-                                    scale=scale, causal=causal, soft_cap=cap)
-    else:
-        o, l = ref.paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
-                                             causal=causal, scale=scale, logits_soft_cap=cap)
-        out = o if out is None else out.copy_(o)
-        lse = l if lse is None else lse.copy_(l)
-    return (out, lse) if want_lse else out
+
+        def launch(o, l):
+            paged_prefill_append_launch(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table, o, l,
+                                        scale=scale, causal=causal, soft_cap=cap)
+        return _run_attention(q, q.shape[:2], out, lse, return_lse, launch=launch)
+    return _run_attention(q, q.shape[:2], out, lse, return_lse, reference=lambda: ref.paged_prefill_with_append(
+        q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table, causal=causal, scale=scale,
+        logits_soft_cap=cap))
 
 
 # ------------------------------------------------------------------------------ masked sequence prefill
@@ -281,18 +293,14 @@ def masked_sequence_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
         check_masked_sequence_prefill(q, k, v, valid_lens, logits_soft_cap, out, lse)
     scale = _scale_value(scale, q.shape[3])
     cap = soft_cap_value(logits_soft_cap)
-    want_lse = return_lse or lse is not None
     if _use_triton(impl, q.device, "masked_sequence_prefill", q.dtype):
         from .backends.triton_prefill import masked_prefill_launch
-        out = torch.empty_like(q) if out is None else out
-        if want_lse and lse is None:
-            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        masked_prefill_launch(q, k, v, valid_lens, out, lse, scale=scale, causal=causal, soft_cap=cap)
-    else:
-        o, l = ref.masked_sequence_prefill(q, k, v, valid_lens, causal=causal, scale=scale, logits_soft_cap=cap)
-        out = o if out is None else out.copy_(o)
-        lse = l if lse is None else lse.copy_(l)
-    return (out, lse) if want_lse else out
+
+        def launch(o, l):
+            masked_prefill_launch(q, k, v, valid_lens, o, l, scale=scale, causal=causal, soft_cap=cap)
+        return _run_attention(q, q.shape[:3], out, lse, return_lse, launch=launch)
+    return _run_attention(q, q.shape[:3], out, lse, return_lse, reference=lambda: ref.masked_sequence_prefill(
+        q, k, v, valid_lens, causal=causal, scale=scale, logits_soft_cap=cap))
 
 
 # -------------------------------------------------------------------------------------------- merge state
@@ -300,7 +308,7 @@ def masked_sequence_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
 def _bases(lse_base, count: int) -> tuple[str, ...]:
     bases = (lse_base,) * count if isinstance(lse_base, str) else tuple(lse_base)
     if len(bases) != count or any(b not in LSE_BASES for b in bases):
-        raise KVLayoutError(f"lse_base must be 'e' or '2'" + (f" (or a pair of them, one per state)" if count == 2 else "")
+        raise KVLayoutError("lse_base must be 'e' or '2'" + (" (or a pair of them, one per state)" if count == 2 else "")
                             + f", got {lse_base!r}")
     return bases
 
