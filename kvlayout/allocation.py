@@ -28,13 +28,10 @@ class KVCache(dict):
         return buf.view(len(g.layer_names), g.num_blocks, g.page_size_bytes)
 
     def zero_blocks(self, block_ids, group: int = 0) -> None:
-        """Zero blocks ``block_ids`` of every layer of ``group`` (one kernel per group, no layer loop)."""
-        g = self.layout.groups[group] if 0 <= group < len(self.layout.groups) else None
-        if g is None:
-            raise KVLayoutError(f"group {group} does not exist; this cache has {len(self.layout.groups)} groups")
-        ids = check_block_ids(block_ids, g.num_blocks, self.buffers[group].device, "zero_blocks")
-        view = self.group_blocks_view(group)
-        view.index_fill_(0 if g.cross_layer else 1, ids, 0)
+        """Zero blocks ``block_ids`` of every layer of ``group`` (one kernel per group, no layer loop); see
+        ``kvlayout.ops.zero_blocks``."""
+        from .ops import zero_blocks as ops_zero_blocks
+        ops_zero_blocks(self, block_ids, group=group)
 
 
 def check_block_ids(block_ids, num_blocks: int, device: torch.device, what: str) -> torch.Tensor:

@@ -120,31 +120,9 @@ def gather_kv(kv_cache: torch.Tensor, block_ids, num_tokens: int, k_scale: Optio
     return k, v
 
 
-def _pairs(src, dst, num_blocks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    s = check_block_ids(src, num_blocks, device, "copy_blocks src")
-    t = check_block_ids(dst, num_blocks, device, "copy_blocks dst")
-    if s.numel() != t.numel():
-        raise KVLayoutError(f"copy_blocks: {s.numel()} source blocks but {t.numel()} destinations")
-    if t.unique().numel() != t.numel():
-        raise KVLayoutError("copy_blocks: a destination block appears twice")
-    return s, t
-
-
 def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Sequence[int], dst: Sequence[int], group: int = 0) -> None:
     """Copy block ``src[i]`` to ``dst[i]`` (copy-on-write). On a ``KVCache`` this copies the blocks of
-    every layer of ``group`` in one operation; on a tensor, only that layer's blocks."""
-    if isinstance(cache, KVCache):
-        if not 0 <= group < len(cache.layout.groups):
-            raise KVLayoutError(f"copy_blocks: group {group} does not exist; this cache has "
-                                f"{len(cache.layout.groups)} groups")
-        g = cache.layout.groups[group]
-        s, t = _pairs(src, dst, g.num_blocks, cache.buffers[group].device)
-        view = cache.group_blocks_view(group)
-        dim = 0 if g.cross_layer else 1
-        view.index_copy_(dim, t, view.index_select(dim, s))
-    elif isinstance(cache, torch.Tensor) and cache.dim() >= 1:
-        s, t = _pairs(src, dst, cache.shape[0], cache.device)
-        raw = cache.view(torch.int8) if cache.element_size() == 1 else cache   # fp8 has no CPU index_copy_
-        raw.index_copy_(0, t, raw.index_select(0, s))
-    else:
-        raise KVLayoutError("copy_blocks needs a KVCache or a layer's cache tensor")
+    every layer of ``group`` in one operation; on a tensor, only that layer's blocks. All reads happen
+    before any write. See ``kvlayout.ops.copy_blocks`` (Triton where it can run, else PyTorch)."""
+    from .ops import copy_blocks as ops_copy_blocks
+    ops_copy_blocks(cache, src, dst, group=group)

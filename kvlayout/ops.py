@@ -414,8 +414,8 @@ def page_bytes_view(cache: Union[KVCache, torch.Tensor], group: int = 0) -> torc
         view = cache.group_blocks_view(group)
         return view.unsqueeze(0) if groups[group].cross_layer else view
     if not isinstance(cache, torch.Tensor) or cache.dim() < 2:
-        raise KVLayoutError("page ops need a KVCache (from allocate_kv_cache) or one layer's cache tensor "
-                            f"(blocks first), got {type(cache).__name__}")
+        raise KVLayoutError("page ops need a KVCache or a layer's cache tensor (blocks first, as "
+                            f"allocate_kv_cache makes them), got {type(cache).__name__}")
     inner = cache.shape[1:]
     expect = torch.empty(inner, device="meta").stride()
     if any(sz > 1 and st != e for sz, st, e in zip(inner, cache.stride()[1:], expect)):
