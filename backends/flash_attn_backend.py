@@ -41,7 +41,7 @@ from kvlayout.metadata import AttentionMetadata
 from kvlayout.params import AttentionParams
 
 from .base import AttentionBackend, AttentionOutput
-from .triton_cache import write_kv as triton_write_kv
+from kvlayout.kernels.write import write_kv as triton_write_kv
 
 VERSION_ENV = "KVLAYOUT_FLASH_ATTN_VERSION"      # "2", "3" or "4": use that generation only
 ALIGN_BYTES = 16

@@ -490,7 +490,7 @@ class FlashInferBackend(AttentionBackend):
         elif how == "triton":
             fn = _triton_write_kv()
             if fn is None:
-                raise BackendUnavailableError("the Triton write_kv kernel (kvlayout.backends.triton_cache) is not "
+                raise BackendUnavailableError("the Triton write_kv kernel (kvlayout.kernels.write) is not "
                                               "available; use append='torch'")
             fn(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
         else:
@@ -536,9 +536,9 @@ def _sink_jit_args(v: Variant, backend: str) -> dict:
 
 
 def _triton_write_kv():
-    """The Triton ``write_kv`` kernel when the triton backend ships one (kvlayout.backends.triton_cache)."""
+    """The Triton ``write_kv`` kernel when the triton backend ships one (kvlayout.kernels.write)."""
     try:
-        from . import triton_cache
+        from kvlayout.kernels import write as triton_cache
     except ImportError:
         return None
     return getattr(triton_cache, "write_kv", None)

@@ -20,11 +20,11 @@ from kvlayout.errors import KVLayoutError
 from kvlayout.metadata import AttentionMetadata
 
 from .base import AttentionOutput
-from .rocm_kernels import (RocmConfig, decode_partition_size, paged_decode, prefill_tiles, prefix_prefill,
+from kvlayout.kernels.rocm import (RocmConfig, decode_partition_size, paged_decode, prefill_tiles, prefix_prefill,
                            rocm_config)
-from .triton_attention import interpreting
+from kvlayout.kernels.unified import interpreting
 from .triton_backend import TRITON_CAPABILITIES, TritonBackend
-from .triton_decode import device_sms
+from kvlayout.kernels.decode import device_sms
 
 ROCM_CAPABILITIES = dataclasses.replace(TRITON_CAPABILITIES, name="rocm")
 

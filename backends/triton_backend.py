@@ -20,9 +20,9 @@ from kvlayout.errors import KVLayoutError
 from kvlayout.specs import FP8_DTYPES
 
 from .base import AttentionBackend, AttentionOutput
-from .triton_attention import interpreting, unified_attention, unified_config
-from .triton_cache import write_kv as triton_write_kv
-from .triton_decode import split_kv_decode
+from kvlayout.kernels.unified import interpreting, unified_attention, unified_config
+from kvlayout.kernels.write import write_kv as triton_write_kv
+from kvlayout.kernels.decode import split_kv_decode
 
 TRITON_CAPABILITIES = BackendCapabilities(
     name="triton",

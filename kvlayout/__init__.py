@@ -9,15 +9,10 @@ from .layout import GroupLayout, KVCacheLayout, LayerLayout, resolve_kv_cache_la
 from .metadata import AttentionMetadata, ScheduledRequest, build_attention_metadata, order_decodes_first
 from .params import AttentionParams
 from .planner import GroupPlan, KVCachePlan, plan_kv_cache
+from .registry import get_attention_backend
 from .specs import AttentionKind, AttentionSpec, MambaSpec, MLASpec, parse_dtype
 
 __version__ = "0.1.0"
-
-
-def get_attention_backend(name=None, device=None):
-    """See ``kvlayout.backends.get_attention_backend``."""
-    from .backends import get_attention_backend as _get
-    return _get(name, device)
 
 
 __all__ = [

@@ -235,7 +235,7 @@ def paged_prefill_with_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch
     scale = _scale_value(scale, q.shape[2])
     cap = soft_cap_value(logits_soft_cap)
     if _use_triton(impl, q.device, "paged_prefill_with_append", q.dtype):
-        from .backends.triton_prefill import paged_prefill_append_launch
+        from .kernels.prefill import paged_prefill_append_launch
 
         def launch(o, l):
             paged_prefill_append_launch(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table, o, l,
@@ -294,7 +294,7 @@ def masked_sequence_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     scale = _scale_value(scale, q.shape[3])
     cap = soft_cap_value(logits_soft_cap)
     if _use_triton(impl, q.device, "masked_sequence_prefill", q.dtype):
-        from .backends.triton_prefill import masked_prefill_launch
+        from .kernels.prefill import masked_prefill_launch
 
         def launch(o, l):
             masked_prefill_launch(q, k, v, valid_lens, o, l, scale=scale, causal=causal, soft_cap=cap)
@@ -351,7 +351,7 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: to
     if lse_out is None:
         lse_out = torch.empty_like(s_a)
     if _use_triton(impl, v_a.device, "merge_state"):
-        from .backends.triton_merge import merge_two_launch
+        from .kernels.merge import merge_two_launch
         merge_two_launch(v_a, s_a, v_b, s_b, out, lse_out, base_a=base_a, base_b=base_b, out_base=base_out)
     else:
         factors = torch.tensor([_log2_factor(base_a), _log2_factor(base_b)], device=v_a.device)
@@ -384,7 +384,7 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, lse_base: str = "e", out: 
     if lse_out is None:
         lse_out = torch.empty(t, h, dtype=torch.float32, device=v.device)
     if k <= MAX_TRITON_STATES and _use_triton(impl, v.device, "merge_states"):
-        from .backends.triton_merge import merge_states_launch
+        from .kernels.merge import merge_states_launch
         merge_states_launch(v, s, out, lse_out, in_base=base, out_base=base)
     else:
         if impl == "triton":
@@ -452,7 +452,7 @@ def copy_blocks(cache: Union[KVCache, torch.Tensor], src: BlockIds, dst: BlockId
     if not _use_triton(impl, view.device, "copy_blocks"):
         ref.copy_pages(view, s, view, t)
         return
-    from .backends.triton_pages import copy_pages, word_view
+    from .kernels.pages import copy_pages, word_view
     words = word_view(view)
     overlap = torch.isin(s, t) & (s != t) if validate else None
     if overlap is not None and bool(overlap.any()):
@@ -474,7 +474,7 @@ def zero_blocks(cache: Union[KVCache, torch.Tensor], block_ids: BlockIds, *, gro
     if not _use_triton(impl, view.device, "zero_blocks"):
         ref.zero_pages(view, ids)
         return
-    from .backends.triton_pages import word_view, zero_pages
+    from .kernels.pages import word_view, zero_pages
     zero_pages(word_view(view), ids)
 
 
@@ -608,7 +608,7 @@ def compact(cache: Union[KVCache, torch.Tensor], src: BlockIds, dst: Optional[Bl
     if not _use_triton(impl, view.device, "compact"):
         ref.copy_pages(view, s, view, t)
         return
-    from .backends.triton_pages import copy_pages, word_view
+    from .kernels.pages import copy_pages, word_view
     words = word_view(view)
     span = max(1, view.shape[0] * view.shape[2])
     plan = plan_compact(s.tolist(), t.tolist(), max(1, max_staging_bytes // span - 2))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .backends.torch_ref import dense_attention
+from .reference import dense_attention
 
 LOG2_E = 1.0 / math.log(2.0)
 

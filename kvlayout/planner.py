@@ -193,7 +193,7 @@ def _as_capabilities(backend) -> Optional[BackendCapabilities]:
     if backend is None or isinstance(backend, BackendCapabilities):
         return backend
     if isinstance(backend, str):
-        from .backends import get_attention_backend
+        from .registry import get_attention_backend
         backend = get_attention_backend(backend)
     caps = getattr(backend, "capabilities", None)
     if not isinstance(caps, BackendCapabilities):

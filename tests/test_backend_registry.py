@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvlayout as kvl
-from kvlayout import backends as registry
+from kvlayout import registry
 from kvlayout.backends.torch_ref import TORCH_CAPABILITIES, TorchBackend
 from kvlayout.errors import BackendUnavailableError, KVLayoutError, LayoutConflictError, UnsupportedFeatureError
 

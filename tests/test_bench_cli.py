@@ -6,14 +6,14 @@ import textwrap
 
 import pytest
 
-from kvlayout import cli
-from kvlayout.bench import EXPECTED_TOOLS
+from kvlayout.cli import commands as cli_main
+from kvlayout.cli.bench import EXPECTED_TOOLS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_quick_writes_its_three_files(tmp_path, capsys):
-    rc = cli.main(["bench", "--quick", "--out", str(tmp_path)])
+    rc = cli_main.main(["bench", "--quick", "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert rc == 0, text
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -74,7 +74,7 @@ def fake_tools(tmp_path):
 
 def test_bench_maps_every_row_spelling_and_reports_each_tool(fake_tools, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out)])
+    rc = cli_main.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
     status = {n: t["status"] for n, t in res["tools"].items()}
@@ -96,11 +96,11 @@ def test_bench_maps_every_row_spelling_and_reports_each_tool(fake_tools, tmp_pat
     md = (out / "bench.md").read_text()
     assert "| bench_transfer | missing |" in md and "error: needs an AMD GPU" in md
     assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
-    assert cli.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--strict"]) == 1
-    assert cli.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--only", "alpha"]) == 0
+    assert cli_main.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--strict"]) == 1
+    assert cli_main.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--only", "alpha"]) == 0
     assert set(json.loads((out / "bench.json").read_text())["tools"]) == {"bench_alpha"}
 
 
 def test_bench_refuses_a_tools_folder_that_does_not_exist(tmp_path, capsys):
-    assert cli.main(["bench", "--quick", "--tools", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert cli_main.main(["bench", "--quick", "--tools", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "not a folder" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlayout.cli import main, parse_size
+from kvlayout.cli.commands import main, parse_size
 from kvlayout.hf_config import load_hf_config, specs_from_hf_config
 from kvlayout.specs import AttentionSpec, MambaSpec, MLASpec
 
@@ -84,7 +84,7 @@ def test_plan_from_config_path(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "kvlayout.cli", "plan", "llama-3.1-8b"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "kvlayout", "plan", "llama-3.1-8b"], capture_output=True,
                          text=True, check=True).stdout
     assert re.search(r"327,680", out)
 

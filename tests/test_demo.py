@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from kvlayout import cli, demo
+from kvlayout.cli import demo
+from kvlayout.cli import commands as cli
 
 SMALL = ["demo", "--requests", "3", "--min-prompt", "5", "--max-prompt", "40", "--new-tokens", "4",
          "--block-size", "8", "--token-budget", "24", "--no-progress", "--timeout", "240"]

@@ -7,7 +7,7 @@ import torch
 import kvlayout as kvl
 from kvlayout.backends import get_attention_backend
 from kvlayout.backends.rocm_backend import RocmBackend, step_plan
-from kvlayout.backends.rocm_kernels import decode_partition_size, prefill_tiles, rocm_config, vector_width
+from kvlayout.kernels.rocm import decode_partition_size, prefill_tiles, rocm_config, vector_width
 from kvlayout.backends.torch_ref import TorchBackend
 from kvlayout.errors import KVLayoutError, UnsupportedFeatureError
 from paged_case import paged_case

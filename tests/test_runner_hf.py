@@ -13,8 +13,8 @@ pytest.importorskip("safetensors")
 from kvlayout import AttentionSpec, ScheduledRequest, build_attention_metadata  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend, registered_backends  # noqa: E402
 from kvlayout.errors import KVLayoutError  # noqa: E402
-from kvlayout.model_config import ModelConfig, rope_inv_freq  # noqa: E402
-from kvlayout.runner import BlockAllocator, Engine  # noqa: E402
+from kvlayout.engine.model_config import ModelConfig, rope_inv_freq  # noqa: E402
+from kvlayout.engine.runner import BlockAllocator, Engine  # noqa: E402
 
 NEW_TOKENS = 32
 # Llama-3 rope scaling with a short original context, so all three frequency bands occur.

@@ -6,7 +6,7 @@ import torch
 
 from kvlayout import AttentionParams, ScheduledRequest, build_attention_metadata, get_attention_backend
 from kvlayout.backends.torch_ref import TorchBackend
-from kvlayout.backends.triton_decode import split_kv_decode
+from kvlayout.kernels.decode import split_kv_decode
 from kvlayout.cache_ops import write_kv as ref_write_kv
 from kvlayout.specs import is_fp8
 

@@ -34,8 +34,8 @@ import triton  # noqa: E402
 
 import kvlayout as kvl  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend  # noqa: E402
-from kvlayout.backends.triton_attention import UnifiedConfig, unified_attention, unified_config  # noqa: E402
-from kvlayout.backends.triton_decode import (DecodeConfig, choose_num_splits, decode_config,  # noqa: E402
+from kvlayout.kernels.unified import UnifiedConfig, unified_attention, unified_config  # noqa: E402
+from kvlayout.kernels.decode import (DecodeConfig, choose_num_splits, decode_config,  # noqa: E402
                                              device_sms, split_kv_decode)
 
 

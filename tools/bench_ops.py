@@ -31,8 +31,8 @@ import triton  # noqa: E402
 import kvlayout as kvl  # noqa: E402
 from kvlayout import ops  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend  # noqa: E402
-from kvlayout.backends.triton_attention import UnifiedConfig, unified_config  # noqa: E402
-from kvlayout.backends.triton_prefill import append_config, paged_prefill_append_launch  # noqa: E402
+from kvlayout.kernels.unified import UnifiedConfig, unified_config  # noqa: E402
+from kvlayout.kernels.prefill import append_config, paged_prefill_append_launch  # noqa: E402
 
 
 def prefill_inputs(quick: bool, device: torch.device, gen: torch.Generator) -> dict:

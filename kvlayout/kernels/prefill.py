@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import UnifiedConfig, attend_paged_range, find_request, interpreting, unified_config
-from .triton_softmax import LN2, dot, score_tile, softmax_finalize, softmax_init, softmax_update
+from .unified import UnifiedConfig, attend_paged_range, find_request, interpreting, unified_config
+from .softmax import LN2, dot, score_tile, softmax_finalize, softmax_init, softmax_update
 
 
 @triton.jit

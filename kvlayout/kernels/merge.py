@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_softmax import merge_partials
+from .softmax import merge_partials
 
 
 @triton.jit

@@ -10,8 +10,8 @@ from typing import Optional, Union
 
 import torch
 
-from .errors import KVLayoutError
-from .hf_config import load_hf_config
+from ..errors import KVLayoutError
+from ..hf_config import load_hf_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

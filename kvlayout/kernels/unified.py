@@ -24,7 +24,7 @@ import triton.language as tl
 from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
-from .triton_softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
+from .softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
 
 
 def interpreting() -> bool:

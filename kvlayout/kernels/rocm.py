@@ -30,9 +30,9 @@ import triton.language as tl
 from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
-from .triton_attention import load_group_query
-from .triton_merge import merge_states_launch
-from .triton_softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
+from .unified import load_group_query
+from .merge import merge_states_launch
+from .softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
 
 VECTOR_BYTES = 16
 MAX_PARTITIONS = 64

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import KVLayoutError
+from ..errors import KVLayoutError
 
 EXPECTED_TOOLS = ("bench_attention", "bench_transfer", "bench_flashinfer")
 UNITS = {"TB/s": ("TB/s", 1.0), "GB/s": ("TB/s", 1e-3), "MB/s": ("TB/s", 1e-6), "B/s": ("TB/s", 1e-12),

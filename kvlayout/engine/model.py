@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import KVLayoutError
-from .hf_config import specs_from_hf_config
-from .layers import AttentionLayer
-from .metadata import AttentionMetadata
+from ..errors import KVLayoutError
+from ..hf_config import specs_from_hf_config
+from ..layers import AttentionLayer
+from ..metadata import AttentionMetadata
 from .model_config import ModelConfig, rope_inv_freq
-from .specs import AttentionSpec
+from ..specs import AttentionSpec
 
 
 class RMSNorm(nn.Module):

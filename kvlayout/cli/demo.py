@@ -1,6 +1,6 @@
 """``kvlayout demo``: prefill/decode disaggregation end to end on one machine.
 
-A prefill engine and a decode engine run as two processes (``kvlayout.demo_worker``) on 127.0.0.1, each
+A prefill engine and a decode engine run as two processes (``kvlayout.cli.demo_worker``) on 127.0.0.1, each
 with the same model (a shipped tiny config with seeded random weights, or any Llama-style config) and its
 own paged cache. Every request is prefilled on one, its blocks are pulled by the other through the NIXL
 connector, and decoded there. The tokens are checked against a single-process run of the same requests.
@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import KVLayoutError
-from .runner import Engine
-from .specs import parse_dtype
+from ..errors import KVLayoutError
+from ..engine.runner import Engine
+from ..specs import parse_dtype
 
 DEFAULT_MODEL = "tiny-llama"
 NIXL_HINT = 'NIXL is not installed; install it with  pip install "kvlayout[nixl]"  to run the two-engine part.'
@@ -56,7 +56,7 @@ class Worker:
         self.log = tempfile.NamedTemporaryFile(prefix=f"kvlayout-demo-{self.role}-", suffix=".log", delete=False)
         env = dict(os.environ)
         env.setdefault("UCX_NET_DEVICES", "lo")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvlayout.demo_worker", json.dumps(cfg)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvlayout.cli.demo_worker", json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env)
         threading.Thread(target=self._read, args=(events,), daemon=True).start()
@@ -212,7 +212,7 @@ def run(args) -> int:
                             "(the first token comes from the prefill engine, the rest from the decode engine)")
     if args.backend is None:
         args.backend = "torch" if args.device == "cpu" else "auto"   # auto: the first that serves the model
-    from .model_config import ModelConfig
+    from ..engine.model_config import ModelConfig
     vocab = ModelConfig.from_hf(args.model).vocab_size
     prompts = make_prompts(args.requests, args.min_prompt, args.max_prompt, vocab, args.seed)
     console.print(f"kvlayout demo: model {args.model}, {args.requests} requests (prompts {args.min_prompt}-"

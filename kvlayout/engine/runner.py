@@ -18,14 +18,14 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .allocation import allocate_kv_cache
-from .backends import get_attention_backend
-from .errors import KVLayoutError
-from .layers import bind_kv_cache
-from .metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
+from ..allocation import allocate_kv_cache
+from ..registry import get_attention_backend
+from ..errors import KVLayoutError
+from ..layers import bind_kv_cache
+from ..metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
 from .model import LlamaModel, build_model
 from .model_config import ModelConfig
-from .planner import plan_kv_cache
+from ..planner import plan_kv_cache
 
 
 class BlockAllocator:

@@ -21,9 +21,9 @@ import triton.language as tl
 from kvlayout.params import AttentionParams
 from kvlayout.specs import is_fp8
 
-from .triton_attention import _scale_args, attend_paged_range, interpreting, load_group_query
-from .triton_merge import merge_states_launch
-from .triton_softmax import LN2, finalize_heads, softmax_init
+from .unified import _scale_args, attend_paged_range, interpreting, load_group_query
+from .merge import merge_states_launch
+from .softmax import LN2, finalize_heads, softmax_init
 
 
 @triton.jit

@@ -7,7 +7,7 @@ import re
 import sys
 from typing import Callable, Optional, Sequence
 
-from .errors import KVLayoutError
+from ..errors import KVLayoutError
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
@@ -24,8 +24,8 @@ def parse_size(text: str) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .hf_config import load_hf_config, specs_from_hf_config
-    from .planner import plan_kv_cache
+    from ..hf_config import load_hf_config, specs_from_hf_config
+    from ..planner import plan_kv_cache
 
     cfg = load_hf_config(args.model)
     specs = specs_from_hf_config(cfg, kv_dtype=args.kv_dtype, block_size=args.block_size, tp_size=args.tp,
@@ -40,7 +40,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _add_plan(sub) -> None:
-    from .hf_config import shipped_models
+    from ..hf_config import shipped_models
 
     p = sub.add_parser("plan", help="print the KV-cache plan for a model",
                        description="Resolve the cache layout for a model and print one row per group of "

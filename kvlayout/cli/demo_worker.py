@@ -1,6 +1,6 @@
 """One engine of ``kvlayout demo``: a prefill or a decode engine in its own process, with a NIXL connector.
 
-Run as ``python -m kvlayout.demo_worker '<json config>'``. It answers on stdout with lines ``@@<json>``
+Run as ``python -m kvlayout.cli.demo_worker '<json config>'``. It answers on stdout with lines ``@@<json>``
 (first ``ready``, with its connector address and plan) and takes JSON commands one per stdin line:
 
 - prefill role: ``{"cmd": "prefill", "id", "prompt"}`` -> computes the prompt (chunked, batched with the
@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from .runner import Engine
-from .specs import parse_dtype
+from ..engine.runner import Engine
+from ..specs import parse_dtype
 
 
 def emit(obj: dict) -> None:
@@ -52,7 +52,7 @@ def _stdin_lines(out: queue.Queue) -> None:
 
 
 def serve(cfg: dict) -> None:
-    from .connectors import NixlConnector
+    from ..connectors import NixlConnector
 
     role = cfg["role"]
     if cfg["device"] == "cpu":                 # two engines share the cores

@@ -1,0 +1,42 @@
+"""Dense attention in plain PyTorch: the math every backend and kernel is checked against."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, q_offset: int,
+                    causal: bool = True, sliding_window: Optional[int] = None,
+                    soft_cap: Optional[float] = None, sinks: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [Q, Hq, D]`` over ``k [S, Hkv, D]``, ``v [S, Hkv, Dv]`` in the dtype of the inputs
+    (pass float32 or float64). Query t sits at position ``q_offset + t``. Returns ``(out [Q, Hq, Dv],
+    lse [Q, Hq])`` with the natural-log LSE of the whole softmax denominator (sink included)."""
+    nq, hq, _ = q.shape
+    s, hk, dv = v.shape
+    g = hq // hk
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    qpos = torch.arange(nq, device=q.device).unsqueeze(1) + q_offset
+    kpos = torch.arange(s, device=q.device).unsqueeze(0)
+    visible = torch.ones(nq, s, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= kpos <= qpos
+    if sliding_window is not None:
+        visible &= kpos > qpos - sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(hq, 1, 1).expand(hq, nq, 1)
+        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    probs = torch.where(finite.unsqueeze(-1), probs, torch.zeros_like(probs))
+    out = torch.einsum("hqk,khd->qhd", probs, v)
+    return out, lse.transpose(0, 1)
