@@ -1,11 +1,12 @@
 """kvlayout: one packed, blocks-first KV-cache layout for every layer of a model, resolved once."""
 
-from .allocation import KVCache, allocate_kv_cache, zero_blocks
-from .cache_ops import copy_blocks, gather_kv, write_kv
+from .allocation import KVCache, allocate_kv_cache
+from .cache_ops import gather_kv, write_kv
 from .capabilities import BackendCapabilities, ConnectorWishes
 from .errors import (BackendUnavailableError, KVLayoutError, LayoutConflictError, UnsupportedFeatureError)
 from .layers import AttentionLayer, MambaLayer, MLALayer, bind_kv_cache, mamba_state_views
 from .layout import GroupLayout, KVCacheLayout, LayerLayout, resolve_kv_cache_layout
+from .ops import copy_blocks, zero_blocks
 from .metadata import AttentionMetadata, ScheduledRequest, build_attention_metadata, order_decodes_first
 from .params import AttentionParams
 from .planner import GroupPlan, KVCachePlan, plan_kv_cache

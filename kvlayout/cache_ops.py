@@ -1,12 +1,12 @@
-"""Cache operations in PyTorch: append K/V through ``slot_mapping``, copy blocks, gather for checks."""
+"""Cache operations in PyTorch: append K/V through ``slot_mapping``, gather for checks (page copies and\nzeroing are ``kvlayout.ops``)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
-from .allocation import KVCache, check_block_ids
+from .checks import check_block_ids
 from .errors import KVLayoutError
 from .specs import dtype_name, is_fp8
 
@@ -118,11 +118,3 @@ def gather_kv(kv_cache: torch.Tensor, block_ids, num_tokens: int, k_scale: Optio
         k = (k.float() * scale_for_heads(k_scale, k.device)).to(out)
         v = (v.float() * scale_for_heads(v_scale, v.device)).to(out)
     return k, v
-
-
-def copy_blocks(cache: Union[KVCache, torch.Tensor], src: Sequence[int], dst: Sequence[int], group: int = 0) -> None:
-    """Copy block ``src[i]`` to ``dst[i]`` (copy-on-write). On a ``KVCache`` this copies the blocks of
-    every layer of ``group`` in one operation; on a tensor, only that layer's blocks. All reads happen
-    before any write. See ``kvlayout.ops.copy_blocks`` (Triton where it can run, else PyTorch)."""
-    from .ops import copy_blocks as ops_copy_blocks
-    ops_copy_blocks(cache, src, dst, group=group)

@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops_reference as ref
-from .allocation import KVCache, check_block_ids
+from .allocation import KVCache
+from .checks import check_block_ids
 from .cache_ops import check_kv_cache
 from .errors import KVLayoutError, UnsupportedFeatureError
 from .specs import dtype_name

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 from .errors import BackendUnavailableError
 
-
-if TYPE_CHECKING:                                            # pragma: no cover
-    from .backends.base import AttentionBackend
 
 ENV_VAR = "KVLAYOUT_ATTENTION_BACKEND"
 
@@ -28,7 +25,7 @@ _REGISTRY: dict[str, str] = {
 }
 # Preference order for "auto" on a CUDA device; the CPU gets the reference backend.
 AUTO_ORDER_CUDA = ("flashinfer", "triton", "torch")
-_instances: dict[str, "AttentionBackend"] = {}
+_instances: dict[str, Any] = {}
 
 
 def register_backend(name: str, target: Union[str, Callable[[], type]]) -> None:
@@ -66,7 +63,7 @@ def available_backends(device: Union[str, torch.device, None] = None) -> dict[st
 
 
 def get_attention_backend(name: Optional[str] = None, device: Union[str, torch.device, None] = None,
-                          specs: Optional[Mapping[str, object]] = None) -> "AttentionBackend":
+                          specs: Optional[Mapping[str, object]] = None) -> Any:
     """The backend called ``name`` (``auto``: the best one usable on ``device`` that supports every spec in
     ``specs``, when given). Raises ``BackendUnavailableError`` listing what is available when the name is
     unknown or cannot run here, or, for ``auto``, why each candidate cannot serve the specs."""

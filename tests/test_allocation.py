@@ -121,7 +121,7 @@ def test_zero_blocks_zeroes_every_layer_of_the_group_only(cross, rng):
     before = [b.clone() for b in cache.buffers]
     ids = torch.randperm(NB, generator=rng)[:2]
     keep = torch.tensor([i for i in range(NB) if i not in ids.tolist()])
-    cache.zero_blocks(ids.tolist(), group=0)
+    kvl.zero_blocks(cache, ids.tolist(), group=0)
     raw = independent_bytes(cache.buffers[0], torch.float32, cross)
     raw_before = independent_bytes(before[0], torch.float32, cross)
     assert not raw[:, ids].any()
@@ -137,8 +137,8 @@ def test_zero_blocks_with_no_ids_is_a_no_op(rng):
     _, cache = uniform_cache(torch.float32, False)
     random_bytes(cache.buffers[0], rng)
     before = cache.buffers[0].clone()
-    cache.zero_blocks([])
-    cache.zero_blocks(torch.empty(0, dtype=torch.int64))
+    kvl.zero_blocks(cache, [])
+    kvl.zero_blocks(cache, torch.empty(0, dtype=torch.int64))
     assert torch.equal(cache.buffers[0], before)
 
 
@@ -262,7 +262,7 @@ def test_mamba_state_write_touches_only_its_bytes(rng):
 
 def test_zero_blocks_resets_mamba_state(rng):
     plan, cache, mixers = _hybrid_cache(rng)
-    cache.zero_blocks([1, 3])
+    kvl.zero_blocks(cache, [1, 3])
     for m in mixers.values():
         for view in m.states.values():
             assert not view[[1, 3]].any()

@@ -119,11 +119,11 @@ CASES = {
     # ---- planner
     "budget_too_small": (lambda w: kvl.plan_kv_cache(w.specs, 100), "too small for one block"),
     # ---- block ids
-    "zero_blocks_out_of_range": (lambda w: w.caches.zero_blocks([0, NB]), f"block id {NB} is out of range"),
+    "zero_blocks_out_of_range": (lambda w: kvl.zero_blocks(w.caches, [0, NB]), f"block id {NB} is out of range"),
     "zero_blocks_negative": (lambda w: kvl.zero_blocks(w.caches, [-1, 2]), "block id -1 is out of range"),
-    "zero_blocks_float_ids": (lambda w: w.caches.zero_blocks([1.0]), "integer"),
-    "zero_blocks_2d_ids": (lambda w: w.caches.zero_blocks([[1, 2]]), "1-D"),
-    "zero_blocks_bad_group": (lambda w: w.caches.zero_blocks([0], group=7), "group 7 does not exist"),
+    "zero_blocks_float_ids": (lambda w: kvl.zero_blocks(w.caches, [1.0]), "integer"),
+    "zero_blocks_2d_ids": (lambda w: kvl.zero_blocks(w.caches, [[1, 2]]), "1-D"),
+    "zero_blocks_bad_group": (lambda w: kvl.zero_blocks(w.caches, [0], group=7), "group 7 does not exist"),
     "zero_blocks_not_a_cache": (lambda w: kvl.zero_blocks(dict(w.caches), [0]), "KVCache"),
     "copy_src_out_of_range": (lambda w: kvl.copy_blocks(w.caches, [0, NB], [1, 2]), "src: block id 6"),
     "copy_dst_out_of_range": (lambda w: kvl.copy_blocks(w.kv, [0], [NB + 3]), "dst: block id 9"),
@@ -201,6 +201,6 @@ def test_the_world_is_valid():
     assert not out.isnan().any() and not lse.isnan().any()
     w.attn.attend(w.q, w.k, w.v, w.meta, TORCH)
     w.mla.attend(torch.randn(w.t, HQ, 16), torch.randn(w.t, 16), w.meta, TORCH)
-    w.caches.zero_blocks([0, NB - 1])
+    kvl.zero_blocks(w.caches, [0, NB - 1])
     kvl.copy_blocks(w.caches, [0, 1], [2, 3])
     kvl.plan_kv_cache(w.specs, 1 << 20)
