@@ -104,3 +104,23 @@ def test_bench_maps_every_row_spelling_and_reports_each_tool(fake_tools, tmp_pat
 def test_bench_refuses_a_tools_folder_that_does_not_exist(tmp_path, capsys):
     assert cli_main.main(["bench", "--quick", "--tools", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_bench_only_unknown_tool_is_an_error(fake_tools, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli_main.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--only", "nope"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "nope" in err and "alpha" in err and "attention" in err      # the unknown name and the known tools
+    assert not (out / "bench.json").exists()
+
+
+def test_bench_without_matplotlib_skips_the_plot(fake_tools, tmp_path, capsys, monkeypatch):
+    from kvlayout.cli import bench
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "out"
+    assert cli_main.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--only", "alpha"]) == 0
+    assert 'pip install "kvlayout[bench]"' in capsys.readouterr().out
+    assert (out / "bench.json").is_file() and (out / "bench.md").is_file() and not (out / "bench.png").exists()

@@ -94,3 +94,18 @@ def test_readme_tour_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["out"].shape == (5, 32, 128)
+
+
+def test_version_flag(capsys):
+    import kvlayout
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvlayout {kvlayout.__version__}"
+
+
+def test_python_m_kvlayout_version():
+    import kvlayout
+    proc = subprocess.run([sys.executable, "-m", "kvlayout", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"kvlayout {kvlayout.__version__}"

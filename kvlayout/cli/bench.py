@@ -11,6 +11,7 @@ The plot shows every row's achieved bandwidth or FLOP/s next to its ceiling, per
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -218,7 +219,14 @@ def run(args) -> int:
     tools_dir = find_tools_dir(args.tools)
     tools = discover(tools_dir)
     if args.only:
-        wanted = {n if n.startswith("bench_") else f"bench_{n}" for n in args.only.split(",")}
+        wanted = {n if n.startswith("bench_") else f"bench_{n}" for n in
+                  (part.strip() for part in args.only.split(",")) if n}
+        unknown = sorted(wanted - set(tools))
+        if unknown or not wanted:
+            known = ", ".join(n.removeprefix("bench_") for n in tools)
+            raise KVLayoutError(f"--only {args.only!r}: no tool named "
+                                f"{', '.join(n.removeprefix('bench_') for n in unknown) or '(empty)'}; "
+                                f"known tools: {known}")
         tools = {n: p for n, p in tools.items() if n in wanted}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
     result = {"quick": args.quick, "device": device, "started": time.time(), "tools_dir": str(tools_dir),
@@ -240,9 +248,17 @@ def run(args) -> int:
         console.print(f"  {name}: {info['status']} {info.get('message', '')}".rstrip(), markup=False)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "bench.md").write_text(markdown(result))
-    plot(result, out_dir / "bench.png")
+    written = [out_dir / "bench.json", out_dir / "bench.md"]
+    if importlib.util.find_spec("matplotlib") is None:
+        png_note = 'bench.png skipped: matplotlib is not installed; pip install "kvlayout[bench]" for the plot'
+    else:
+        plot(result, out_dir / "bench.png")
+        written.append(out_dir / "bench.png")
+        png_note = None
     print(markdown(result), flush=True)
-    console.print(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
+    console.print("wrote " + ", ".join(str(w) for w in written), markup=False)
+    if png_note:
+        print(png_note, flush=True)          # one plain line (rich would wrap it at the terminal width)
     failed = [n for n, t in result["tools"].items() if t["status"] == "error"]
     return 1 if (failed and args.strict) else 0
 

@@ -74,7 +74,10 @@ SUBCOMMANDS: list[Callable] = [_add_plan, _add_demo, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="kvlayout", description="KV-cache layout subsystem for LLM inference")
+    parser.add_argument("--version", action="version", version=f"kvlayout {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)

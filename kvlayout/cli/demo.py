@@ -41,7 +41,9 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
 
 
 def _engine_cfg(args, role: str) -> dict:
-    return {"role": role, "model": args.model, "seed": args.seed, "backend": args.backend, "device": args.device,
+    # The worker runs in a neutral folder (see Worker), so a model given as a relative path is made absolute.
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    return {"role": role, "model": model, "seed": args.seed, "backend": args.backend, "device": args.device,
             "dtype": args.dtype, "block_size": args.block_size, "num_blocks": args.num_blocks,
             "max_num_batched_tokens": args.token_budget, "cross_layer": args.cross_layer or None,
             "scramble_seed": (args.seed + 1) if (args.scramble and role == "decode") else None,
@@ -58,7 +60,9 @@ class Worker:
         env.setdefault("UCX_NET_DEVICES", "lo")
         self.proc = subprocess.Popen([sys.executable, "-m", "kvlayout.cli.demo_worker", json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env)
+                                     env=env, cwd=tempfile.gettempdir())
+        # cwd: run from a neutral folder, so that ``-m kvlayout...`` cannot pick up a ``kvlayout`` folder
+        # (e.g. a checkout) in the caller's current directory as a namespace package.
         threading.Thread(target=self._read, args=(events,), daemon=True).start()
 
     def _read(self, events: queue.Queue) -> None:
