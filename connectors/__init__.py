@@ -1,5 +1,12 @@
 """Transfer connectors that move whole cache blocks between engines (installed as kvlayout.connectors)."""
 
-from .handshake import CompatRecord, HandshakeError, build_record, check_compatible, compare_records
+from .descriptors import TransferPlan, coalesce
 from .nixl_connector import NixlConnector, PollResult, ReleasedBlocks, TransferInfo
-from .topology import Region, TransferPlan, coalesce, kv_regions, layer_regions, pair_regions
+from .record import CompatRecord, build_record, check_compatible, compare_records
+from .regions import Region, layer_regions
+from .schema import HandshakeError
+from .topology import pair_regions
+
+__all__ = ["CompatRecord", "HandshakeError", "NixlConnector", "PollResult", "Region", "ReleasedBlocks", "TransferInfo",
+           "TransferPlan", "build_record", "check_compatible", "coalesce", "compare_records", "layer_regions",
+           "pair_regions"]

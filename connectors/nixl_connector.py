@@ -6,6 +6,11 @@ allocation) from the tensors' storage and strides, and listens on a small side c
 default) where peers exchange a compatibility record, NIXL agent metadata and region tables (msgpack, see
 ``handshake``). Descriptor lists are prepared once per peer; a transfer only indexes them.
 
+This class coordinates; the jobs live in their own modules: ``regions`` (where blocks sit), ``topology``
+(how two engines' regions pair, tensor-parallel head slices), ``descriptors`` (indices and coalescing),
+``record`` (the compatibility record), ``wire`` / ``schema`` (bytes on the network and their strict checks),
+``handshake`` (the side-channel exchange), ``transfer_state`` (the state machines) and ``block_ids``.
+
 Flow (pull): the prefill engine ``hold_blocks`` a finished request and passes the returned plain dict to the
 decode engine; the decode engine ``start_load``s it into blocks of its own; NIXL READs the remote blocks and
 then notifies the prefill side, which releases the hold (``poll().released``) - or releases it after
@@ -49,131 +54,46 @@ from __future__ import annotations
 
 import collections
 import os
-import queue
 import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import numpy as np
-
 from kvlayout.allocation import KVCache
+from kvlayout.capabilities import ConnectorWishes
 from kvlayout.errors import BackendUnavailableError, KVLayoutError
 
-from .handshake import (MAX_MESSAGE_BYTES, CompatRecord, HandshakeError, RemoteRegion, Welcome, check_compatible,
-                        decode_notif, encode_frame, encode_notif, make_hello, make_refusal, make_welcome,
-                        parse_hello, parse_reply, recv_message, send_message, build_record)
-from .topology import (ALL_KINDS, BlockIds, Region, TransferPlan, as_block_ids, descriptor_rows, layer_regions,
-                       pair_regions)
+from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check_load_pairs, kind_blocks,
+                        plain_block_ids)
+from .descriptors import TransferPlan, descriptor_rows
+from .handshake import HandshakeClient, HandshakeServer, RemoteRegion, Welcome, make_welcome, parse_address
+from .nixl_api import load_nixl_agent
+from .record import CompatRecord, build_record
+from .regions import layer_regions
+from .results import PollResult, ReleasedBlocks, TransferInfo
+from .schema import HandshakeError
+from .topology import Role, head_coverage_problem, peer_pairs, tp_group_problem
+from .transfer_state import Hold, HoldState, Load, LoadState, Peer, PeerState, Transfer, release_handle
+from .wire import MAX_MESSAGE_BYTES, decode_notif, encode_frame, encode_notif
+
+__all__ = ["NixlConnector", "PollResult", "ReleasedBlocks", "TransferInfo"]
 
 DEFAULT_LOAD_TIMEOUT_S = 60.0
 DEFAULT_HOLD_TIMEOUT_S = 120.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0
 MAX_REQUEST_ID = 256
-MAX_CONCURRENT_HANDSHAKES = 16
 _INFO_KEEP = 1024
-
-
-@dataclass(frozen=True)
-class ReleasedBlocks:
-    """Blocks a prefill engine held for remote readers and may now free."""
-
-    request_id: str
-    block_ids: Any                  # as given to hold_blocks (list, or {kind: list})
-    reason: str
-    ok: bool                        # True when every reader reported a successful read
-
-
-@dataclass
-class PollResult:
-    """What happened since the last poll: loads finished / failed (with reasons), holds released."""
-
-    finished: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    released: list[ReleasedBlocks] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.finished or self.failed or self.released)
-
-
-@dataclass(frozen=True)
-class TransferInfo:
-    """Cost of one finished load: indices named, descriptors after coalescing (ours and, with telemetry,
-    NIXL's count), bytes, time spent building indices (ours), in NIXL's prepare and post, and in total."""
-
-    request_id: str
-    engines: tuple[str, ...]
-    num_indices: int
-    num_descriptors: int
-    nixl_descriptors: Optional[int]
-    nbytes: int
-    index_us: float
-    nixl_prepare_us: float
-    post_us: float
-    seconds: float
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` -> ``(host, port)``."""
-    if not isinstance(address, str) or address.count(":") < 1 or len(address) > 300:
-        raise KVLayoutError(f"engine address must be 'host:port', got {address!r}")
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise KVLayoutError(f"engine address must be 'host:port' with a port in 1..65535, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 @dataclass
 class _Prepared:
+    """The descriptor lists prepared for one peer in one role, and the plan that indexes them."""
+
     plan: TransferPlan
-    local: Any                      # prepared local descriptor list handle
+    local: Any                      # prepared local descriptor list handle (shared between peers)
     remote: Any                     # prepared remote descriptor list handle
-
-
-@dataclass
-class _Peer:
-    address: str
-    state: str = "connecting"       # connecting | ready (failed peers leave _peers)
-    welcome: Optional[Welcome] = None
-    agent_name: str = ""
-    prepared: dict = field(default_factory=dict)   # primary flag -> _Prepared or None
-    kind_blocks: dict = field(default_factory=dict)
-
-
-@dataclass
-class _Part:
-    address: str
-    handle: Any = None
-    done: bool = False
-    nixl_descriptors: Optional[int] = None
-
-
-@dataclass
-class _Load:
-    request_id: str
-    remote_request_id: str
-    engines: tuple[str, ...]
-    local_ids: dict
-    remote_ids: dict
-    started: float
-    deadline: float
-    timeout_s: float
-    parts: list = field(default_factory=list)
-    state: str = "waiting"          # waiting | running | aborting
-    reason: str = ""
-    costs: tuple = (0.0, 0.0, 0.0)
-
-
-@dataclass
-class _Hold:
-    block_ids: Any
-    num_readers: int
-    deadline: float
-    timeout_s: float
-    readers: set = field(default_factory=set)
-    failures: list = field(default_factory=list)
 
 
 class NixlConnector:
@@ -194,6 +114,19 @@ class NixlConnector:
         backends: NIXL backends to create.
     """
 
+    NAME = "nixl"
+
+    @classmethod
+    def layout_wishes(cls, block_size: Optional[int] = None) -> ConnectorWishes:
+        """What this connector asks of the cache layout; pass it as ``plan_kv_cache(..., connector=...)``.
+
+        A cross-layer allocation where a group allows it (a block of all the group's layers is then one
+        descriptor instead of one per layer; per-layer caches work too, and either side may use either).
+        ``block_size``: the peer engines' block size, when known, so a mismatch fails at planning time
+        rather than at the handshake.
+        """
+        return ConnectorWishes(cls.NAME, cross_layer=True, block_size=block_size)
+
     def __init__(self, caches: KVCache, *, specs: Optional[Mapping[str, Any]] = None,
                  engine_id: Optional[str] = None, tp_rank: int = 0, tp_size: int = 1,
                  host: str = "127.0.0.1", port: int = 0, load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
@@ -205,7 +138,7 @@ class NixlConnector:
             raise KVLayoutError("NixlConnector needs the KVCache returned by kvlayout.allocate_kv_cache")
         for name, v in (("load_timeout_s", load_timeout_s), ("hold_timeout_s", hold_timeout_s),
                         ("handshake_timeout_s", handshake_timeout_s)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            if not _positive_seconds(v):
                 raise KVLayoutError(f"{name} must be a positive number of seconds, got {v!r}")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 4096:
             raise KVLayoutError(f"max_message_bytes must be an integer >= 4096, got {max_message_bytes!r}")
@@ -215,7 +148,7 @@ class NixlConnector:
                                 f"use one connector per device")
         device = devices.pop()
         try:
-            from nixl._api import nixl_agent, nixl_agent_config
+            nixl_agent, nixl_agent_config = load_nixl_agent()
         except ImportError as exc:
             raise BackendUnavailableError(f"the NIXL connector needs the nixl package ({exc}); "
                                           f"install kvlayout[nixl]") from None
@@ -228,7 +161,7 @@ class NixlConnector:
         self._mem_type = "VRAM" if device.type == "cuda" else "DRAM"
         self._device_id = (device.index or 0) if device.type == "cuda" else 0
         self._regions = layer_regions(caches)                       # one per layer
-        self._kind_blocks = _kind_blocks((r.kind, r.num_blocks) for r in self._regions)
+        self._kind_blocks = kind_blocks((r.kind, r.num_blocks) for r in self._regions)
         self._closed = False
 
         agent_name = f"kvl-{self.engine_id}-{secrets.token_hex(4)}"
@@ -242,25 +175,21 @@ class NixlConnector:
                                      self._device_id, regions)
         encode_frame(self._welcome, max_message_bytes)               # fail now, not in a peer's handshake
 
-        self._peers: dict[str, _Peer] = {}
-        self._dead: dict[str, _Peer] = {}       # failed peers whose transfers NIXL has not cancelled yet
+        self._peers: dict[str, Peer] = {}
+        self._dead: dict[str, Peer] = {}        # failed peers whose transfers NIXL has not cancelled yet
         self._engine_sets: dict[tuple, Optional[str]] = {}    # engines of a load -> why they cannot serve it
         self._local_lists: dict[bytes, Any] = {}
-        self._loads: dict[str, _Load] = {}
-        self._holds: dict[str, _Hold] = {}
-        self._results: queue.Queue = queue.Queue()
+        self._loads: dict[str, Load] = {}
+        self._holds: dict[str, Hold] = {}
         self._pending = PollResult()
         self._info: collections.OrderedDict[str, TransferInfo] = collections.OrderedDict()
         self._stats: collections.Counter = collections.Counter()
         self._stats_lock = threading.Lock()
 
-        self._listener = socket.create_server((host, port), backlog=64)
-        self._listener.settimeout(0.1)
-        self.address = f"{host}:{self._listener.getsockname()[1]}"
-        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_HANDSHAKES)
-        self._stop = threading.Event()
-        self._server = threading.Thread(target=self._serve, name=f"kvl-nixl-{self.engine_id}", daemon=True)
-        self._server.start()
+        self._client = HandshakeClient(self.record, timeout_s=self.handshake_timeout_s, limit=max_message_bytes)
+        self._server = HandshakeServer(host, port, self.record, self._welcome, timeout_s=self.handshake_timeout_s,
+                                       limit=max_message_bytes, count=self._count, name=f"kvl-nixl-{self.engine_id}")
+        self.address = self._server.address
 
     # ------------------------------------------------------------------------------------- prefill side
 
@@ -279,12 +208,12 @@ class NixlConnector:
         if isinstance(num_readers, bool) or not isinstance(num_readers, int) or num_readers < 1:
             raise KVLayoutError(f"num_readers must be a positive integer, got {num_readers!r}")
         timeout = self.hold_timeout_s if timeout_s is None else timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if not _positive_seconds(timeout):
             raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         ids = as_block_ids(block_ids, "hold_blocks")
-        self._check_ids(ids, self._kind_blocks, "hold_blocks", "this engine")
-        plain = ids[ALL_KINDS].tolist() if ALL_KINDS in ids else {k: v.tolist() for k, v in ids.items()}
-        self._holds[request_id] = _Hold(plain, num_readers, time.monotonic() + timeout, float(timeout))
+        check_in_range(ids, self._kind_blocks, "hold_blocks", "this engine")
+        plain = plain_block_ids(ids)
+        self._holds[request_id] = Hold(request_id, plain, num_readers, time.monotonic() + timeout, float(timeout))
         return {"engine": self.address, "request_id": request_id, "block_ids": plain}
 
     def cancel_hold(self, request_id: str) -> ReleasedBlocks:
@@ -292,6 +221,7 @@ class NixlConnector:
         hold = self._holds.pop(request_id, None)
         if hold is None:
             raise KVLayoutError(f"request {request_id!r} holds no blocks on this engine")
+        hold.move(HoldState.CANCELLED)
         return ReleasedBlocks(request_id, hold.block_ids, "cancelled by the engine", False)
 
     # -------------------------------------------------------------------------------------- decode side
@@ -324,24 +254,14 @@ class NixlConnector:
             parse_address(e)
         local = as_block_ids(local_block_ids, "start_load local_block_ids")
         remote = as_block_ids(remote_block_ids, "start_load remote_block_ids")
-        if set(local) != set(remote):
-            raise KVLayoutError(f"local and remote block ids name different layer kinds: {sorted(local)} vs {sorted(remote)}")
-        for k in local:
-            if local[k].size != remote[k].size:
-                raise KVLayoutError(f"{local[k].size} local but {remote[k].size} remote block ids"
-                                    + ("" if k == ALL_KINDS else f" for {k} layers"))
-            srt = np.sort(local[k])
-            if srt.size > 1 and (srt[1:] == srt[:-1]).any():
-                raise KVLayoutError("local block ids repeat a block; each block can receive one remote block")
-        if sum(v.size for v in local.values()) == 0:
-            raise KVLayoutError("no block ids given: nothing to load")
-        self._check_ids(local, self._kind_blocks, "start_load", "this engine")
+        check_load_pairs(local, remote)
+        check_in_range(local, self._kind_blocks, "start_load", "this engine")
         timeout = self.load_timeout_s if timeout_s is None else timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if not _positive_seconds(timeout):
             raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         now = time.monotonic()
-        load = _Load(request_id, rrid, engines, local, remote, now, now + timeout, float(timeout))
-        if all(self._peers.get(e) is not None and self._peers[e].state == "ready" for e in engines):
+        load = Load(request_id, rrid, engines, local, remote, now, now + timeout, float(timeout))
+        if self._all_ready(engines):
             problem = self._check_against_peers(load)
             if problem:
                 raise KVLayoutError(problem)
@@ -364,11 +284,11 @@ class NixlConnector:
         for load in list(self._loads.values()):
             if self._loads.get(load.request_id) is not load:
                 continue                        # settled earlier in this poll (its engine failed)
-            if load.state == "waiting":
+            if load.state is LoadState.WAITING:
                 self._advance_waiting(load, now)
-            elif load.state == "running":
+            elif load.state is LoadState.RUNNING:
                 self._advance_running(load, now)
-            if load.state == "aborting":
+            if load.state is LoadState.ABORTING:
                 self._try_finish_abort(load)
         self._advance_holds(now)
         out, self._pending = self._pending, PollResult()
@@ -386,7 +306,7 @@ class NixlConnector:
         with self._stats_lock:
             out = dict(self._stats)
         out.update(loads_in_flight=len(self._loads), holds=len(self._holds),
-                   peers=sum(p.state == "ready" for p in self._peers.values()))
+                   peers=sum(p.ready for p in self._peers.values()))
         return out
 
     def close(self) -> None:
@@ -394,15 +314,10 @@ class NixlConnector:
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
-        self._server.join(timeout=2)
+        self._server.close()
         for load in list(self._loads.values()):
-            for part in load.parts:
-                _release(part.handle)
+            for transfer in load.transfers:
+                release_handle(transfer.handle)
         self._loads.clear()
         self._holds.clear()
         for peer in list(self._peers.values()) + list(self._dead.values()):
@@ -410,7 +325,7 @@ class NixlConnector:
         self._peers.clear()
         self._dead.clear()
         for handle in self._local_lists.values():
-            _release(handle)
+            release_handle(handle)
         self._local_lists.clear()
         try:
             self._agent.deregister_memory(self._reg)
@@ -433,48 +348,8 @@ class NixlConnector:
         with self._stats_lock:
             self._stats[key] += n
 
-    def _check_ids(self, ids: dict, kind_blocks: dict, what: str, where: str) -> None:
-        for kind, arr in ids.items():
-            if kind not in kind_blocks:
-                raise KVLayoutError(f"{what}: {where} has no {kind} layers (kinds: {sorted(set(kind_blocks) - {ALL_KINDS})})")
-            if arr.size and (arr.min() < 0 or arr.max() >= kind_blocks[kind]):
-                bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
-                raise KVLayoutError(f"{what}: block id {bad} is out of range; {where} has blocks "
-                                    f"0..{kind_blocks[kind] - 1}" + ("" if kind == ALL_KINDS else f" for {kind} layers"))
-
-    # side channel, server half (runs on its own thread; touches no NIXL state)
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError:
-                break
-            if not self._slots.acquire(blocking=False):
-                self._count("handshakes_busy")
-                conn.close()
-                continue
-            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
-
-    def _serve_one(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                deadline = time.monotonic() + self.handshake_timeout_s
-                try:
-                    hello = parse_hello(recv_message(conn, deadline, self.max_message_bytes))
-                    check_compatible(self.record, hello)
-                    reply = self._welcome
-                    self._count("handshakes_served")
-                except HandshakeError as exc:
-                    self._count("handshakes_refused" if exc.fields else "handshakes_malformed")
-                    reply = make_refusal(str(exc), exc.fields)
-                send_message(conn, reply, deadline, self.max_message_bytes)
-        except Exception:                       # a peer must never take the listener down
-            self._count("handshakes_dropped")
-        finally:
-            self._slots.release()
+    def _all_ready(self, engines: Sequence[str]) -> bool:
+        return all(self._peers.get(e) is not None and self._peers[e].ready for e in engines)
 
     # side channel, client half
 
@@ -482,41 +357,14 @@ class NixlConnector:
         """Start a handshake unless one is done or under way (or the failed peer there is still winding down:
         then ``poll`` starts it once the old transfers are gone)."""
         if address not in self._peers and address not in self._dead:
-            self._start_handshake(address)
-
-    def _start_handshake(self, address: str) -> None:
-        self._peers[address] = _Peer(address)
-        self._count("handshakes_started")
-        threading.Thread(target=self._handshake, args=(address,), daemon=True).start()
-
-    def _handshake(self, address: str) -> None:
-        host, port = parse_address(address)
-        timeout = self.handshake_timeout_s
-        deadline = time.monotonic() + timeout
-        try:
-            with socket.create_connection((host, port), timeout=timeout) as sock:
-                send_message(sock, make_hello(self.record), deadline, self.max_message_bytes)
-                welcome = parse_reply(recv_message(sock, deadline, self.max_message_bytes), self.max_message_bytes)
-            check_compatible(self.record, welcome.record)
-            self._results.put((address, welcome, None))
-        except HandshakeError as exc:
-            self._results.put((address, None, f"handshake with {address} failed: {exc}"))
-        except ConnectionRefusedError:
-            self._results.put((address, None, f"no engine listens at {address} (connection refused)"))
-        except (TimeoutError, socket.timeout):
-            self._results.put((address, None, f"handshake with {address} timed out after {timeout:g} s "
-                                              f"(the engine is stalled or not a kvlayout engine)"))
-        except Exception as exc:
-            self._results.put((address, None, f"handshake with {address} failed: {type(exc).__name__}: {exc}"))
+            self._peers[address] = Peer(address)
+            self._count("handshakes_started")
+            self._client.start(address)
 
     def _finish_handshakes(self) -> None:
-        while True:
-            try:
-                address, welcome, reason = self._results.get_nowait()
-            except queue.Empty:
-                return
+        for address, welcome, reason in self._client.results():
             peer = self._peers.get(address)
-            if peer is None or peer.state != "connecting":
+            if peer is None or peer.state is not PeerState.CONNECTING:
                 continue
             if reason is None:
                 try:
@@ -527,8 +375,8 @@ class NixlConnector:
             self._count("handshakes_failed")
             self._fail_peer(address, reason)
 
-    def _adopt(self, peer: _Peer, welcome: Welcome) -> None:
-        """Load the peer's NIXL metadata and prepare both descriptor lists, once per peer."""
+    def _adopt(self, peer: Peer, welcome: Welcome) -> None:
+        """Load the peer's NIXL metadata and prepare the descriptor lists of both roles, once per peer."""
         peer.welcome = welcome
         name = self._agent.add_remote_agent(welcome.agent_metadata)
         name = name.decode() if isinstance(name, bytes) else str(name)
@@ -536,36 +384,28 @@ class NixlConnector:
         if name != welcome.record.agent_name:
             raise HandshakeError(f"the NIXL metadata names agent {name!r} but the record says "
                                  f"{welcome.record.agent_name!r}")
-        rec = welcome.record
-        remote = {}
-        for rr, lay in zip(welcome.regions, rec.layers):
-            remote[rr.name] = Region((rr.name,), lay.kind, 0, rr.base, rr.block_len, rr.block_stride, rr.num_blocks,
-                                     lay.num_heads)
-        peer.kind_blocks = _kind_blocks((lay.kind, rr.num_blocks) for rr, lay in zip(welcome.regions, rec.layers))
-        lstart = {l.name: l.head_start for l in self.record.layers}
-        rstart = {l.name: l.head_start for l in rec.layers}
-        state_len = {l.name: l.state_bytes for l in self.record.layers if l.state_bytes}
-        for primary in (True, False):
-            pairs = pair_regions(self._regions, remote, lstart, rstart, replicated=primary, replicated_len=state_len)
+        peer.kind_blocks = kind_blocks((lay.kind, rr.num_blocks) for rr, lay in zip(welcome.regions,
+                                                                                    welcome.record.layers))
+        for role in Role:
+            pairs = peer_pairs(self._regions, self.record, welcome, role)
             if not pairs:
-                peer.prepared[primary] = None
+                peer.prepared[role] = None
                 continue
-            plan = TransferPlan(pairs)
             lrows = descriptor_rows([p[0] for p in pairs], self._device_id)
             key = lrows.tobytes()
             if key not in self._local_lists:
                 self._local_lists[key] = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", lrows, self._mem_type)
             rhandle = self._agent.prep_xfer_dlist(name, descriptor_rows([p[1] for p in pairs], welcome.device_id),
                                                   welcome.mem_type)
-            peer.prepared[primary] = _Prepared(plan, self._local_lists[key], rhandle)
-        peer.state = "ready"
+            peer.prepared[role] = _Prepared(TransferPlan(pairs), self._local_lists[key], rhandle)
+        peer.move(PeerState.READY)
         self._engine_sets.clear()
         self._count("handshakes_ok")
 
-    def _release_peer(self, peer: _Peer) -> None:
+    def _release_peer(self, peer: Peer) -> None:
         for prep in peer.prepared.values():
             if prep is not None:
-                _release(prep.remote)
+                release_handle(prep.remote)
         if peer.agent_name:
             try:
                 self._agent.remove_remote_agent(peer.agent_name)
@@ -576,20 +416,23 @@ class NixlConnector:
         """Fail every load that uses ``address`` and forget the peer (a later load handshakes again)."""
         peer = self._peers.pop(address, None)
         if peer is not None:
+            peer.move(PeerState.FAILED)
             self._dead[address] = peer
             self._engine_sets.clear()
         for load in list(self._loads.values()):
-            if address in load.engines and load.state != "aborting":
+            if address in load.engines and load.state is not LoadState.ABORTING:
                 self._abort(load, reason, dead=address)
         self._release_dead_peers()
 
     def _release_dead_peers(self) -> None:
         """Release failed peers once none of their transfers is left."""
-        busy = {p.address for l in self._loads.values() for p in l.parts if p.handle is not None}
+        busy = {t.address for l in self._loads.values() for t in l.transfers if t.live}
         for address in [a for a in self._dead if a not in busy]:
             self._release_peer(self._dead.pop(address))
 
-    def _check_against_peers(self, load: _Load) -> Optional[str]:
+    # loads
+
+    def _check_against_peers(self, load: Load) -> Optional[str]:
         """Why ``load`` cannot run against its (ready) engines, or None."""
         peers = [self._peers[e] for e in load.engines]
         problem = self._engine_set_problem(load.engines, peers)
@@ -597,11 +440,11 @@ class NixlConnector:
             return problem
         for p in peers:
             try:
-                self._check_ids(load.remote_ids, p.kind_blocks, "start_load", f"engine {p.address}")
+                check_in_range(load.remote_ids, p.kind_blocks, "start_load", f"engine {p.address}")
             except KVLayoutError as exc:
                 return str(exc)
         kinds = set(load.local_ids) - {ALL_KINDS}
-        have = set().union(*(p.prepared[i == 0].plan.kinds for i, p in enumerate(peers)))
+        have = set().union(*(p.prepared[Role.of(i)].plan.kinds for i, p in enumerate(peers)))
         if kinds - have:
             return f"no engine serves the {sorted(kinds - have)} layers"
         return None
@@ -611,41 +454,31 @@ class NixlConnector:
         if engines in self._engine_sets:
             return self._engine_sets[engines]
         recs = [p.welcome.record for p in peers]
-        problem = None
-        if len({r.tp_size for r in recs}) > 1 or len({r.tp_rank for r in recs}) != len(recs):
-            problem = f"engines {list(engines)} must be distinct ranks of one tensor-parallel group"
+        problem = tp_group_problem(engines, recs)
         for i, p in enumerate(peers):
-            if problem is None and p.prepared.get(i == 0) is None:
+            if problem is None and p.prepared.get(Role.of(i)) is None:
                 problem = f"engine {p.address} holds none of this rank's blocks; leave it out"
-        remote_heads = [{l.name: l for l in r.layers} for r in recs]
-        for lay in self.record.layers:
-            if problem is not None or lay.kind != "attention":
-                continue
-            got = sum(max(0, min(lay.head_start + lay.num_heads, rl.head_start + rl.num_heads)
-                          - max(lay.head_start, rl.head_start)) for rl in (h[lay.name] for h in remote_heads))
-            if got != lay.num_heads:
-                problem = (f"engines {list(engines)} hold {got} of the {lay.num_heads} heads "
-                           f"[{lay.head_start}, {lay.head_start + lay.num_heads}) of layer {lay.name!r} on this "
-                           f"rank; list every prefill rank that holds them")
+        if problem is None:
+            problem = head_coverage_problem(self.record, engines, recs)
         self._engine_sets[engines] = problem
         return problem
 
-    def _launch(self, load: _Load) -> None:
+    def _launch(self, load: Load) -> None:
         """Make and post one READ per engine (indices into the prepared lists; one note each)."""
-        load.state = "running"
+        load.move(LoadState.RUNNING)
         t_index = t_prep = t_post = 0.0
         note = encode_notif(load.remote_request_id, True)
         for i, address in enumerate(load.engines):
-            prep = self._peers[address].prepared[i == 0]
+            prep = self._peers[address].prepared[Role.of(i)]
             t0 = time.perf_counter()
             li, ri = prep.plan.indices(load.local_ids, load.remote_ids)
             t1 = time.perf_counter()
-            part = _Part(address)
-            load.parts.append(part)
+            transfer = Transfer(address)
+            load.transfers.append(transfer)
             try:
-                part.handle = self._agent.make_prepped_xfer("READ", prep.local, li, prep.remote, ri, note)
+                transfer.post(self._agent.make_prepped_xfer("READ", prep.local, li, prep.remote, ri, note))
                 t2 = time.perf_counter()
-                status = self._agent.transfer(part.handle)
+                status = self._agent.transfer(transfer.handle)
                 t3 = time.perf_counter()
             except Exception as exc:
                 reason = f"could not start the transfer from {address}: {type(exc).__name__}: {exc}"
@@ -660,99 +493,99 @@ class NixlConnector:
                 return
         load.costs = (t_index * 1e6, t_prep * 1e6, t_post * 1e6)
 
-    def _advance_waiting(self, load: _Load, now: float) -> None:
+    def _advance_waiting(self, load: Load, now: float) -> None:
         for e in load.engines:
             self._ensure_handshake(e)
         if now > load.deadline:
-            waiting = [e for e in load.engines if self._peers.get(e) is None or self._peers[e].state != "ready"]
+            waiting = [e for e in load.engines if self._peers.get(e) is None or not self._peers[e].ready]
             self._abort(load, f"timed out after {load.timeout_s:g} s waiting for the handshake with {waiting}")
             return
-        if all(self._peers.get(e) is not None and self._peers[e].state == "ready" for e in load.engines):
+        if self._all_ready(load.engines):
             problem = self._check_against_peers(load)
             if problem:
                 self._abort(load, problem)
             else:
                 self._launch(load)
 
-    def _advance_running(self, load: _Load, now: float) -> None:
-        for part in load.parts:
-            if part.done:
+    def _advance_running(self, load: Load, now: float) -> None:
+        for transfer in load.transfers:
+            if transfer.done:
                 continue
             error = None
             try:
-                status = self._agent.check_xfer_state(part.handle)
+                status = self._agent.check_xfer_state(transfer.handle)
             except Exception as exc:
                 status, error = "ERR", f"{type(exc).__name__}: {exc}"
             if status == "DONE":
-                part.done = True
                 if self._telemetry:
                     try:
-                        part.nixl_descriptors = int(self._agent.get_xfer_telemetry(part.handle).descCount)
+                        transfer.nixl_descriptors = int(self._agent.get_xfer_telemetry(transfer.handle).descCount)
                     except Exception:
                         pass
-                _release(part.handle)
-                part.handle = None
+                transfer.finish()
             elif status == "ERR":
-                reason = f"transfer from {part.address} failed: {error or 'NIXL reported an error'}"
+                reason = f"transfer from {transfer.address} failed: {error or 'NIXL reported an error'}"
                 if error and "DISCONNECT" in error.upper():
-                    self._fail_peer(part.address, reason + " (the engine died or dropped the connection)")
+                    self._fail_peer(transfer.address, reason + " (the engine died or dropped the connection)")
                 else:
                     self._abort(load, reason)
                 return
-        if all(p.done for p in load.parts):
+        if all(t.done for t in load.transfers):
+            load.move(LoadState.FINISHED)
             del self._loads[load.request_id]
             self._pending.finished.append(load.request_id)
             self._count("loads_finished")
             self._record_info(load, now)
         elif now > load.deadline:
-            slow = [p.address for p in load.parts if not p.done]
+            slow = [t.address for t in load.transfers if not t.done]
             self._abort(load, f"timed out after {load.timeout_s:g} s: transfer from {slow} still in progress")
 
-    def _abort(self, load: _Load, reason: str, dead: Optional[str] = None) -> None:
+    def _abort(self, load: Load, reason: str, dead: Optional[str] = None) -> None:
         """Cancel the load's transfers and tell its live engines (not ``dead``) that this reader gave up,
         so they stop holding the blocks for it."""
-        load.state, load.reason = "aborting", reason
-        for part in load.parts:
-            if not part.done and part.handle is not None and _release(part.handle):
-                part.handle = None
+        load.abort(reason)
+        for transfer in load.transfers:
+            transfer.cancel()
         note = encode_notif(load.remote_request_id, False)
-        done = {p.address for p in load.parts if p.done}   # those already got the note of a finished read
+        done = {t.address for t in load.transfers if t.done}   # those already got the note of a finished read
         for address in load.engines:
             peer = self._peers.get(address)
-            if address != dead and address not in done and peer is not None and peer.state == "ready":
+            if address != dead and address not in done and peer is not None and peer.ready:
                 try:
                     self._agent.send_notif(peer.agent_name, note)
                 except Exception:
                     pass
         self._try_finish_abort(load)
 
-    def _try_finish_abort(self, load: _Load) -> None:
+    def _try_finish_abort(self, load: Load) -> None:
         """Report the failure once no transfer can still write into the load's blocks."""
-        for part in load.parts:
-            if part.handle is not None and _release(part.handle):
-                part.handle = None
-        if any(p.handle is not None for p in load.parts) or self._loads.get(load.request_id) is not load:
+        for transfer in load.transfers:
+            transfer.cancel()
+        if load.live or self._loads.get(load.request_id) is not load:
             return
         del self._loads[load.request_id]
+        load.move(LoadState.FAILED)
         self._pending.failed[load.request_id] = load.reason
         self._count("loads_failed")
         if self._dead:
             self._release_dead_peers()
 
-    def _record_info(self, load: _Load, now: float) -> None:
+    def _record_info(self, load: Load, now: float) -> None:
         n_idx = n_desc = nbytes = 0
         for i, address in enumerate(load.engines):
-            plan = self._peers[address].prepared[i == 0].plan
+            plan = self._peers[address].prepared[Role.of(i)].plan
             la, ra, ln = plan.descriptors(load.local_ids, load.remote_ids)
             n_desc += la.size
             nbytes += int(ln.sum())
             n_idx += plan.indices(load.local_ids, load.remote_ids)[0].size
-        nixl = [p.nixl_descriptors for p in load.parts]
+        nixl = [t.nixl_descriptors for t in load.transfers]
         self._info[load.request_id] = TransferInfo(
             load.request_id, load.engines, n_idx, n_desc, None if None in nixl else sum(nixl), nbytes,
             *load.costs, now - load.started)
         while len(self._info) > _INFO_KEEP:
             self._info.popitem(last=False)
+
+    # holds
 
     def _advance_holds(self, now: float) -> None:
         try:
@@ -767,20 +600,12 @@ class NixlConnector:
                 if hold is None:
                     self._count("stray_notes")
                     continue
-                hold.readers.add(sender)
-                if not parsed[1]:
-                    hold.failures.append(sender)
+                hold.note(sender, parsed[1])
         for rid, hold in list(self._holds.items()):
-            if len(hold.readers) >= hold.num_readers:
-                ok = not hold.failures
-                reason = (f"read by {hold.num_readers} reader(s)" if ok else
-                          f"{len(hold.failures)} of {hold.num_readers} reader(s) gave up")
-            elif now > hold.deadline:
-                ok = False
-                reason = (f"timed out after {hold.timeout_s:g} s with {len(hold.readers)} of {hold.num_readers} "
-                          f"reader(s) done")
-            else:
+            outcome = hold.settle(now)
+            if outcome is None:
                 continue
+            reason, ok = outcome
             del self._holds[rid]
             self._pending.released.append(ReleasedBlocks(rid, hold.block_ids, reason, ok))
             self._count("holds_released" if ok else "holds_expired")
@@ -792,21 +617,5 @@ def _check_request_id(request_id: Any) -> None:
                             f"got {request_id!r}"[:300])
 
 
-def _kind_blocks(pairs) -> dict:
-    """``{kind: blocks every layer of that kind has}`` plus ``"*"``: blocks every layer has."""
-    out: dict = {}
-    for kind, n in pairs:
-        out[kind] = min(out.get(kind, n), n)
-        out[ALL_KINDS] = min(out.get(ALL_KINDS, n), n)
-    return out
-
-
-def _release(handle: Any) -> bool:
-    """Release a NIXL handle; False when NIXL cannot yet (a transfer it could not cancel)."""
-    if handle is None:
-        return True
-    try:
-        handle.release()
-        return True
-    except Exception:
-        return False
+def _positive_seconds(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0

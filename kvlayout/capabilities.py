@@ -69,7 +69,8 @@ class BackendCapabilities:
 
 @dataclass(frozen=True)
 class ConnectorWishes:
-    """What a transfer connector asks of the layout.
+    """What a transfer connector asks of the layout (a connector states its own, e.g.
+    ``NixlConnector.layout_wishes()``; ``plan_kv_cache(connector=...)`` takes them).
 
     ``cross_layer``: True asks for one allocation per group of identical layers (one descriptor per
     block instead of one per layer), None leaves it to the caller. ``block_size``: the block size the

@@ -1,6 +1,5 @@
 """NIXL connector: topology, handshake and two-process transfers on 127.0.0.1 (CPU), one VRAM test (GPU)."""
 
-import importlib.util
 import json
 import os
 import queue
@@ -20,15 +19,20 @@ import torch
 
 import kvlayout as kvl
 from kvlayout.connectors import handshake as hs
-from kvlayout.connectors.topology import (Region, TransferPlan, as_block_ids, block_runs, coalesce, kv_regions,
-                                          layer_regions, pair_regions)
+from kvlayout.connectors import record, wire
+from kvlayout.connectors.block_ids import as_block_ids
+from kvlayout.connectors.nixl_api import nixl_installed
+from kvlayout.connectors.descriptors import TransferPlan, coalesce
+from kvlayout.connectors.regions import Region, layer_regions
+from kvlayout.connectors.schema import HandshakeError
+from kvlayout.connectors.topology import pair_regions
 from kvlayout.errors import KVLayoutError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nixl_engine_proc import build_cache  # noqa: E402
+from nixl_engine_proc import build_cache, model_specs  # noqa: E402
 
 HELPER = str(Path(__file__).parent / "nixl_engine_proc.py")
-HAVE_NIXL = importlib.util.find_spec("nixl") is not None
+HAVE_NIXL = nixl_installed()
 needs_nixl = pytest.mark.skipif(not HAVE_NIXL, reason="needs the nixl package (pip install kvlayout[nixl])")
 PREFILL_SEED, DECODE_SEED, TP2_SEEDS = 11, 22, (31, 32)
 HEAD_BYTES = 16 * 2 * 16 * 2            # block_size * 2*head_size * fp16 itemsize: one head slot of a block
@@ -162,14 +166,14 @@ def test_regions_come_from_strides_and_offsets():
         assert r.base == buf.data_ptr() + lay.byte_offset == t.data_ptr()
         assert r.block_len == lay.block_bytes == 4096 and r.block_stride == lay.block_stride_bytes
         assert r.num_heads == (4 if lay.kind == "attention" else 1)
-    assert len(kv_regions(caches)) == 4                        # one per layer
+    assert len(_self_plan(regions).pairs) == 4                 # one pair per layer
 
     specs = {f"l{i}": kvl.AttentionSpec(2, 16, torch.float16, 16) for i in range(3)}
     cross = kvl.allocate_kv_cache(kvl.plan_kv_cache(specs, 3 * 2048 * 10, cross_layer=True))
     per_layer = layer_regions(cross)
     assert [r.block_stride for r in per_layer] == [3 * 2048] * 3
     assert [r.base - per_layer[0].base for r in per_layer] == [0, 2048, 4096]
-    (one,) = kv_regions(cross)                                  # one per cross-layer allocation
+    ((one, _),) = _self_plan(per_layer).pairs                   # one per cross-layer allocation
     assert (one.base, one.block_len, one.block_stride, one.num_blocks) == (cross.buffers[0].data_ptr(), 6144, 6144, 10)
 
     bad = kvl.KVCache(caches.layout, caches.buffers, {**caches, "l0.attn": caches["l0.attn"].transpose(1, 2)})
@@ -185,6 +189,12 @@ def _self_plan(regions):
     return TransferPlan(pair_regions(regions, remote, starts, starts))
 
 
+def _runs(local, remote):
+    """Start indices of the runs of id pairs that are adjacent on both sides."""
+    brk = np.concatenate([[True], (np.diff(local) != 1) | (np.diff(remote) != 1)])
+    return np.flatnonzero(brk)
+
+
 def test_coalescing_reduces_descriptor_counts():
     rng = np.random.default_rng(0)
     _, caches = build_cache(4, 64, 0)
@@ -194,7 +204,7 @@ def test_coalescing_reduces_descriptor_counts():
     assert la.size == 4 and (ln == 16 * 4096).all()           # one descriptor per layer for 16 adjacent blocks
     assert plan.indices(*contiguous)[0].size == 64
     local, remote = rng.permutation(64)[:16], rng.permutation(64)[:16]
-    runs = block_runs(local, remote)
+    runs = _runs(local, remote)
     assert plan.descriptors(as_block_ids(local, "t"), as_block_ids(remote, "t"))[0].size == 4 * len(runs)
     split = as_block_ids([1, 2, 3, 10, 11], "t"), as_block_ids([5, 6, 7, 20, 21], "t")
     assert plan.descriptors(*split)[0].size == 4 * 2
@@ -264,21 +274,21 @@ def test_head_slices_for_heterogeneous_tp():
 def _record(**kw):
     heads, dtype, bs = kw.pop("heads", 4), kw.pop("dtype", torch.float16), kw.pop("block_size", 16)
     plan, caches = build_cache(heads, 8, 0, dtype=dtype, block_size=bs)
-    return hs.build_record(caches, engine_id=kw.pop("engine_id", "e"), agent_name="a", specs=plan.specs, **kw)
+    return record.build_record(caches, engine_id=kw.pop("engine_id", "e"), agent_name="a", specs=plan.specs, **kw)
 
 
 def test_record_roundtrip_and_mismatch_names_fields():
     rec = _record(tp_rank=1, tp_size=2)
-    wire = hs.decode_payload(hs.encode_frame(hs.make_hello(rec))[8:])
-    assert hs.parse_hello(wire) == rec
+    msg = wire.decode_payload(wire.encode_frame(hs.make_hello(rec))[8:])
+    assert hs.parse_hello(msg) == rec
     assert [l.head_start for l in rec.layers if l.kind == "attention"] == [4, 4]
-    assert hs.compare_records(_record(), _record(heads=2, tp_rank=1, tp_size=2)) == []   # TP may differ
-    diffs = hs.compare_records(_record(), _record(dtype=torch.bfloat16, block_size=32))
+    assert record.compare_records(_record(), _record(heads=2, tp_rank=1, tp_size=2)) == []   # TP may differ
+    diffs = record.compare_records(_record(), _record(dtype=torch.bfloat16, block_size=32))
     fields = {d.field for d in diffs}
     assert {"layers[l0.attn].dtype", "layers[l2.attn].dtype", "layers[l0.attn].block_size"} <= fields
-    assert hs.compare_records(_record(), _record(heads=2))[0].field == "layers[l0.attn].total_heads"
-    with pytest.raises(hs.HandshakeError, match=r"layers\[l0.attn\].dtype \(p: 'float16', d: 'bfloat16'\)") as ei:
-        hs.check_compatible(_record(engine_id="p"), _record(engine_id="d", dtype=torch.bfloat16))
+    assert record.compare_records(_record(), _record(heads=2))[0].field == "layers[l0.attn].total_heads"
+    with pytest.raises(HandshakeError, match=r"layers\[l0.attn\].dtype \(p: 'float16', d: 'bfloat16'\)") as ei:
+        record.check_compatible(_record(engine_id="p"), _record(engine_id="d", dtype=torch.bfloat16))
     assert "layers[l0.attn].dtype" in ei.value.fields
 
 
@@ -295,34 +305,164 @@ def test_malformed_messages_are_rejected_cleanly():
     for mutate in mutations:
         w = msgpack.unpackb(msgpack.packb(good))
         mutate(w)
-        with pytest.raises(hs.HandshakeError):
+        with pytest.raises(HandshakeError):
             hs.parse_hello({"type": "hello", "record": w})
-    with pytest.raises(hs.HandshakeError, match="connector_version"):
-        hs.parse_record({**good, "connector_version": 99})
+    with pytest.raises(HandshakeError, match="connector_version"):
+        record.parse_record({**good, "connector_version": 99})
     rng = np.random.default_rng(1)
     for n in (0, 1, 7, 100, 5000):                               # garbage never escapes as another error
         for _ in range(20):
             try:
-                hs.parse_hello(hs.decode_payload(rng.integers(0, 256, n, dtype=np.uint8).tobytes()))
-            except hs.HandshakeError:
+                hs.parse_hello(wire.decode_payload(rng.integers(0, 256, n, dtype=np.uint8).tobytes()))
+            except HandshakeError:
                 pass
-    with pytest.raises(hs.HandshakeError, match="exceeds"):
-        hs.decode_payload(b"\x00" * (hs.MAX_MESSAGE_BYTES + 1))
-    with pytest.raises(hs.HandshakeError):
-        hs.decode_payload(msgpack.packb([1] * 10) + b"extra")
-    assert hs.decode_notif(b"\xff\x00") is None and hs.decode_notif(msgpack.packb({"r": "x"})) is None
-    assert hs.decode_notif(hs.encode_notif("req", True)) == ("req", True)
+    with pytest.raises(HandshakeError, match="exceeds"):
+        wire.decode_payload(b"\x00" * (wire.MAX_MESSAGE_BYTES + 1))
+    with pytest.raises(HandshakeError):
+        wire.decode_payload(msgpack.packb([1] * 10) + b"extra")
+    assert wire.decode_notif(b"\xff\x00") is None and wire.decode_notif(msgpack.packb({"r": "x"})) is None
+    assert wire.decode_notif(wire.encode_notif("req", True)) == ("req", True)
 
     a, b = socket.socketpair()
     with a, b:
-        b.sendall(hs.MAGIC + struct.pack(">I", 1 << 31))          # oversized length: refused before reading it
-        with pytest.raises(hs.HandshakeError, match="exceeds"):
-            hs.recv_message(a, time.monotonic() + 1)
+        b.sendall(wire.MAGIC + struct.pack(">I", 1 << 31))          # oversized length: refused before reading it
+        with pytest.raises(HandshakeError, match="exceeds"):
+            wire.recv_message(a, time.monotonic() + 1)
         b.sendall(b"GET / HT")
-        with pytest.raises(hs.HandshakeError, match="header"):
-            hs.recv_message(a, time.monotonic() + 1)
+        with pytest.raises(HandshakeError, match="header"):
+            wire.recv_message(a, time.monotonic() + 1)
         with pytest.raises(TimeoutError):
-            hs.recv_message(a, time.monotonic() + 0.05)           # silent peer
+            wire.recv_message(a, time.monotonic() + 0.05)           # silent peer
+
+
+def _welcome_for(rec):
+    regions = [hs.RemoteRegion(l.name, (i + 1) << 20, l.page_bytes, l.page_bytes, 8) for i, l in enumerate(rec.layers)]
+    return hs.make_welcome(rec, b"agent-metadata", "DRAM", 0, regions)
+
+
+def test_handshake_halves_over_sockets():
+    ours = _record(engine_id="p")
+    welcome = _welcome_for(ours)
+    for peer, outcome in ((_record(engine_id="d"), "served"), (_record(engine_id="d", dtype=torch.bfloat16), "refused")):
+        a, b = socket.socketpair()
+        with a, b:
+            wire.send_message(b, hs.make_hello(peer), time.monotonic() + 1)
+            reply, got = hs.reply_to_hello(a, ours, welcome, time.monotonic() + 1)
+        assert got == outcome
+        if outcome == "served":
+            assert reply is welcome and hs.parse_reply(wire.decode_payload(wire.encode_frame(reply)[8:])).record == ours
+    assert reply["type"] == "refused" and "layers[l0.attn].dtype" in reply["fields"]
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"GET / HT")
+        assert hs.reply_to_hello(a, ours, welcome, time.monotonic() + 1)[1] == "malformed"
+        with pytest.raises(TimeoutError):                       # a silent peer: the caller counts it dropped
+            hs.reply_to_hello(a, ours, welcome, time.monotonic() + 0.05)
+
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+
+    def serve_one():
+        conn, _ = server.accept()
+        with conn:
+            deadline = time.monotonic() + 2
+            reply, _ = hs.reply_to_hello(conn, ours, welcome, deadline)
+            wire.send_message(conn, reply, deadline)
+
+    with server:
+        for client, ok in ((_record(engine_id="d"), True), (_record(engine_id="d", block_size=32), False)):
+            th = threading.Thread(target=serve_one, daemon=True)
+            th.start()
+            got, reason = hs.request_welcome(address, client, 2.0)
+            th.join(5)
+            if ok:
+                assert reason is None and got.record == ours and got.agent_metadata == b"agent-metadata"
+                assert [r.base for r in got.regions] == [1 << 20, 2 << 20, 3 << 20, 4 << 20]
+            else:
+                assert got is None and reason.startswith(f"handshake with {address} failed: refused by the remote")
+                assert "layers[l0.attn].block_size" in reason
+    assert hs.request_welcome(address, ours, 1.0) == (None, f"no engine listens at {address} (connection refused)")
+
+
+def test_state_machines_move_only_along_their_transitions():
+    from kvlayout.connectors.transfer_state import (TRANSITIONS, Hold, HoldState, IllegalTransition, Load,
+                                                    LoadState, Peer, PeerState, Transfer, TransferState)
+    for states in (PeerState, LoadState, TransferState, HoldState):
+        assert set(states) <= set(TRANSITIONS)
+        assert all(t in states for s in states for t in TRANSITIONS[s])     # no move leaves its machine
+    load = Load("r", "r", ("h:1",), {}, {}, 0.0, 1.0, 1.0)
+    with pytest.raises(IllegalTransition, match="Load 'r': WAITING -> FINISHED"):
+        load.move(LoadState.FINISHED)
+    load.move(LoadState.RUNNING)
+    load.abort("gone")
+    assert load.state is LoadState.ABORTING and load.reason == "gone"
+    with pytest.raises(IllegalTransition):
+        load.abort("again")
+    load.move(LoadState.FAILED)
+
+    class Handle:
+        def __init__(self, ok=True):
+            self.ok, self.released = ok, 0
+
+        def release(self):
+            if not self.ok:
+                raise RuntimeError("busy")
+            self.released += 1
+
+    t, h = Transfer("h:1"), Handle()
+    assert not t.live
+    t.post(h)
+    assert t.live and t.handle is h
+    t.finish()
+    assert t.done and t.handle is None and h.released == 1
+    t.cancel()                                                      # finished: nothing to cancel
+    assert t.state is TransferState.DONE
+    with pytest.raises(IllegalTransition, match="DONE -> POSTED"):
+        t.post(Handle())
+    stuck = Transfer("h:2")
+    stuck.post(Handle(ok=False))
+    stuck.cancel()                                                  # NIXL cannot let go yet: still live
+    assert stuck.state is TransferState.POSTED and stuck.live
+    stuck.handle.ok = True
+    stuck.cancel()
+    assert stuck.state is TransferState.CANCELLED and stuck.handle is None
+    fresh = Transfer("h:3")
+    fresh.cancel()
+    assert fresh.state is TransferState.CANCELLED
+
+    hold = Hold("r", [1], 2, 10.0, 10.0)
+    hold.note("x", True)
+    assert hold.settle(5.0) is None and hold.state is HoldState.HELD
+    hold.note("y", False)
+    assert hold.settle(5.0) == ("1 of 2 reader(s) gave up", False) and hold.state is HoldState.RELEASED
+    with pytest.raises(IllegalTransition):
+        hold.move(HoldState.CANCELLED)
+    late = Hold("e", [1], 1, 1.0, 1.0)
+    assert late.settle(2.0) == ("timed out after 1 s with 0 of 1 reader(s) done", False)
+    assert late.state is HoldState.EXPIRED
+
+    peer = Peer("h:1")
+    assert peer.state is PeerState.CONNECTING and not peer.ready
+    peer.move(PeerState.READY)
+    assert peer.ready
+    peer.move(PeerState.FAILED)
+    with pytest.raises(IllegalTransition, match="FAILED -> READY"):
+        peer.move(PeerState.READY)
+
+
+def test_nixl_layout_wishes_reach_the_plan():
+    from kvlayout.connectors import NixlConnector                   # stating wishes needs no nixl package
+    from kvlayout.errors import LayoutConflictError
+    wish = NixlConnector.layout_wishes()
+    assert wish == kvl.ConnectorWishes("nixl", cross_layer=True)
+    specs = {f"l{i}": kvl.AttentionSpec(2, 16, torch.float16, 16) for i in range(3)}
+    plan = kvl.plan_kv_cache(specs, 3 * 2048 * 10, connector=wish)
+    assert plan.groups[0].cross_layer and plan.to_dict()["connector"] == "nixl"
+    ((one, _),) = _self_plan(layer_regions(kvl.allocate_kv_cache(plan))).pairs   # one descriptor per block
+    assert one.block_len == one.block_stride == 3 * 2048
+    assert not kvl.plan_kv_cache(model_specs(4), 1 << 22, connector=wish).groups[0].cross_layer   # hybrid group
+    with pytest.raises(LayoutConflictError, match="'nixl' needs block_size 32"):
+        kvl.plan_kv_cache(specs, 3 * 2048 * 10, connector=NixlConnector.layout_wishes(block_size=32))
 
 
 # ------------------------------------------------------------------------- two processes, CPU (NIXL)
@@ -387,18 +527,18 @@ def test_handshake_mismatch_is_refused_naming_the_field(prefill):
 def test_malformed_handshake_bytes_do_not_hurt_the_engine(prefill, decode, expected):
     host, port = prefill.address.rsplit(":", 1)
     before = prefill.call(cmd="stats").get("handshakes_malformed", 0)
-    garbage = [b"GET / HT", hs.MAGIC + struct.pack(">I", 1 << 30),
-               hs.MAGIC + struct.pack(">I", 3) + b"\xc1\xc1\xc1",
-               hs.encode_frame({"type": "hello", "record": {"connector_version": 1, "x": [1] * 100}}),
-               hs.encode_frame({"type": "welcome"}), b"", hs.MAGIC]
+    garbage = [b"GET / HT", wire.MAGIC + struct.pack(">I", 1 << 30),
+               wire.MAGIC + struct.pack(">I", 3) + b"\xc1\xc1\xc1",
+               wire.encode_frame({"type": "hello", "record": {"connector_version": 1, "x": [1] * 100}}),
+               wire.encode_frame({"type": "welcome"}), b"", wire.MAGIC]
     for data in garbage:
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
             reply = b"".join(iter(lambda: s.recv(65536), b""))
         if len(data) >= 8:                                          # a refusal comes back, framed
-            assert reply[:4] == hs.MAGIC
-            assert hs.decode_payload(reply[8:])["type"] == "refused"
+            assert reply[:4] == wire.MAGIC
+            assert wire.decode_payload(reply[8:])["type"] == "refused"
     assert prefill.call(cmd="stats")["handshakes_malformed"] >= before + 5
     prefill.call(cmd="hold", holds=[["after-garbage", [3]]])      # still serving
     decode.start_load("after-garbage", prefill.address, [3], [200])

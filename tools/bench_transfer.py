@@ -37,7 +37,11 @@ import torch  # noqa: E402
 from bench_common import ceilings_row, host_time, measure_ceilings  # noqa: E402
 
 import kvlayout as kvl  # noqa: E402
-from kvlayout.connectors.topology import Region, TransferPlan, as_block_ids, layer_regions, pair_regions  # noqa: E402
+from kvlayout.connectors.block_ids import as_block_ids  # noqa: E402
+from kvlayout.connectors.descriptors import TransferPlan  # noqa: E402
+from kvlayout.connectors.nixl_api import load_nixl_agent  # noqa: E402
+from kvlayout.connectors.regions import Region, layer_regions  # noqa: E402
+from kvlayout.connectors.topology import pair_regions  # noqa: E402
 
 LAYERS, HEADS, HEAD_SIZE, DTYPE, BLOCK = 32, 8, 128, torch.bfloat16, 16
 TOKENS = 4096
@@ -115,7 +119,7 @@ def descriptor_table(reps: int) -> list[dict]:
 # ------------------------------------------------------------------------- 2. NIXL's prepare per request
 
 def nixl_prepare_table(layers: int, device: str, reps: int) -> list[dict]:
-    from nixl._api import nixl_agent, nixl_agent_config
+    nixl_agent, nixl_agent_config = load_nixl_agent()
 
     n = TOKENS // BLOCK
     num_blocks = 2 * n

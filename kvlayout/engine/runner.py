@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..allocation import allocate_kv_cache
+from ..capabilities import ConnectorWishes
 from ..registry import get_attention_backend
 from ..errors import KVLayoutError
 from ..layers import bind_kv_cache
@@ -109,13 +110,16 @@ class Engine:
     may give the allocator's initial free list (a permutation), e.g. to scramble block ids in tests.
     ``validate=False`` skips the attention layers' per-call input checks and their host syncs (the step's
     metadata is still built and checked once per step); then one sync per step remains, for sampling.
+    ``connector``: the wishes of the transfer connector that will move this cache's blocks (e.g.
+    ``NixlConnector.layout_wishes()``), handed to ``plan_kv_cache``.
     """
 
     def __init__(self, config: Union[ModelConfig, dict, str, Path], *, weights: Union[str, Path, None] = None,
                  seed: int = 0, backend: str = "torch", device: Union[str, torch.device] = "cpu",
                  dtype: Optional[torch.dtype] = None, block_size: int = 16, num_blocks: Optional[int] = None,
                  memory_bytes: Optional[int] = None, max_num_batched_tokens: int = 256, max_num_seqs: int = 64,
-                 cross_layer: Optional[bool] = None, connector=None, eos_token_id: Optional[int] = None,
+                 cross_layer: Optional[bool] = None, connector: Optional[ConnectorWishes] = None,
+                 eos_token_id: Optional[int] = None,
                  block_order: Optional[Callable[[int], Sequence[int]]] = None, validate: bool = True):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise KVLayoutError("max_num_batched_tokens and max_num_seqs must be >= 1")
