@@ -4,7 +4,6 @@ attention (Gemma-2), MLA (DeepSeek-V2/V3) and hybrid attention + Mamba2 (Nemotro
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Union
 
@@ -16,10 +15,16 @@ from .specs import AttentionSpec, KVCacheSpec, MambaSpec, MLASpec, parse_dtype
 SHIPPED_DIR = "configs"
 
 
+def _shipped_dir() -> Path:
+    """The ``configs`` folder beside this module. Found from this file, not through ``import kvlayout``:
+    with an editable install, a folder named ``kvlayout`` in the current directory (a checkout's default
+    name) can make ``kvlayout`` a namespace package whose folder holds no ``configs``."""
+    return Path(__file__).resolve().parent / SHIPPED_DIR
+
+
 def shipped_models() -> list[str]:
     """Names of the model configs shipped with kvlayout (``kvlayout plan NAME``)."""
-    return sorted(p.name[:-5] for p in resources.files("kvlayout").joinpath(SHIPPED_DIR).iterdir()
-                  if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in _shipped_dir().iterdir() if p.name.endswith(".json"))
 
 
 def load_hf_config(name_or_path: Union[str, Path]) -> dict:
@@ -34,7 +39,7 @@ def load_hf_config(name_or_path: Union[str, Path]) -> dict:
             raise KVLayoutError(f"{path} is not valid JSON: {e}") from None
     key = str(name_or_path).lower()
     if key in shipped_models():
-        return json.loads(resources.files("kvlayout").joinpath(SHIPPED_DIR, key + ".json").read_text())
+        return json.loads((_shipped_dir() / (key + ".json")).read_text())
     raise KVLayoutError(f"{name_or_path!r} is neither a config.json path nor a shipped model; "
                         f"shipped: {', '.join(shipped_models())}")
 

@@ -3,6 +3,7 @@ bench.json, bench.md and bench.png; every row spelling the tools use lands on on
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,31 @@ def test_bench_without_matplotlib_skips_the_plot(fake_tools, tmp_path, capsys, m
     assert cli_main.main(["bench", "--quick", "--tools", str(fake_tools), "--out", str(out), "--only", "alpha"]) == 0
     assert 'pip install "kvlayout[bench]"' in capsys.readouterr().out
     assert (out / "bench.json").is_file() and (out / "bench.md").is_file() and not (out / "bench.png").exists()
+
+
+def test_bench_finds_the_shipped_tools_through_the_package(tmp_path, monkeypatch):
+    """The tools are the ``kvlayout.tools`` package (the checkout's tools/), found from any directory."""
+    import kvlayout.tools
+    from kvlayout.cli.bench import discover, find_tools_dir
+    monkeypatch.chdir(tmp_path)
+    found = find_tools_dir(None)
+    assert found == Path(kvlayout.tools.__file__).parent
+    tools = discover(found)
+    assert all(tools[name] is not None for name in EXPECTED_TOOLS), tools
+    assert "bench_common" not in tools
+
+
+def test_a_tool_missing_an_optional_dependency_names_the_extra(tmp_path, monkeypatch):
+    from kvlayout.cli import bench
+    assert bench.install_hint("ModuleNotFoundError: No module named 'nixl'") == '; pip install "kvlayout[nixl]"'
+    assert bench.install_hint("No module named 'flashinfer.jit'").endswith('"kvlayout[flashinfer]"')
+    assert bench.install_hint("No module named 'matplotlib'").endswith('"kvlayout[bench]"')
+    assert bench.install_hint("No module named 'something_else'") == ""
+    d = tmp_path / "tools"
+    d.mkdir()
+    (d / "bench_needs.py").write_text("def run(quick):\n    import optional_dep_not_here\n    return []\n")
+    monkeypatch.setitem(bench.EXTRAS, "optional_dep_not_here", "flashinfer")
+    out = tmp_path / "out"
+    assert cli_main.main(["bench", "--quick", "--tools", str(d), "--out", str(out)]) == 0
+    msg = json.loads((out / "bench.json").read_text())["tools"]["bench_needs"]["message"]
+    assert "No module named 'optional_dep_not_here'" in msg and msg.endswith('pip install "kvlayout[flashinfer]"')

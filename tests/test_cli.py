@@ -109,3 +109,55 @@ def test_python_m_kvlayout_version():
     proc = subprocess.run([sys.executable, "-m", "kvlayout", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"kvlayout {kvlayout.__version__}"
+
+
+def _shadowed_cwd(tmp_path: Path) -> Path:
+    """A folder holding a folder named ``kvlayout`` without ``__init__.py``: what the parent of a checkout
+    cloned under git's default name looks like."""
+    (tmp_path / "kvlayout" / "tools").mkdir(parents=True)
+    (tmp_path / "kvlayout" / "README.md").write_text("a checkout, not the package\n")
+    return tmp_path
+
+
+def _run_in(cwd: Path, cmd: list, pythonpath: bool = False) -> subprocess.CompletedProcess:
+    import os
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = "."                     # the current directory on sys.path for a console script too
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def shadowed(tmp_path):
+    # The test is about the installed kvlayout (an editable install in CI): skip where it is not importable
+    # from outside the checkout.
+    probe = _run_in(tmp_path, [sys.executable, "-c", "import kvlayout.cli"])
+    if probe.returncode != 0:
+        pytest.skip(f"kvlayout is not installed for {sys.executable}: {probe.stderr.strip().splitlines()[-1:]}")
+    return _shadowed_cwd(tmp_path / "parent")
+
+
+def test_cli_works_beside_a_folder_named_kvlayout(shadowed):
+    import kvlayout
+    proc = _run_in(shadowed, [sys.executable, "-m", "kvlayout", "--version"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"kvlayout {kvlayout.__version__}"
+    proc = _run_in(shadowed, [sys.executable, "-m", "kvlayout", "plan", "llama-3.1-8b"])
+    assert proc.returncode == 0, proc.stderr
+    assert "327,680" in proc.stdout
+    script = Path(sys.executable).with_name("kvlayout")          # the console script of this environment
+    if script.is_file():
+        proc = _run_in(shadowed, [str(script), "plan", "mistral-7b", "--json"], pythonpath=True)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["groups"][0]["num_blocks"] > 0
+
+
+def test_shipped_configs_are_found_beside_a_folder_named_kvlayout(shadowed):
+    code = ("import kvlayout.hf_config as h, kvlayout.cli, kvlayout; "
+            "print(len(h.shipped_models()), h.load_hf_config('llama-3.1-8b')['num_hidden_layers'], kvlayout.__file__)")
+    proc = _run_in(shadowed, [sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr
+    count, layers, init = proc.stdout.split()
+    assert int(count) >= 5 and layers == "32"
+    assert Path(init).name == "__init__.py" and not Path(init).is_relative_to(shadowed)   # the real package

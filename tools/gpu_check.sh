@@ -4,8 +4,8 @@
 #   tools/gpu_check.sh [WHEELS_DIR]
 #
 # - installs this checkout into $KVL_TARGET (default /tmp/kvl; pip --no-deps --no-build-isolation --no-index
-#   --target) and, if WHEELS_DIR holds *.whl files (flashinfer, apache-tvm-ffi, nixl, transformers, ...),
-#   those into /tmp/site;
+#   --target) and, if WHEELS_DIR holds *.whl files (flashinfer, apache-tvm-ffi, nixl, transformers, ...) or
+#   *.tar.xz archives of unzipped wheels, those into /tmp/site;
 # - runs `pytest -m gpu`, then `kvlayout bench` (every tools/bench_*.py with a run(quick) entry point,
 #   writing bench.json / bench.md / bench.png), then every other tools/bench_*.py directly, then
 #   `kvlayout demo --device cuda` (two engines, NIXL over VRAM);
@@ -56,12 +56,20 @@ t0=$SECONDS
 rc=$?
 export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
 note="kvlayout -> $TARGET"
-if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
-    "$PY" -m pip install -q --no-deps --no-index --target /tmp/site "$WHEELS"/*.whl >> "$LOGS/install.log" 2>&1 || rc=$?
+if [ -n "$WHEELS" ]; then
+    mkdir -p /tmp/site
+    n=0
+    if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+        "$PY" -m pip install -q --no-deps --no-index --target /tmp/site "$WHEELS"/*.whl >> "$LOGS/install.log" 2>&1 || rc=$?
+        n=$((n + $(ls "$WHEELS"/*.whl | wc -l)))
+    fi
+    for t in "$WHEELS"/*.tar.xz; do                  # unzipped wheels packed small (see NOTES: FlashInfer in 20 MB)
+        [ -e "$t" ] || continue
+        tar -xJf "$t" -C /tmp/site >> "$LOGS/install.log" 2>&1 || rc=$?
+        n=$((n + 1))
+    done
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
-    note="$note; $(ls "$WHEELS"/*.whl | wc -l) wheels -> /tmp/site"
-elif [ -n "$WHEELS" ]; then
-    note="$note; no wheels in $WHEELS"
+    note="$note; $n wheel sets from $WHEELS -> /tmp/site"
 fi
 record install "$([ $rc -eq 0 ] && echo ok || echo "fail($rc)")" $((SECONDS - t0)) "$note"
 # Run everything from a scratch folder so `import kvlayout` finds the installed package, not ./kvlayout.

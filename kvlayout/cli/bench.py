@@ -1,11 +1,13 @@
 """``kvlayout bench``: run the benchmarks in ``tools/`` and write ``bench.json``, ``bench.md`` and ``bench.png``.
 
-Each ``tools/bench_*.py`` that defines ``run(quick: bool) -> list[dict]`` runs in a process of its own (a
-crashing kernel or a hung device takes only that tool down) and hands back rows as JSON. Rows are read
-through one small schema - ``name``, ``backend``, ``shape``, ``seconds``, ``bytes``, ``flops``, ``achieved``
-+ ``unit`` (TB/s or TFLOP/s), ``ceiling`` - with the spellings the tools use mapped onto it (``op`` /
-``workload`` for the name, ``impl`` for the backend, ``TBps`` / ``TFLOPs`` + ``binds``, ``metric`` + ``value``;
-a row ``{"op": "ceilings", "copy_TBps", "matmul_TFLOPs"}`` gives the device ceilings measured in that run).
+The tools ship with the package as ``kvlayout.tools`` (the checkout's ``tools/`` folder) and are found through
+it, wherever kvlayout is installed; ``--tools DIR`` runs another folder's ``bench_*.py`` instead. Each tool
+that defines ``run(quick: bool) -> list[dict]`` runs in a process of its own (a crashing kernel or a hung
+device takes only that tool down) and hands back rows as JSON. Rows are read through one small schema -
+``name``, ``backend``, ``shape``, ``seconds``, ``bytes``, ``flops``, ``achieved`` + ``unit`` (TB/s or
+TFLOP/s), ``ceiling`` - with the spellings the tools use mapped onto it (``op`` / ``workload`` for the name,
+``impl`` for the backend, ``TBps`` / ``TFLOPs`` + ``binds``, ``metric`` + ``value``; a row ``{"op":
+"ceilings", "copy_TBps", "matmul_TFLOPs"}`` gives the device ceilings measured in that run).
 The plot shows every row's achieved bandwidth or FLOP/s next to its ceiling, per backend and shape.
 """
 
@@ -15,10 +17,12 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -28,30 +32,47 @@ EXPECTED_TOOLS = ("bench_attention", "bench_transfer", "bench_flashinfer")
 UNITS = {"TB/s": ("TB/s", 1.0), "GB/s": ("TB/s", 1e-3), "MB/s": ("TB/s", 1e-6), "B/s": ("TB/s", 1e-12),
          "TFLOP/s": ("TFLOP/s", 1.0), "GFLOP/s": ("TFLOP/s", 1e-3), "FLOP/s": ("TFLOP/s", 1e-12)}
 CEILING_KEYS = {"TB/s": "copy_TBps", "TFLOP/s": "matmul_TFLOPs"}
-# What the child process runs: import the tool from its file, call run(quick), write the rows as JSON.
+# optional module -> the extra that installs it (pyproject's optional-dependencies)
+EXTRAS = {"nixl": "nixl", "nixl_cu13": "nixl", "nixl_cu12": "nixl-cu12", "flashinfer": "flashinfer",
+          "matplotlib": "bench", "transformers": "hf", "safetensors": "hf"}
+PACKAGE = "kvlayout.tools"
+# What the child process runs: import the tool (a module of kvlayout.tools by name, else from its file) with
+# its folder on sys.path (the tools import ``bench_common`` as a top-level module), call run(quick), write the
+# rows as JSON. It runs in a temporary folder, so that a ``kvlayout`` folder in the caller's current directory
+# (say, the checkout) cannot shadow the installed package.
 CHILD = """
-import importlib.util, json, sys
-path, out, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-sys.path.insert(0, path.rsplit("/", 1)[0] if "/" in path else ".")
-spec = importlib.util.spec_from_file_location("kvlayout_bench_tool", path)
-tool = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = tool          # dataclasses in the tool look their module up there
-spec.loader.exec_module(tool)
+import importlib, importlib.util, json, sys
+where, path, module, out, quick = sys.argv[1:5] + [sys.argv[5] == "1"]
+sys.path.insert(0, where)
+if module:
+    tool = importlib.import_module(module)
+else:
+    spec = importlib.util.spec_from_file_location("kvlayout_bench_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool      # dataclasses in the tool look their module up there
+    spec.loader.exec_module(tool)
 rows = tool.run(quick=quick)
 open(out, "w").write(json.dumps([dict(r) for r in rows], default=str))
 """
 
 
+def packaged_tools_dir() -> Optional[Path]:
+    """The folder of the ``kvlayout.tools`` package (found by its name, as installed), or None."""
+    try:
+        root = resources.files(PACKAGE)
+    except ModuleNotFoundError:
+        return None
+    path = Path(str(root))
+    return path if path.is_dir() else None
+
+
 def find_tools_dir(given: Optional[str] = None) -> Optional[Path]:
-    """``--tools``, else ``./tools``, else the ``tools`` folder beside the package's source tree."""
+    """``--tools``, else the installed ``kvlayout.tools`` package's folder."""
     if given:
         if not Path(given).is_dir():
             raise KVLayoutError(f"--tools {given} is not a folder")
         return Path(given)
-    for cand in (Path.cwd() / "tools", Path(__file__).resolve().parent.parent / "tools"):
-        if cand.is_dir():
-            return cand
-    return None
+    return packaged_tools_dir()
 
 
 def discover(tools_dir: Optional[Path]) -> dict[str, Optional[Path]]:
@@ -67,24 +88,34 @@ def has_entry_point(path: Path) -> bool:
     return any(line.startswith("def run(") for line in path.read_text(errors="replace").splitlines())
 
 
-def run_tool(path: Path, quick: bool, timeout_s: float) -> dict:
-    """Run one tool's ``run(quick)`` in a child process. Returns ``{status, rows, seconds, message}``."""
+def run_tool(path: Path, quick: bool, timeout_s: float, module: Optional[str] = None) -> dict:
+    """Run one tool's ``run(quick)`` in a child process: ``module`` (e.g. ``kvlayout.tools.bench_ops``)
+    imported by name, else the file ``path``. Returns ``{status, rows, seconds, message}``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         env = dict(os.environ)
         env.setdefault("UCX_NET_DEVICES", "lo")
-        cmd = [sys.executable, "-c", CHILD, str(path), str(out), "1" if quick else "0"]
+        cmd = [sys.executable, "-c", CHILD, str(Path(path).resolve().parent), str(Path(path).resolve()),
+               module or "", str(out), "1" if quick else "0"]
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=tmp)
         except subprocess.TimeoutExpired:
             return {"status": "error", "rows": [], "seconds": timeout_s, "message": f"timed out after {timeout_s:g} s"}
         secs = time.perf_counter() - t0
         if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            text = (proc.stderr or proc.stdout).strip()
+            tail = text.splitlines()[-3:]
             return {"status": "error", "rows": [], "seconds": secs,
-                    "message": f"exit code {proc.returncode}: " + " | ".join(tail)}
+                    "message": f"exit code {proc.returncode}: " + " | ".join(tail) + install_hint(text)}
         return {"status": "ok", "rows": json.loads(out.read_text()), "seconds": secs, "message": ""}
+
+
+def install_hint(text: str) -> str:
+    """``'; pip install "kvlayout[EXTRA]"'`` when a tool died for want of an optional dependency."""
+    missing = re.findall(r"No module named '([\w.]+)'", text)
+    extra = next((EXTRAS[m.split(".")[0]] for m in reversed(missing) if m.split(".")[0] in EXTRAS), None)
+    return f'; pip install "kvlayout[{extra}]"' if extra else ""
 
 
 def _num(x) -> Optional[float]:
@@ -233,6 +264,7 @@ def run(args) -> int:
               "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]},
               "tools": {}, "rows": []}
     timeout = args.timeout or (120.0 if args.quick else 1800.0)
+    packaged = tools_dir is not None and tools_dir == packaged_tools_dir()
     for name, path in tools.items():
         if path is None:
             info = {"status": "missing", "message": f"tools/{name}.py does not exist (yet)"}
@@ -240,7 +272,7 @@ def run(args) -> int:
             info = {"status": "skipped", "message": "no run(quick) -> list[dict] entry point; run it directly"}
         else:
             console.print(f"running {path.name}{' --quick' if args.quick else ''} ...")
-            got = run_tool(path, args.quick, timeout)
+            got = run_tool(path, args.quick, timeout, module=f"{PACKAGE}.{name}" if packaged else None)
             rows, ceilings = normalize(name, got.pop("rows"))
             info = {**got, "ceilings": ceilings, "num_rows": len(rows)}
             result["rows"] += rows
@@ -268,7 +300,7 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU/CI; timings then mean little)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png")
-    p.add_argument("--tools", default=None, help="folder holding bench_*.py (default ./tools or the source tree's)")
+    p.add_argument("--tools", default=None, help="folder holding bench_*.py (default: the installed kvlayout.tools)")
     p.add_argument("--only", default=None, help="comma-separated tool names, e.g. attention,transfer")
     p.add_argument("--timeout", type=float, default=None, help="seconds per tool (default 120 quick, 1800 full)")
     p.add_argument("--strict", action="store_true", help="exit 1 if a tool failed")

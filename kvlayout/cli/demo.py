@@ -9,7 +9,6 @@ Prints the layout plan, per-phase timings, transfer bytes and descriptor counts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..connectors.nixl_api import nixl_installed
 from ..errors import KVLayoutError
 from ..engine.runner import Engine
 from ..specs import parse_dtype
@@ -228,7 +228,7 @@ def run(args) -> int:
     console.print(eng.plan.describe())
     summary = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "reference_tokens": ref,
                "single_s": single_s}
-    if importlib.util.find_spec("nixl") is None:
+    if not nixl_installed():
         console.print(f"single-process run: {len(prompts)} requests in {_ms(single_s)} ms")
         console.print(NIXL_HINT, style="yellow", markup=False)
         summary["nixl"] = False

@@ -140,7 +140,10 @@ class LlamaModel(nn.Module):
     def load_safetensors(self, path: Union[str, Path]) -> "LlamaModel":
         """Load Hugging Face weights: a ``.safetensors`` file, or a folder with ``model.safetensors`` or
         ``model.safetensors.index.json`` shards. Names and shapes must match exactly."""
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise KVLayoutError(f'loading weights needs safetensors ({e}); pip install "kvlayout[hf]"') from None
 
         path = Path(path)
         if path.is_dir():
