@@ -10,11 +10,40 @@ import torch
 from kvlayout.cache_ops import check_kv_cache, write_kv
 from kvlayout.capabilities import BackendCapabilities
 from kvlayout.errors import KVLayoutError, UnsupportedFeatureError
+from kvlayout.fp8 import check_scales
 from kvlayout.metadata import AttentionMetadata
 from kvlayout.params import AttentionParams
 from kvlayout.specs import dtype_name, is_fp8
 
 AttentionOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def padded_out(q: torch.Tensor, num_tokens: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The output buffer ``[T, H, D]`` of ``q``'s shape and dtype: ``out`` or a new one, with the rows from
+    ``num_tokens`` on (padding rows no request owns, e.g. of a CUDA-graph batch) set to 0."""
+    out = torch.empty_like(q) if out is None else out
+    if out.shape[0] > num_tokens:
+        out[num_tokens:].zero_()
+    return out
+
+
+def padded_lse(q: torch.Tensor, num_tokens: int, lse: Optional[torch.Tensor]) -> torch.Tensor:
+    """The LSE buffer ``[T, H]`` float32 for ``q``: ``lse`` or a new one, padding rows from ``num_tokens``
+    on set to -inf."""
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if lse is None else lse
+    if lse.shape[0] > num_tokens:
+        lse[num_tokens:].fill_(float("-inf"))
+    return lse
+
+
+def output_buffers(q: torch.Tensor, num_tokens: int, out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                   want_lse: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(out, lse)`` for a forward that writes the rows of the step's ``num_tokens`` tokens: the caller's
+    buffers or new ones (``lse`` only when ``want_lse`` or given), padding rows 0 and -inf."""
+    out = padded_out(q, num_tokens, out)
+    if want_lse or lse is not None:
+        lse = padded_lse(q, num_tokens, lse)
+    return out, lse
 
 
 class AttentionBackend(ABC):
@@ -27,6 +56,7 @@ class AttentionBackend(ABC):
 
     name: str = "?"
     capabilities: BackendCapabilities
+    kv_writer = staticmethod(write_kv)      # what ``write_kv`` runs: kvlayout's PyTorch write by default
 
     @classmethod
     def unavailable_reason(cls, device: Optional[torch.device] = None) -> Optional[str]:
@@ -42,7 +72,7 @@ class AttentionBackend(ABC):
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
                  k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
                  validate: bool = True) -> None:
-        write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
+        self.kv_writer(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
 
     @abstractmethod
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, params: AttentionParams,
@@ -122,11 +152,7 @@ class AttentionBackend(ABC):
             raise KVLayoutError(f"sinks are on {sinks.device} but the cache is on {kv_cache.device}")
         if sinks is not None and (sinks.shape != (params.num_heads,) or sinks.dtype != torch.float32):
             raise KVLayoutError(f"sinks must be float32 [{params.num_heads}], got {sinks.dtype} {tuple(sinks.shape)}")
-        if (k_scale is not None or v_scale is not None) and not is_fp8(kv_cache.dtype):
-            raise KVLayoutError("k_scale/v_scale are only for fp8 caches")
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if s is not None and (s.dtype != torch.float32 or s.numel() not in (1, h) or s.device != kv_cache.device):
-                raise KVLayoutError(f"{name} must be float32 with 1 or {h} elements, on the cache's device")
+        check_scales(k_scale, v_scale, kv_cache.dtype, h, kv_cache.device)
         if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
             raise KVLayoutError(f"out must match q: {tuple(q.shape)} {dtype_name(q.dtype)}")
         if lse is not None and (lse.shape != q.shape[:2] or lse.dtype != torch.float32):

@@ -36,12 +36,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from kvlayout.capabilities import BackendCapabilities
+from kvlayout.conventions import window_left
 from kvlayout.errors import BackendUnavailableError, UnsupportedFeatureError
+from kvlayout.kernels.write import write_kv as triton_write_kv
 from kvlayout.metadata import AttentionMetadata
 from kvlayout.params import AttentionParams
 
-from .base import AttentionBackend, AttentionOutput
-from kvlayout.kernels.write import write_kv as triton_write_kv
+from .base import AttentionBackend, AttentionOutput, padded_lse, padded_out
 
 VERSION_ENV = "KVLAYOUT_FLASH_ATTN_VERSION"      # "2", "3" or "4": use that generation only
 ALIGN_BYTES = 16
@@ -105,12 +106,12 @@ def nhd_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def window_size(gen: Generation, params: AttentionParams) -> tuple[Optional[int], Optional[int]]:
     """FlashAttention's ``(left, right)`` window: key j is visible to query i when
-    ``i - left <= j <= i + right``. Our window W means ``i - W < j``, so ``left = W - 1``; causal adds
-    ``right = 0``. FA2/FA3 write "unbounded" as -1, FA4 as None."""
+    ``i - left <= j <= i + right``. Our window W means ``i - W < j``, so ``left = window_left(W) = W - 1``
+    (``kvlayout.conventions``); causal adds ``right = 0``. FA2/FA3 write "unbounded" as -1, FA4 as None."""
     unbounded = None if gen.name == "fa4" else -1
     if params.sliding_window is None:
         return unbounded, unbounded
-    return params.sliding_window - 1, 0 if params.causal else unbounded
+    return window_left(params.sliding_window), 0 if params.causal else unbounded
 
 
 def layout_problems(gen: Generation, k: torch.Tensor, v: torch.Tensor) -> list[str]:
@@ -152,21 +153,31 @@ class FlashCall:
     lse_layout: str = "h_t"
 
 
-def _step_state(meta: AttentionMetadata, gen: Generation) -> dict:
-    """Per-step tensors the FA2 prefill call needs, made once per step and reused by every layer."""
-    key = "flash_attn." + gen.name
-    state = meta.backend_state.get(key)
-    if state is None:
-        state = {}
-        if gen.name == "fa2":
-            nd = meta.num_decodes
-            seq = meta.seq_lens[nd:]
-            cu_k = torch.zeros(seq.shape[0] + 1, dtype=torch.int32, device=seq.device)
-            torch.cumsum(seq, 0, out=cu_k[1:])
-            state["cu_seqlens_k"] = cu_k
-            state["cu_seqlens_q"] = meta.query_start_loc[nd:] - meta.num_decode_tokens
-        meta.backend_state[key] = state
-    return state
+@dataclass(frozen=True)
+class FlashAttnStepKey:
+    """Key of a FlashAttention generation's per-step state in ``meta.step_state``."""
+
+    generation: str
+
+
+@dataclass(frozen=True)
+class Fa2PrefillOffsets:
+    """What FA2's varlen prefill call needs besides the metadata, for the step's prefill part (the requests
+    after the decodes): made once per step on the device, reused by every layer."""
+
+    cu_seqlens_q: torch.Tensor      # int32 [P + 1]: query offsets, counted from the first prefill token
+    cu_seqlens_k: torch.Tensor      # int32 [P + 1]: cumulative context lengths
+
+
+def fa2_prefill_offsets(meta: AttentionMetadata) -> Fa2PrefillOffsets:
+    """The step's ``Fa2PrefillOffsets``, made on first use."""
+    def make() -> Fa2PrefillOffsets:
+        nd = meta.num_decodes
+        seq = meta.seq_lens[nd:]
+        cu_k = torch.zeros(seq.shape[0] + 1, dtype=torch.int32, device=seq.device)
+        torch.cumsum(seq, 0, out=cu_k[1:])
+        return Fa2PrefillOffsets(meta.query_start_loc[nd:] - meta.num_decode_tokens, cu_k)
+    return meta.step_state.get_or_make(FlashAttnStepKey("fa2"), make)
 
 
 def plan_calls(gen: Generation, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
@@ -195,10 +206,10 @@ def plan_calls(gen: Generation, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                   return_softmax_lse=want_lse)
         calls.append(FlashCall("flash_attn_with_kvcache", 0, ndt, (q[:ndt].unsqueeze(1), k, v), kw, "b_h_1"))
     if t > ndt:
-        state = _step_state(meta, gen)
+        offsets = fa2_prefill_offsets(meta)
         kw = dict(common, block_table=meta.block_table[nd:], return_attn_probs=want_lse)
         calls.append(FlashCall("flash_attn_varlen_func", ndt, t,
-                               (q[ndt:t], k, v, state["cu_seqlens_q"], state["cu_seqlens_k"],
+                               (q[ndt:t], k, v, offsets.cu_seqlens_q, offsets.cu_seqlens_k,
                                 meta.max_query_len, meta.max_seq_len), kw))
     return calls
 
@@ -267,6 +278,7 @@ class FlashAttnBackend(AttentionBackend):
 
     name = "flash_attn"
     capabilities = capabilities_for(GENERATIONS["fa3"])     # replaced per instance by the detected one
+    kv_writer = staticmethod(triton_write_kv)               # the library has no cache writer of its own
 
     def __init__(self, generation: Optional[str] = None, device: Optional[torch.device] = None):
         if generation is not None:
@@ -290,11 +302,6 @@ class FlashAttnBackend(AttentionBackend):
     def unavailable_reason(cls, device: Optional[torch.device] = None) -> Optional[str]:
         gen, reasons = detect_generation(device)
         return None if gen is not None else "; ".join(reasons)
-
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-                 validate: bool = True) -> None:
-        triton_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
 
     def _fn(self, name: str) -> Callable:
         return getattr(self._module, name)
@@ -324,17 +331,15 @@ class FlashAttnBackend(AttentionBackend):
         if out is None and len(results) == 1 and q.shape[0] == t:
             out = results[0][1]
         else:
-            out = torch.empty_like(q) if out is None else out
+            out = padded_out(q, t, out)
             for c, o, _ in results:
                 out[c.t0:c.t1].copy_(o)
-            out[t:].zero_()
         if not want_lse:
             return out
         if lse is None and len(results) == 1 and q.shape[0] == t:
             return out, lse_tokens_major(results[0][2], results[0][0].lse_layout)
-        lse_out = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if lse is None else lse
+        lse_out = padded_lse(q, t, lse)
         for c, _, l in results:
             lse_out[c.t0:c.t1].copy_(lse_tokens_major(l, c.lse_layout))
-        lse_out[t:].fill_(float("-inf"))
         return out, lse_out
 

@@ -3,38 +3,39 @@
 FlashInfer reads the packed cache ``(B, H, N, 2·D)`` as it is: ``(kv[..., :D], kv[..., D:])`` with
 ``kv_layout="HND"``; the two views carry the cache's own strides (cross-layer block strides and storage
 offsets included), so nothing is copied. Per step and per attention variant (heads, scale, window,
-soft-cap, dtypes, sinks) one plan is made from the shared metadata and kept in ``meta.backend_state``;
-every layer with the same variant reuses it. The decode part (the ``meta.num_decodes`` leading
+soft-cap, dtypes, sinks) one plan (``FlashInferStepPlan``) is made from the shared metadata and kept in
+``meta.step_state``; every layer with the same variant reuses it. The decode part (the ``meta.num_decodes`` leading
 requests) runs through ``BatchDecodeWithPagedKVCacheWrapper`` (CUDA cores, or tensor cores for wide
 GQA groups), the rest through ``BatchPrefillWithPagedKVCacheWrapper`` (fa3 on Hopper, fa2 elsewhere).
 Layers with learned sinks run both parts through FlashInfer's attention-sink variant.
 
 FlashInfer is imported lazily, so kvlayout imports and the other backends work without it. LSE is
 returned in natural log (FlashInfer computes base 2; it is converted here). fp8 scales are applied
-on the query (K) and the output (V), so per-tensor and per-head scales cost no host sync.
+on the query (K) and the output (V) (``kvlayout.fp8``), so per-tensor and per-head scales cost no host
+sync.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
 from kvlayout.cache_ops import check_write_kv, write_kv
+from kvlayout import conventions
 from kvlayout.capabilities import FEATURES, BackendCapabilities
 from kvlayout.errors import BackendUnavailableError, KVLayoutError, UnsupportedFeatureError
+from kvlayout.fp8 import apply_v_scale_, fold_k_scale_into_query
 from kvlayout.metadata import AttentionMetadata
 from kvlayout.params import AttentionParams
 from kvlayout.specs import AttentionSpec, MLASpec, dtype_name, is_fp8
 
-from .base import AttentionBackend, AttentionOutput
+from .base import AttentionBackend, AttentionOutput, output_buffers
 
 INSTALL_HINT = 'pip install "kvlayout[flashinfer]"'
-LN2 = math.log(2.0)
 WORKSPACE_BYTES = 256 << 20
 # Decode runs on tensor cores when this many query heads (or more) share one KV head. H200, 8 KV heads of 128,
 # bf16, TB/s CUDA cores / tensor cores (tools/bench_flashinfer.py), batch 64 x 4096: group 1 4.37/4.28,
@@ -60,9 +61,10 @@ def _flashinfer():
 
 
 def window_left(params: AttentionParams) -> int:
-    """FlashInfer's ``window_left`` for our ``sliding_window`` W (query i sees keys j > i - W): W - 1;
-    -1 means no window."""
-    return -1 if params.sliding_window is None else params.sliding_window - 1
+    """FlashInfer's ``window_left`` for our ``sliding_window`` W (query i sees keys j > i - W):
+    ``conventions.window_left(W) = W - 1``; -1 means no window."""
+    left = conventions.window_left(params.sliding_window)
+    return -1 if left is None else left
 
 
 @dataclass(frozen=True)
@@ -131,14 +133,14 @@ class _Slot:
         self.wrapper, self.planned, self.capacity = wrapper, None, capacity
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class _Part:
     """One wrapper's share of a step: query rows ``[t0, t1)`` and the plan() call that sets it up."""
 
     slot: _Slot
     t0: int
     t1: int
-    takes_sinks: bool
+    takes_sinks: bool               # the sink variant: run() takes the sinks as an extra input
     plan_args: tuple
     plan_kwargs: dict
 
@@ -152,24 +154,37 @@ class _Part:
         self.slot.planned = self
 
 
-@dataclass(eq=False)
-class _StepPlan:
-    parts: list = field(default_factory=list)
-    cuda_graph: bool = False
+@dataclass(frozen=True, eq=False)
+class FlashInferStepPlan:
+    """One step's plan for one attention variant (or one MLA configuration): the wrappers' shares of the
+    step's query rows, each with the plan() call that sets its wrapper up for this step. Made once per step
+    and reused by every layer of the variant; a part whose wrapper was re-planned for another step since is
+    planned again on use (never during CUDA-graph capture)."""
+
+    parts: tuple[_Part, ...] = ()
+    cuda_graph: bool = False        # planned for CUDA-graph replay (wrappers with fixed buffers)
 
 
-def _fold_k_scale(q: torch.Tensor, k_scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """``q · k_scale`` per KV head: scores over a dequantized K without touching the cache."""
-    t, h, d = q.shape
-    s = k_scale.reshape(1, -1, 1, 1).float()
-    return (q.reshape(t, num_kv_heads, h // num_kv_heads, d).float() * s).to(q.dtype).reshape(t, h, d)
+@dataclass(frozen=True)
+class FlashInferStepKey:
+    """Key of a ``FlashInferStepPlan`` in ``meta.step_state``: which backend instance (its wrappers) and
+    which attention variant."""
+
+    backend: int                    # id() of the FlashInferBackend
+    variant: Variant
 
 
-def _apply_v_scale(out: torch.Tensor, v_scale: torch.Tensor, num_kv_heads: int) -> None:
-    """``out · v_scale`` per KV head, in place (out is contiguous)."""
-    t, h, d = out.shape
-    o = out.view(t, num_kv_heads, h // num_kv_heads, d)
-    o.copy_(o.float() * v_scale.reshape(1, -1, 1, 1).float())
+@dataclass(frozen=True)
+class FlashInferMLAKey:
+    """Key of an MLA ``FlashInferStepPlan`` in ``meta.step_state``."""
+
+    backend: int                    # id() of the FlashInferBackend
+    num_heads: int
+    kv_lora_rank: int
+    latent_size: int                # kv_lora_rank + rope dim
+    scale: float
+    causal: bool
+    q_dtype: torch.dtype
 
 
 def canonical_strides(t: torch.Tensor) -> torch.Tensor:
@@ -338,13 +353,13 @@ class FlashInferBackend(AttentionBackend):
         if v.sinks and v.soft_cap:
             raise UnsupportedFeatureError("backend 'flashinfer' cannot combine learned sinks with a logits "
                                           "soft-cap (FlashInfer's sink variant has none)")
-        key = ("flashinfer", id(self), v)
-        have = meta.backend_state.get(key)
+        key = FlashInferStepKey(id(self), v)
+        have = meta.step_state.get(key, FlashInferStepPlan)
         if have is not None and have.cuda_graph == cuda_graph:
             return
-        meta.backend_state[key] = self._make_step_plan(meta, v, cuda_graph)
+        meta.step_state.put(key, self._make_step_plan(meta, v, cuda_graph))
 
-    def _make_step_plan(self, meta: AttentionMetadata, v: Variant, cuda_graph: bool) -> _StepPlan:
+    def _make_step_plan(self, meta: AttentionMetadata, v: Variant, cuda_graph: bool) -> FlashInferStepPlan:
         device = meta.device
         qsl = meta.query_start_loc_cpu.numpy().astype(np.int64)
         new = np.diff(qsl)
@@ -355,7 +370,7 @@ class FlashInferBackend(AttentionBackend):
                 raise KVLayoutError(f"flashinfer: CUDA-graph steps must be decode-only, this one has "
                                     f"{meta.num_prefills} prefill requests; run mixed steps eagerly")
             graph_batch = meta.num_reqs
-        step = _StepPlan(cuda_graph=cuda_graph)
+        parts = []
         common = dict(q_data_type=v.q_dtype, kv_data_type=v.kv_dtype, o_data_type=v.q_dtype, sm_scale=v.scale,
                       window_left=v.window_left, non_blocking=True)
         heads = (v.num_heads, v.num_kv_heads, v.head_size, v.block_size)
@@ -382,18 +397,18 @@ class FlashInferBackend(AttentionBackend):
                     kwargs["logits_soft_cap"] = v.soft_cap or None
             part = _Part(slot, t0, t1, kind == "sinks", args, kwargs)
             part.ensure_planned(capturing=False)
-            step.parts.append(part)
-        return step
+            parts.append(part)
+        return FlashInferStepPlan(tuple(parts), cuda_graph)
 
-    def _step_plan(self, meta, params, q_dtype, kv_dtype, sinks: bool, capturing: bool) -> _StepPlan:
-        key = ("flashinfer", id(self), Variant.of(params, meta.block_size, q_dtype, kv_dtype, sinks))
-        step = meta.backend_state.get(key)
+    def _step_plan(self, meta, params, q_dtype, kv_dtype, sinks: bool, capturing: bool) -> FlashInferStepPlan:
+        key = FlashInferStepKey(id(self), Variant.of(params, meta.block_size, q_dtype, kv_dtype, sinks))
+        step = meta.step_state.get(key, FlashInferStepPlan)
         if step is None:
             if capturing:
                 raise KVLayoutError("flashinfer: plan the step before capturing a CUDA graph: call "
                                     "backend.plan(meta, params, kv_dtype, q_dtype, sinks=..., cuda_graph=True)")
             self.plan(meta, params, kv_dtype, q_dtype, sinks=sinks)
-            step = meta.backend_state[key]
+            step = meta.step_state.get(key, FlashInferStepPlan)
         return step
 
     # ---- attention -------------------------------------------------------------------------------
@@ -406,25 +421,18 @@ class FlashInferBackend(AttentionBackend):
         step = self._step_plan(meta, params, q.dtype, kv_cache.dtype, sinks is not None, capturing)
         total = meta.num_actual_tokens
         want_lse = return_lse or lse is not None
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if want_lse and lse is None:
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        if q.shape[0] > total:
-            out[total:].zero_()
-            if want_lse:
-                lse[total:].fill_(float("-inf"))
+        out, lse = output_buffers(q, total, out, lse, want_lse)
         kv = packed_kv_views(kv_cache)
-        qq = q[:total] if k_scale is None else _fold_k_scale(q[:total], k_scale, params.num_kv_heads)
+        qq = q[:total] if k_scale is None else fold_k_scale_into_query(q[:total], k_scale, params.num_kv_heads)
         for part in step.parts:
             part.ensure_planned(capturing)
             extra = (sinks,) if part.takes_sinks else ()
             part.slot.wrapper.run(qq[part.t0:part.t1], kv, *extra, out=out[part.t0:part.t1],
                                   lse=lse[part.t0:part.t1] if want_lse else None, return_lse=want_lse)
         if v_scale is not None and total:
-            _apply_v_scale(out[:total], v_scale, params.num_kv_heads)
+            apply_v_scale_(out[:total], v_scale, params.num_kv_heads)
         if want_lse and total:
-            lse[:total].mul_(LN2)
+            lse[:total].mul_(conventions.lse_factor("2", "e"))
         return (out, lse) if want_lse else out
 
     # ---- MLA -------------------------------------------------------------------------------------
@@ -438,11 +446,9 @@ class FlashInferBackend(AttentionBackend):
             raise KVLayoutError("MLA needs a latent cache with a contiguous last dim")
         self._check_mla_dims(kv_lora_rank, c - kv_lora_rank, latent_cache.dtype)   # fp16/bf16: q dtype must match
         total, h = meta.num_actual_tokens, q.shape[1]
-        key = ("flashinfer-mla", id(self), h, kv_lora_rank, c, float(scale), bool(causal), q.dtype)
-        step = meta.backend_state.get(key)
-        if step is None:
-            step = meta.backend_state[key] = self._plan_mla(meta, h, kv_lora_rank, c - kv_lora_rank, scale,
-                                                            causal, q.dtype)
+        key = FlashInferMLAKey(id(self), h, kv_lora_rank, c, float(scale), bool(causal), q.dtype)
+        step = meta.step_state.get_or_make(key, lambda: self._plan_mla(meta, h, kv_lora_rank, c - kv_lora_rank,
+                                                                        scale, causal, q.dtype))
         out = torch.zeros(q.shape[0], h, kv_lora_rank, dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for part in step.parts:
@@ -454,12 +460,11 @@ class FlashInferBackend(AttentionBackend):
                                   out=out[:total], lse=lse[:total], return_lse=True, return_lse_base_on_e=True)
         return (out, lse) if return_lse else out
 
-    def _plan_mla(self, meta, num_heads, rank, rope, scale, causal, dtype) -> _StepPlan:
+    def _plan_mla(self, meta, num_heads, rank, rope, scale, causal, dtype) -> FlashInferStepPlan:
         qsl = meta.query_start_loc_cpu.numpy().astype(np.int64)
         reqs = np.nonzero(np.diff(qsl) > 0)[0]
-        step = _StepPlan()
         if reqs.size == 0:
-            return step
+            return FlashInferStepPlan()
         device = meta.device
         pb = self._prefill_backend(device, dtype)
         key = ("mla", num_heads, rank, rope, float(scale), bool(causal), dtype, meta.block_size, device, pb)
@@ -476,8 +481,7 @@ class FlashInferBackend(AttentionBackend):
                       kv_data_type=dtype, query_layout="split", kv_cache_layout="split", lse_mode="basee")
         part = _Part(slot, 0, meta.num_actual_tokens, False, (), kwargs)
         part.ensure_planned(capturing=False)
-        step.parts.append(part)
-        return step
+        return FlashInferStepPlan((part,))
 
     # ---- K/V append ------------------------------------------------------------------------------
 

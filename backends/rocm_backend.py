@@ -3,8 +3,8 @@ packed cache views, with the same feature matrix as the ``triton`` backend.
 
 ``forward`` launches the 2-D paged decode kernel for the leading one-token requests and the prefix-prefill
 kernel for the rest, one after the other on the stream (no host sync). The prefill tile list and the
-decode contexts' longest length are host data made once per step (``meta.backend_state``) and shared by
-every layer. LSE is returned in base e. Validated on NVIDIA GPUs and under Triton's CPU interpreter; not
+decode contexts' longest length are host data made once per step (``RocmStepPlan`` in ``meta.step_state``)
+and shared by every layer. LSE is returned in base e. Validated on NVIDIA GPUs and under Triton's CPU interpreter; not
 yet run on AMD hardware.
 """
 
@@ -19,38 +19,43 @@ import torch
 from kvlayout.errors import KVLayoutError
 from kvlayout.metadata import AttentionMetadata
 
-from .base import AttentionOutput
-from kvlayout.kernels.rocm import (RocmConfig, decode_partition_size, paged_decode, prefill_tiles, prefix_prefill,
-                           rocm_config)
-from kvlayout.kernels.unified import interpreting
-from .triton_backend import TRITON_CAPABILITIES, TritonBackend
+from kvlayout.kernels import interpreting
 from kvlayout.kernels.decode import device_sms
+from kvlayout.kernels.rocm import (RocmConfig, decode_partition_size, paged_decode, prefill_tiles, prefix_prefill,
+                                   rocm_config)
+
+from .base import AttentionOutput, output_buffers
+from .triton_backend import TRITON_CAPABILITIES, TritonBackend
 
 ROCM_CAPABILITIES = dataclasses.replace(TRITON_CAPABILITIES, name="rocm")
 
 
 @dataclass(frozen=True)
-class RocmStepPlan:
-    """Host decisions for one step and one prefill tile height: the prefill tiles (on the device) and
-    the longest decode context."""
+class RocmStepKey:
+    """Key of the rocm backend's per-step plan: the plan depends on the prefill tile height only."""
 
-    tiles: torch.Tensor
-    decode_max_seq_len: int
+    block_m: int
+
+
+@dataclass(frozen=True)
+class RocmStepPlan:
+    """Host decisions for one step and one prefill tile height."""
+
+    tiles: torch.Tensor             # int32 [n, 2] on the device: (request, first token) of each prefill tile
+    decode_max_seq_len: int         # the longest context among the step's decode requests (0: none)
+
+
+def _make_step_plan(meta: AttentionMetadata, block_m: int) -> RocmStepPlan:
+    tiles = torch.from_numpy(prefill_tiles(meta.query_start_loc_cpu, meta.num_decodes, block_m))
+    if meta.device.type == "cuda":
+        tiles = tiles.pin_memory().to(meta.device, non_blocking=True)
+    nd = meta.num_decodes
+    return RocmStepPlan(tiles, int(meta.seq_lens_cpu[:nd].max()) if nd else 0)
 
 
 def step_plan(meta: AttentionMetadata, block_m: int) -> RocmStepPlan:
     """The step's plan for ``block_m``, made on the first call and reused by every later layer."""
-    key = ("rocm", block_m)
-    plan = meta.backend_state.get(key)
-    if plan is None:
-        tiles = torch.from_numpy(prefill_tiles(meta.query_start_loc_cpu, meta.num_decodes, block_m))
-        if meta.device.type == "cuda":
-            tiles = tiles.pin_memory().to(meta.device, non_blocking=True)
-        nd = meta.num_decodes
-        longest = int(meta.seq_lens_cpu[:nd].max()) if nd else 0
-        plan = RocmStepPlan(tiles, longest)
-        meta.backend_state[key] = plan
-    return plan
+    return meta.step_state.get_or_make(RocmStepKey(block_m), lambda: _make_step_plan(meta, block_m))
 
 
 class RocmBackend(TritonBackend):
@@ -73,14 +78,7 @@ class RocmBackend(TritonBackend):
         if validate and partition_size and partition_size % cfg.block_n:
             raise KVLayoutError(f"partition_size {partition_size} must be a multiple of the key tile {cfg.block_n}")
         want_lse = return_lse or lse is not None
-        out = torch.empty_like(q) if out is None else out
-        if want_lse and lse is None:
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        total = meta.num_actual_tokens
-        if q.shape[0] > total:                     # rows no request owns: defined values
-            out[total:].zero_()
-            if lse is not None:
-                lse[total:].fill_(float("-inf"))
+        out, lse = output_buffers(q, meta.num_actual_tokens, out, lse, want_lse)
         plan = step_plan(meta, cfg.block_m)
         nd = meta.num_decodes
         if nd:

@@ -3,7 +3,6 @@ backend and the CPU default; not fast."""
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -12,7 +11,7 @@ from kvlayout.capabilities import BackendCapabilities
 from kvlayout.reference import dense_attention
 from kvlayout.specs import ATTENTION_DTYPES
 
-from .base import AttentionBackend, AttentionOutput
+from .base import AttentionBackend, AttentionOutput, output_buffers
 
 TORCH_CAPABILITIES = BackendCapabilities(
     name="torch",
@@ -24,6 +23,15 @@ TORCH_CAPABILITIES = BackendCapabilities(
 )
 
 
+def scheduled_requests(meta):
+    """``(r, q0, q1, s)`` for each request ``r`` of the step with query rows ``q0 .. q1`` (skipping requests
+    with none) and ``s`` tokens in the cache after this step."""
+    qsl, seq_lens = meta.query_start_loc_cpu.tolist(), meta.seq_lens_cpu.tolist()
+    for r in range(meta.num_reqs):
+        if qsl[r + 1] > qsl[r]:
+            yield r, qsl[r], qsl[r + 1], seq_lens[r]
+
+
 class TorchBackend(AttentionBackend):
     name = "torch"
     capabilities = TORCH_CAPABILITIES
@@ -32,16 +40,8 @@ class TorchBackend(AttentionBackend):
                 lse=None, return_lse=False, validate=True) -> AttentionOutput:
         if validate:
             self.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
-        out = torch.zeros_like(q) if out is None else out.zero_()
-        lse_out = lse if lse is not None else (torch.full(q.shape[:2], float("-inf"), device=q.device)
-                                               if return_lse else None)
-        if lse is not None:
-            lse.fill_(float("-inf"))
-        qsl, seq_lens = meta.query_start_loc_cpu.tolist(), meta.seq_lens_cpu.tolist()
-        for r in range(meta.num_reqs):
-            q0, q1, s = qsl[r], qsl[r + 1], seq_lens[r]
-            if q1 == q0:
-                continue
+        out, lse_out = output_buffers(q, meta.num_actual_tokens, out, lse, return_lse)
+        for r, q0, q1, s in scheduled_requests(meta):
             k, v = gather_kv(kv_cache, meta.block_table[r, : -(-s // meta.block_size)], s, k_scale, v_scale,
                              dtype=torch.float32)
             o, l = dense_attention(q[q0:q1].float(), k, v, params.scale, q_offset=s - (q1 - q0),
@@ -58,12 +58,8 @@ class TorchBackend(AttentionBackend):
         self.check_forward_mla(q, latent_cache, meta, kv_lora_rank)
         out = torch.zeros(q.shape[0], q.shape[1], kv_lora_rank, dtype=q.dtype, device=q.device)
         lse_out = torch.full(q.shape[:2], float("-inf"), device=q.device)
-        qsl, seq_lens = meta.query_start_loc_cpu.tolist(), meta.seq_lens_cpu.tolist()
         n = latent_cache.shape[2]
-        for r in range(meta.num_reqs):
-            q0, q1, s = qsl[r], qsl[r + 1], seq_lens[r]
-            if q1 == q0:
-                continue
+        for r, q0, q1, s in scheduled_requests(meta):
             ids = meta.block_table[r, : -(-s // n)].long()
             lat = latent_cache[ids, 0].reshape(-1, latent_cache.shape[3])[:s].float().unsqueeze(1)
             o, l = dense_attention(q[q0:q1].float(), lat, lat[..., :kv_lora_rank], scale,

@@ -9,7 +9,6 @@ LSE is returned in base e.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -17,12 +16,13 @@ import triton
 
 from kvlayout.capabilities import BackendCapabilities
 from kvlayout.errors import KVLayoutError
+from kvlayout.kernels import INTERPRET_ENV, interpreter_requested, interpreting
+from kvlayout.kernels.decode import split_kv_decode
+from kvlayout.kernels.unified import unified_attention, unified_config
+from kvlayout.kernels.write import write_kv as triton_write_kv
 from kvlayout.specs import FP8_DTYPES
 
-from .base import AttentionBackend, AttentionOutput
-from kvlayout.kernels.unified import interpreting, unified_attention, unified_config
-from kvlayout.kernels.write import write_kv as triton_write_kv
-from kvlayout.kernels.decode import split_kv_decode
+from .base import AttentionBackend, AttentionOutput, output_buffers
 
 TRITON_CAPABILITIES = BackendCapabilities(
     name="triton",
@@ -50,12 +50,13 @@ def split_decodes(num_decodes: int, num_reqs: int, max_query_len: int, group: in
 class TritonBackend(AttentionBackend):
     name = "triton"
     capabilities = TRITON_CAPABILITIES
+    kv_writer = staticmethod(triton_write_kv)
 
     @classmethod
     def unavailable_reason(cls, device: Optional[torch.device] = None) -> Optional[str]:
-        env_interp = os.environ.get("TRITON_INTERPRET") == "1"
+        env_interp = interpreter_requested()
         if env_interp != interpreting():
-            return ("TRITON_INTERPRET changed after kvlayout's Triton kernels were defined; set it before "
+            return (f"{INTERPRET_ENV} changed after kvlayout's Triton kernels were defined; set it before "
                     "importing kvlayout.backends.triton_backend")
         kind = device.type if device is not None else None
         if kind in (None, "cuda") and torch.cuda.is_available() and not env_interp:
@@ -94,25 +95,13 @@ class TritonBackend(AttentionBackend):
             if t is not None and (t.device != kv_cache.device or not t.is_contiguous()):
                 raise KVLayoutError(f"{name} must be a contiguous tensor on {kv_cache.device}")
 
-    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-                 validate: bool = True) -> None:
-        triton_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale, validate=validate)
-
     def forward(self, q, kv_cache, meta, params, *, sinks=None, k_scale=None, v_scale=None, out=None,
                 lse=None, return_lse=False, validate=True) -> AttentionOutput:
         if validate:
             self.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out, lse)
         want_lse = return_lse or lse is not None
-        if out is None:
-            out = torch.empty_like(q)
-        if want_lse and lse is None:
-            lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         total = meta.num_actual_tokens
-        if q.shape[0] > total:                       # padding rows (CUDA-graph batches): defined values
-            out[total:].zero_()
-            if lse is not None:
-                lse[total:].fill_(float("-inf"))
+        out, lse = output_buffers(q, total, out, lse, want_lse)
         nd, nr = meta.num_decodes, meta.num_reqs
         group = params.num_heads // params.num_kv_heads
         r0 = t0 = 0

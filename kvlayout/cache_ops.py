@@ -6,25 +6,10 @@ from typing import Optional
 
 import torch
 
+from . import fp8
 from .checks import check_block_ids
 from .errors import KVLayoutError
 from .specs import dtype_name, is_fp8
-
-
-def _check_scale(scale: Optional[torch.Tensor], num_kv_heads: int, what: str) -> None:
-    if scale is None:
-        return
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() not in (1, num_kv_heads) \
-            or scale.dim() > 1:
-        raise KVLayoutError(f"{what} must be a float32 tensor with one element (per-tensor) or "
-                            f"{num_kv_heads} (per KV head), got {getattr(scale, 'shape', scale)!r}")
-
-
-def scale_for_heads(scale: Optional[torch.Tensor], device) -> torch.Tensor:
-    """A scale as a ``(H_kv or 1, 1)`` float32 tensor to broadcast over ``(H, ..., D)``; 1.0 if None."""
-    if scale is None:
-        return torch.ones(1, 1, device=device)
-    return scale.reshape(-1, 1).to(device)
 
 
 def check_kv_cache(kv_cache: torch.Tensor, what: str = "kv_cache") -> tuple[int, int, int, int]:
@@ -68,25 +53,14 @@ def check_write_kv(kv_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -> 
         if hi >= b * n or lo < -1:
             raise KVLayoutError(f"slot_mapping has slot {hi if hi >= b * n else lo}; valid slots are -1 (skip) "
                                 f"and 0..{b * n - 1} ({b} blocks of {n})")
-    if k_scale is not None or v_scale is not None:
-        if not is_fp8(kv_cache.dtype):
-            raise KVLayoutError("k_scale/v_scale are only for fp8 caches")
-    _check_scale(k_scale, h, "k_scale")
-    _check_scale(v_scale, h, "v_scale")
-
-
-def quantize_fp8(x: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``x / scale`` saturated to the fp8 range; ``x`` is ``[T, H, D]``, scale per tensor or per head."""
-    s = scale_for_heads(scale, x.device)
-    limit = torch.finfo(dtype).max
-    return (x.float() / s).clamp_(-limit, limit).to(dtype)
+    fp8.check_scales(k_scale, v_scale, kv_cache.dtype, h)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
              k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
              validate: bool = True) -> None:
     """Write token ``t``'s K and V into slot ``slot_mapping[t]`` (block = slot // N, offset = slot % N).
-    Slot -1 is skipped. fp8 caches quantize with per-tensor or per-head scales."""
+    Slot -1 is skipped. fp8 caches quantize with per-tensor or per-head scales (``kvlayout.fp8``)."""
     if validate:
         check_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
     n, d = kv_cache.shape[2], kv_cache.shape[3] // 2
@@ -95,7 +69,7 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     slots = slots[keep].long()
     kk, vv = k[keep], v[keep]
     if is_fp8(kv_cache.dtype):
-        kk, vv = quantize_fp8(kk, k_scale, kv_cache.dtype), quantize_fp8(vv, v_scale, kv_cache.dtype)
+        kk, vv = fp8.quantize(kk, k_scale, kv_cache.dtype), fp8.quantize(vv, v_scale, kv_cache.dtype)
     blk, off = slots // n, slots % n
     kv_cache[..., :d][blk, :, off] = kk
     kv_cache[..., d:][blk, :, off] = vv
@@ -115,6 +89,5 @@ def gather_kv(kv_cache: torch.Tensor, block_ids, num_tokens: int, k_scale: Optio
     k, v = flat[..., :d], flat[..., d:]
     if is_fp8(kv_cache.dtype) or dtype is not None:
         out = dtype or torch.float32
-        k = (k.float() * scale_for_heads(k_scale, k.device)).to(out)
-        v = (v.float() * scale_for_heads(v_scale, v.device)).to(out)
+        k, v = fp8.dequantize(k, k_scale, out), fp8.dequantize(v, v_scale, out)
     return k, v

@@ -3,13 +3,64 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 
 from .errors import KVLayoutError
 from .planner import KVCachePlan
+
+
+S = TypeVar("S")
+
+
+class StepStateCache:
+    """Per-step state that a backend makes once from a step's metadata and every layer of the step reuses
+    (plan once, run many): FlashInfer's plans, the rocm backend's prefill tile list, FlashAttention-2's
+    key offsets.
+
+    Each entry is keyed by a frozen dataclass that its backend defines: the key's type says whose state
+    it is (keys of two backends never compare equal, even with equal fields) and its fields say what the
+    state depends on besides the step (a tile height, an attention variant). Each backend defines a
+    dataclass for the state too; ``get(key, kind)`` checks the entry is of that type. The cache lives on
+    the ``AttentionMetadata``, so a new step (new metadata) starts empty::
+
+        plan = meta.step_state.get_or_make(RocmStepKey(block_m), lambda: make_plan(meta, block_m))
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self):
+        self._entries: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, kind: type[S]) -> Optional[S]:
+        """The state under ``key`` (None when there is none yet); it must be a ``kind``."""
+        state = self._entries.get(key)
+        if state is not None and not isinstance(state, kind):
+            raise TypeError(f"step state under {key!r} is a {type(state).__name__}, not a {kind.__name__}")
+        return state
+
+    def get_or_make(self, key: Hashable, make: Callable[[], S]) -> S:
+        """The state under ``key``, made by ``make()`` and kept on first use."""
+        if key not in self._entries:
+            self._entries[key] = make()
+        return self._entries[key]
+
+    def put(self, key: Hashable, state: S) -> S:
+        """Keep ``state`` under ``key``, replacing what was there (e.g. a plan made again in another mode)."""
+        self._entries[key] = state
+        return state
+
+    def states(self, kind: Optional[type[S]] = None) -> list[S]:
+        """Every state kept (of type ``kind`` only, when given), in the order they were first made."""
+        return [v for v in self._entries.values() if kind is None or isinstance(v, kind)]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"StepStateCache({', '.join(type(k).__name__ for k in self._entries)})"
 
 
 @dataclass(frozen=True)
@@ -29,8 +80,8 @@ class AttentionMetadata:
     Decode requests (one new token) come first, ``num_decodes`` of them; the rest are the prefill part
     (a request of one token after a prefill is served correctly by the prefill part too). Device tensors:
     ``query_start_loc`` [B+1] int32, ``seq_lens`` [B] int32 (cached + new), ``block_table`` [B, max_blocks]
-    int32, ``slot_mapping`` [T] int64 (-1 = do not write). ``backend_state`` holds per-step plans that a
-    backend makes once (e.g. FlashInfer's ``plan()``) and every layer reuses.
+    int32, ``slot_mapping`` [T] int64 (-1 = do not write). ``step_state`` holds the per-step state that a
+    backend makes once (e.g. FlashInfer's ``plan()``) and every layer reuses (``StepStateCache``).
     """
 
     block_size: int
@@ -46,7 +97,7 @@ class AttentionMetadata:
     num_decodes: int
     num_decode_tokens: int
     num_actual_tokens: int
-    backend_state: dict = field(default_factory=dict, repr=False)
+    step_state: StepStateCache = field(default_factory=StepStateCache, repr=False, compare=False)
 
     @property
     def num_reqs(self) -> int:

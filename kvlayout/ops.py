@@ -12,7 +12,6 @@ checks read small index tensors on the host. ``validate=False`` trusts the calle
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -22,11 +21,12 @@ from . import ops_reference as ref
 from .allocation import KVCache
 from .checks import check_block_ids
 from .cache_ops import check_kv_cache
+from .conventions import LSE_BASES, lse_factor, soft_cap_value, softmax_scale
 from .errors import KVLayoutError, UnsupportedFeatureError
+from .kernels import interpreting
 from .specs import dtype_name
 
 ATTENTION_OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LSE_BASES = ("e", "2")
 MAX_TRITON_STATES = 256
 DEFAULT_STAGING_BYTES = 256 << 20
 
@@ -42,9 +42,8 @@ def _use_triton(impl: Impl, device: torch.device, what: str, dtype: Optional[tor
         raise KVLayoutError(f"{what}: impl must be 'triton', 'torch' or None (pick), got {impl!r}")
     if impl == "torch":
         return False
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     reason = None
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting):
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         reason = f"Triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); the inputs are on {device}"
     elif device.type == "cpu" and dtype == torch.bfloat16:
         reason = "the Triton CPU interpreter computes bf16 matrix products wrongly; use fp16/fp32 or impl='torch'"
@@ -85,24 +84,6 @@ def _check_inner_contiguous(**tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.numel() and t.stride(-1) != 1:
             raise KVLayoutError(f"{name}: the last dim must be contiguous (stride 1), got stride {t.stride(-1)}")
-
-
-def soft_cap_value(logits_soft_cap) -> Optional[float]:
-    """``None`` or 0 disables the soft-cap; a positive finite number enables it; anything else is refused."""
-    if logits_soft_cap is None:
-        return None
-    if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)) \
-            or not math.isfinite(logits_soft_cap) or logits_soft_cap < 0:
-        raise KVLayoutError(f"logits_soft_cap must be None or 0 (off) or a positive number, got {logits_soft_cap!r}")
-    return float(logits_soft_cap) or None
-
-
-def _scale_value(scale, head_size: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_size)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise KVLayoutError(f"scale must be a positive number (default 1/sqrt(head_size)), got {scale!r}")
-    return float(scale)
 
 
 def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, what: str) -> None:
@@ -233,7 +214,7 @@ def paged_prefill_with_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch
     if validate:
         check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
                                         logits_soft_cap, out, lse)
-    scale = _scale_value(scale, q.shape[2])
+    scale = softmax_scale(scale, q.shape[2])
     cap = soft_cap_value(logits_soft_cap)
     if _use_triton(impl, q.device, "paged_prefill_with_append", q.dtype):
         from .kernels.prefill import paged_prefill_append_launch
@@ -292,7 +273,7 @@ def masked_sequence_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     No mask tensor is built. Returns ``out`` (and ``lse [B, S, H]`` float32, natural log, when asked)."""
     if validate:
         check_masked_sequence_prefill(q, k, v, valid_lens, logits_soft_cap, out, lse)
-    scale = _scale_value(scale, q.shape[3])
+    scale = softmax_scale(scale, q.shape[3])
     cap = soft_cap_value(logits_soft_cap)
     if _use_triton(impl, q.device, "masked_sequence_prefill", q.dtype):
         from .kernels.prefill import masked_prefill_launch
@@ -355,7 +336,7 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: to
         from .kernels.merge import merge_two_launch
         merge_two_launch(v_a, s_a, v_b, s_b, out, lse_out, base_a=base_a, base_b=base_b, out_base=base_out)
     else:
-        factors = torch.tensor([_log2_factor(base_a), _log2_factor(base_b)], device=v_a.device)
+        factors = torch.tensor([lse_factor(base_a, "2"), lse_factor(base_b, "2")], device=v_a.device)
         o, l = ref.merge_states(torch.stack([v_a, v_b], 1), torch.stack([s_a, s_b], 1), in_scale=factors,
                                 out_base=base_out)
         out.copy_(o)
@@ -391,15 +372,11 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, lse_base: str = "e", out: 
         if impl == "triton":
             raise UnsupportedFeatureError(f"merge_states: the Triton kernel merges at most {MAX_TRITON_STATES} "
                                           f"states per row, got {k}; use impl='torch' or merge in steps")
-        o, l = ref.merge_states(v, s, in_scale=torch.full((k,), _log2_factor(base), device=v.device),
+        o, l = ref.merge_states(v, s, in_scale=torch.full((k,), lse_factor(base, "2"), device=v.device),
                                 out_base=base)
         out.copy_(o)
         lse_out.copy_(l)
     return out, lse_out
-
-
-def _log2_factor(base: str) -> float:
-    return 1.0 / math.log(2.0) if base == "e" else 1.0
 
 
 # ---------------------------------------------------------------------------------------------- page ops

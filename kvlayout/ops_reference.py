@@ -3,14 +3,12 @@ kernels and the CPU fallback. Inputs are assumed valid (``kvlayout.ops`` checks 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
+from .conventions import lse_factor
 from .reference import dense_attention
-
-LOG2_E = 1.0 / math.log(2.0)
 
 
 def append_slots(cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor,
@@ -71,7 +69,8 @@ def masked_sequence_prefill(q, k, v, valid_lens, *, causal: bool = False, scale:
 def merge_states(v: torch.Tensor, s: torch.Tensor, *, in_scale: torch.Tensor, out_base: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``K`` states ``v [T, K, H, D]`` with LSEs ``s [T, K, H]``; ``in_scale [K]`` turns each state's
-    LSE into base 2. States with LSE -inf count for nothing; if all are -inf the output is 0 and LSE -inf."""
+    LSE into base 2 (``lse_factor(base, "2")``); the result is in ``out_base``. States with LSE -inf count
+    for nothing; if all are -inf the output is 0 and LSE -inf."""
     s2 = s.double() * in_scale.double().view(1, -1, 1)
     m = s2.amax(dim=1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -81,7 +80,7 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, in_scale: torch.Tensor, ou
            ).sum(dim=1)
     out = torch.where(total.unsqueeze(-1) > 0, acc / total.clamp_min(1e-300).unsqueeze(-1), torch.zeros_like(acc))
     lse2 = m.squeeze(1) + torch.log2(total)                         # log2(0) = -inf
-    lse = lse2 if out_base == "2" else lse2 / LOG2_E
+    lse = lse2 * lse_factor("2", out_base)
     return out.to(v.dtype), lse.float()
 
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .conventions import default_softmax_scale, soft_cap_value
 from .errors import KVLayoutError
 
 
 @dataclass(frozen=True)
 class AttentionParams:
-    """Head counts and the attention variant.
+    """Head counts and the attention variant, in the conventions of ``kvlayout.conventions``.
 
-    ``sliding_window`` W: query at position i sees keys j with ``i - W < j`` (W keys, itself included,
-    when causal). ``logits_soft_cap`` c: scores become ``c * tanh(s / c)`` after scaling (None or 0 = off).
+    ``scale`` defaults to ``1 / sqrt(head_size)``. ``sliding_window`` W: query at position i sees keys j
+    with ``i - W < j`` (W keys, itself included, when causal). ``logits_soft_cap`` c: scores become
+    ``c * tanh(s / c)`` after scaling (None or 0 = off).
     """
 
     num_heads: int
@@ -34,14 +35,10 @@ class AttentionParams:
             raise KVLayoutError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
                                 f"GQA needs each KV head shared by the same number of query heads")
         if self.scale is None:
-            object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_size))
+            object.__setattr__(self, "scale", default_softmax_scale(self.head_size))
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise KVLayoutError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
-        if self.logits_soft_cap is not None:
-            if self.logits_soft_cap < 0:
-                raise KVLayoutError(f"logits_soft_cap must be > 0 (None or 0 disables it), got {self.logits_soft_cap}")
-            if self.logits_soft_cap == 0:
-                object.__setattr__(self, "logits_soft_cap", None)
+        object.__setattr__(self, "logits_soft_cap", soft_cap_value(self.logits_soft_cap))
 
     @property
     def group_size(self) -> int:

@@ -6,6 +6,9 @@ from typing import Optional
 
 import torch
 
+from .conventions import soft_cap as apply_soft_cap
+from .conventions import visible
+
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, q_offset: int,
                     causal: bool = True, sliding_window: Optional[int] = None,
@@ -13,23 +16,17 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [Q, Hq, D]`` over ``k [S, Hkv, D]``, ``v [S, Hkv, Dv]`` in the dtype of the inputs
     (pass float32 or float64). Query t sits at position ``q_offset + t``. Returns ``(out [Q, Hq, Dv],
-    lse [Q, Hq])`` with the natural-log LSE of the whole softmax denominator (sink included)."""
+    lse [Q, Hq])`` with the natural-log LSE of the whole softmax denominator (sink included). Scale, window
+    and soft-cap follow ``kvlayout.conventions``."""
     nq, hq, _ = q.shape
     s, hk, dv = v.shape
     g = hq // hk
     k = k.repeat_interleave(g, dim=1)
     v = v.repeat_interleave(g, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    if soft_cap is not None:
-        scores = soft_cap * torch.tanh(scores / soft_cap)
+    scores = apply_soft_cap(torch.einsum("qhd,khd->hqk", q, k) * scale, soft_cap)
     qpos = torch.arange(nq, device=q.device).unsqueeze(1) + q_offset
     kpos = torch.arange(s, device=q.device).unsqueeze(0)
-    visible = torch.ones(nq, s, dtype=torch.bool, device=q.device)
-    if causal:
-        visible &= kpos <= qpos
-    if sliding_window is not None:
-        visible &= kpos > qpos - sliding_window
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible(qpos, kpos, causal=causal, window=sliding_window), float("-inf"))
     if sinks is not None:
         sink = sinks.to(scores.dtype).view(hq, 1, 1).expand(hq, nq, 1)
         lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)

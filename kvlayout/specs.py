@@ -9,6 +9,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
+from .conventions import soft_cap_value
 from .errors import KVLayoutError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -86,10 +87,7 @@ class AttentionSpec:
                 f"{', '.join(dtype_name(d) for d in ATTENTION_DTYPES)}")
         if self.sliding_window is not None:
             _positive_int(self.sliding_window, "AttentionSpec.sliding_window")
-        if self.logits_soft_cap is not None and self.logits_soft_cap < 0:
-            raise KVLayoutError(f"logits_soft_cap must be > 0 (or None/0 to disable), got {self.logits_soft_cap}")
-        if self.logits_soft_cap == 0:
-            object.__setattr__(self, "logits_soft_cap", None)
+        object.__setattr__(self, "logits_soft_cap", soft_cap_value(self.logits_soft_cap))
 
     @property
     def causal(self) -> bool:

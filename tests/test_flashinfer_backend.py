@@ -253,7 +253,7 @@ def test_forward_refusals_change_nothing(fake_fi):
         args.update(kwargs)
         with pytest.raises(err):
             b.forward(args.pop("q"), args.pop("kv_cache"), args.pop("meta"), args.pop("params"), **args)
-    assert torch.all(out == 7.0) and not fake_fi.plans and not meta.backend_state
+    assert torch.all(out == 7.0) and not fake_fi.plans and not meta.step_state
 
 
 def test_window_and_paged_inputs():
@@ -389,7 +389,7 @@ def test_gpu_packed_views_bit_equal_to_contiguous(case):
     out = b.forward(q, kv, meta, params)
     k, v = packed_kv_views(kv)
     native = (k.contiguous(), v.contiguous())
-    (step,) = [s for s in meta.backend_state.values()]
+    (step,) = meta.step_state.states()
     for part in step.parts:
         ref = torch.empty_like(out[part.t0:part.t1])
         part.slot.wrapper.run(q[part.t0:part.t1], native, out=ref)

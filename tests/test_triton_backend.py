@@ -10,7 +10,8 @@ from kvlayout import (AttentionParams, AttentionSpec, KVLayoutError, ScheduledRe
                       plan_kv_cache)
 from kvlayout.backends import available_backends, triton_backend
 from kvlayout.backends.torch_ref import TorchBackend
-from kvlayout.kernels.unified import interpreting, unified_attention
+from kvlayout.kernels import interpreting
+from kvlayout.kernels.unified import unified_attention
 from kvlayout.ops import copy_blocks as ops_copy_blocks
 from kvlayout.kernels.decode import choose_num_splits, split_kv_decode
 from kvlayout.cache_ops import write_kv as ref_write_kv

@@ -72,7 +72,7 @@ def bench_attention(name, pairs, metric, iters, gen, triton, extra_backends=()):
     meta, kv, q = make_step(pairs, gen)
     fi = FlashInferBackend()
     fi.plan(meta, PARAMS, DT)
-    (step,) = meta.backend_state.values()
+    (step,) = meta.step_state.states()
     packed = packed_kv_views(kv)
     native = tuple(t.contiguous() for t in packed)
     out_p, out_n, out_b = (torch.empty_like(q) for _ in range(3))
@@ -137,7 +137,7 @@ def bench_plan_cost(batch, seq, reps=50) -> dict:
         t0 = time.perf_counter()
         fi.plan(m, PARAMS, DT)
         total.append(time.perf_counter() - t0)
-        (step,) = m.backend_state.values()
+        (step,) = m.step_state.states()
         p = step.parts[0]
         t0 = time.perf_counter()
         p.slot.wrapper.plan(*p.plan_args, **p.plan_kwargs)

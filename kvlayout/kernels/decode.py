@@ -18,12 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kvlayout.fp8 import scale_arg
 from kvlayout.params import AttentionParams
-from kvlayout.specs import is_fp8
 
-from .unified import _scale_args, attend_paged_range, interpreting, load_group_query
+from . import interpreting
 from .merge import merge_states_launch
-from .softmax import LN2, finalize_heads, softmax_init
+from .softmax import finalize_heads, fold_k_scale, softmax_init, window_lo
+from .tiles import attend_paged_span, dot_pad, full_tiles_end, load_group_query, store_rows, wide_rows
 
 
 @triton.jit
@@ -46,37 +47,30 @@ def _split_kv_decode_kernel(
     # The one query sees keys [lo, seq_len): causal or not (it is the last position), window included.
     lo = q_pos * 0
     if WINDOW:
-        lo = tl.maximum(q_pos - window + 1, 0)
+        lo = window_lo(q_pos, window)
     chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     s_lo = lo + split * chunk
     s_hi = tl.minimum(s_lo + chunk, seq_len)
-    full_end = s_lo + tl.maximum(s_hi - s_lo, 0) // BLOCK_N * BLOCK_N
 
     q, head, row_ok, d, d_ok = load_group_query(q_ptr, tok, kvh, stride_qt, stride_qh, GROUP, M, HEAD, HEAD_PAD)
-    q_pos_rows = tl.zeros([M], tl.int32) + q_pos
-    if K_SCALE:
-        sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
-    bt_row = bt_ptr + req.to(tl.int64) * stride_bt
-    head_off = kvh.to(tl.int64) * stride_kh
+    sm_scale = fold_k_scale(sm_scale, k_scale_ptr, kvh, k_scale_stride, K_SCALE)
     m, l, acc = softmax_init(M, HEAD_PAD)
-    m, l, acc = attend_paged_range(m, l, acc, q, q_pos_rows, s_lo, full_end, s_hi, kv_ptr, bt_row, head_off,
-                                   stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
-                                   BLOCK_N, False, False, SOFT_CAP, False, D_MASK, IEEE)
-    m, l, acc = attend_paged_range(m, l, acc, q, q_pos_rows, full_end, s_hi, s_hi, kv_ptr, bt_row, head_off,
-                                   stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
-                                   BLOCK_N, False, False, SOFT_CAP, True, D_MASK, IEEE)
+    # The split's whole tiles unmasked, then its last partial tile masked (no causal or window mask needed).
+    m, l, acc = attend_paged_span(m, l, acc, q, tl.zeros([M], tl.int32) + q_pos, s_lo, s_lo,
+                                  full_tiles_end(s_lo, s_hi, BLOCK_N), s_hi, kv_ptr,
+                                  bt_ptr + req.to(tl.int64) * stride_bt, kvh.to(tl.int64) * stride_kh, stride_kb,
+                                  stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE, BLOCK_N, False, False,
+                                  SOFT_CAP, D_MASK, IEEE, False, False, 1, False)
     # HAS_SINK only when finalizing here; with splits the combine kernel adds the sink
     out, lse = finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, HAS_SINK,
                               V_SCALE)
     if PARTIAL:           # rows are (request, head, split) in the workspace; LSE stays in log2 units
-        o_off = req.to(tl.int64) * stride_or + head * stride_oh + split * stride_os
-        tl.store(out_ptr + o_off[:, None] + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + req.to(tl.int64) * stride_lr + head * stride_lh + split * stride_ls, lse, mask=row_ok)
+        row = req.to(tl.int64)
+        store_rows(out_ptr, lse_ptr, row * stride_or + head * stride_oh + split * stride_os,
+                   row * stride_lr + head * stride_lh + split * stride_ls, d, row_ok, d_ok, out, lse, True, False)
     else:                 # rows are tokens of the final output
-        tl.store(out_ptr + tok * stride_or + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        if WRITE_LSE:
-            tl.store(lse_ptr + tok * stride_lr + head * stride_lh, lse * LN2, mask=row_ok)
+        store_rows(out_ptr, lse_ptr, tok * stride_or + head * stride_oh, tok * stride_lr + head * stride_lh, d,
+                   row_ok, d_ok, out, lse, WRITE_LSE, True)
 
 
 @dataclass(frozen=True)
@@ -92,8 +86,7 @@ class DecodeConfig:
 def decode_config(head_size: int, elem_bytes: int, interpret: bool) -> DecodeConfig:
     if interpret:
         return DecodeConfig(16, 4, 1)
-    head_pad = triton.next_power_of_2(head_size)
-    return DecodeConfig(32 if head_pad * elem_bytes > 256 else 64, 4, 3)
+    return DecodeConfig(32 if wide_rows(head_size, elem_bytes) else 64, 4, 3)
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,20 +152,17 @@ def split_kv_decode(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
         l_dst = lse if lse is not None else out
         o_strides = (out.stride(0), out.stride(1), 0)
         l_strides = (lse.stride(0), lse.stride(1), 0) if lse is not None else (0, 0, 0)
-    ks, ks_stride = _scale_args(k_scale, seq_lens)
-    vs, vs_stride = _scale_args(v_scale, seq_lens)
-    fp8 = is_fp8(kv_cache.dtype)
-    head_pad = max(16, triton.next_power_of_2(d))
+    ks, vs = scale_arg(k_scale, kv_cache.dtype, seq_lens), scale_arg(v_scale, kv_cache.dtype, seq_lens)
     _split_kv_decode_kernel[(num_reqs, h_kv, num_splits)](
         q, kv_cache, o_dst, l_dst, query_start_loc, seq_lens, block_table,
-        sinks if sinks is not None else seq_lens, ks, vs,
+        sinks if sinks is not None else seq_lens, ks.tensor, vs.tensor,
         num_splits, params.scale, params.logits_soft_cap or 0.0, params.sliding_window or 0,
         q.stride(0), q.stride(1), *o_strides, *l_strides,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks_stride, vs_stride,
-        HEAD=d, HEAD_PAD=head_pad, GROUP=group, M=max(16, triton.next_power_of_2(group)),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks.stride, vs.stride,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, M=dot_pad(group),
         BLOCK_N=cfg.block_n, PAGE=page, WINDOW=params.sliding_window is not None,
         SOFT_CAP=params.logits_soft_cap is not None, HAS_SINK=sinks is not None and not partial,
-        K_SCALE=k_scale is not None and fp8, V_SCALE=v_scale is not None and fp8, PARTIAL=partial,
+        K_SCALE=ks.on, V_SCALE=vs.on, PARTIAL=partial,
         WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:           # merge the splits (log2 LSEs) into the output rows of the requests' tokens

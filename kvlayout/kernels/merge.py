@@ -3,21 +3,23 @@
 
 A state of one (row, head) is a normalized output ``o [D]`` and its LSE ``s``. ``K`` states merge to
 ``sum_k w_k o_k / sum_k w_k`` with ``w_k = 2^(s_k - max)``; the merged LSE is ``max + log2(sum_k w_k)``.
-Each input LSE is multiplied by a per-input factor that puts it in log2 units (``log2(e)`` for base e, 1 for
-base 2), and the merged one by ``ln(2)`` (base e out) or 1 (base 2 out). States with LSE -inf count for
+Each input LSE is multiplied by a per-input factor that puts it in log2 units (``lse_factor(base, "2")``:
+``log2(e)`` for base e, 1 for base 2), and the merged one by ``lse_factor("2", out_base)`` (``ln(2)`` for
+base e out, 1 for base 2 out); see ``kvlayout.conventions``. States with LSE -inf count for
 nothing (their ``o`` is not even read); a row whose states are all -inf gets output 0 and LSE -inf.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .softmax import merge_partials
+from kvlayout.conventions import lse_factor
+
+from .softmax import LOG2E, merge_partials
 
 
 @triton.jit
@@ -52,7 +54,7 @@ def _merge_states_kernel(
     o = tl.load(v_rows[:, None] + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     sink = 0.0
     if HAS_SINK:
-        sink = tl.load(sinks_ptr + h) * 1.4426950408889634
+        sink = tl.load(sinks_ptr + h) * LOG2E
     out, lse_out = merge_partials(lse, o, sink, HAS_SINK)
     row = t
     if ROW_INDEX:
@@ -60,11 +62,6 @@ def _merge_states_kernel(
     tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_LSE:
         tl.store(lse_ptr + row * stride_lt + h * stride_lh, lse_out * out_scale)
-
-
-def lse_factor(base: str) -> float:
-    """The factor that turns an LSE in ``base`` ("e" or "2") into log2 units."""
-    return 1.0 / math.log(2.0) if base == "e" else 1.0
 
 
 def merge_states_launch(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor], *,
@@ -81,7 +78,7 @@ def merge_states_launch(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, lse
     lse_t = lse if lse is not None else s
     _merge_states_kernel[(r, h)](
         v, v, s, s, out, lse_t, rows if rows is not None else s, sinks if sinks is not None else s,
-        k, lse_factor(in_base), 1.0, math.log(2.0) if out_base == "e" else 1.0,
+        k, lse_factor(in_base, "2"), 1.0, lse_factor("2", out_base),
         v.stride(0), v.stride(1), v.stride(2), 0, 0,
         s.stride(0), s.stride(1), s.stride(2), 0, 0,
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
@@ -101,7 +98,7 @@ def merge_two_launch(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_
     lse_t = lse if lse is not None else s_a
     _merge_states_kernel[(t, h)](
         v_a, v_b, s_a, s_b, out, lse_t, s_a, s_a,
-        2, lse_factor(base_a), lse_factor(base_b), math.log(2.0) if out_base == "e" else 1.0,
+        2, lse_factor(base_a, "2"), lse_factor(base_b, "2"), lse_factor("2", out_base),
         v_a.stride(0), 0, v_a.stride(1), v_b.stride(0), v_b.stride(1),
         s_a.stride(0), 0, s_a.stride(1), s_b.stride(0), s_b.stride(1),
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,

@@ -1,6 +1,6 @@
 """Prefill kernels behind ``kvlayout.ops``: paged prefill that appends its chunk in the same launch, and
 masked attention over a right-padded encoder batch. Both use the shared online-softmax helpers
-(``triton_softmax``) and the packed-cache tile loader of ``triton_attention``.
+(``kernels.softmax``) and the tile helpers of ``kernels.tiles``.
 
 Rows: like the unified kernel, a program takes ``BLOCK_Q`` query tokens and all ``GROUP`` query heads of
 one KV head, packed as ``BLOCK_Q * GROUP_PAD`` rows (row ``r`` = token ``r // GROUP_PAD``, head ``r %
@@ -23,8 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .unified import UnifiedConfig, attend_paged_range, find_request, interpreting, unified_config
-from .softmax import LN2, dot, score_tile, softmax_finalize, softmax_init, softmax_update
+from . import interpreting
+from .softmax import fold_tile, softmax_finalize, softmax_init
+from .tiles import DOT_MIN, attend_paged_range, dot_pad, find_request, key_range, load_tile, packed_rows, store_rows
+from .unified import UnifiedConfig, unified_config
 
 
 @triton.jit
@@ -37,42 +39,11 @@ def attend_dense_range(m, l, acc, q, q_pos, lo, hi, k_end, k_ptr, v_ptr, stride_
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         r = (k_pos - pos0).to(tl.int64)
-        kp = k_ptr + r[:, None] * stride_kt + d[None, :]
-        vp = v_ptr + r[:, None] * stride_vt + d[None, :]
-        if MASK:
-            ok = (k_pos < k_end)[:, None]
-            if D_MASK:
-                ok = ok & d_ok[None, :]
-            k = tl.load(kp, mask=ok, other=0.0)
-            v = tl.load(vp, mask=ok, other=0.0)
-        elif D_MASK:
-            k = tl.load(kp, mask=d_ok[None, :], other=0.0)
-            v = tl.load(vp, mask=d_ok[None, :], other=0.0)
-        else:
-            k = tl.load(kp)
-            v = tl.load(vp)
-        s = dot(q, tl.trans(k), None, IEEE)
-        s = score_tile(s, q_pos, k_pos, k_end, sm_scale, soft_cap, 0, CAUSAL, False, SOFT_CAP, MASK)
-        m, l, acc = softmax_update(m, l, acc, s, v, IEEE)
-    return m, l, acc
-
-
-@triton.jit
-def attend_page_aligned_range(m, l, acc, q, q_pos, lo, hi, kv_ptr, bt_row_ptr, head_off, stride_kb, stride_kn, d,
-                              sm_scale, soft_cap, HEAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                              SOFT_CAP: tl.constexpr, IEEE: tl.constexpr):
-    """Unmasked cached keys ``lo .. hi`` (multiples of ``BLOCK_N``, which divides ``PAGE``): each tile lies
-    inside one page, so it takes one page id and is one strided run of ``BLOCK_N`` token rows (no per-key
-    page lookup). Every key must be visible to every row; the head size must need no padding."""
-    n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        blk = tl.load(bt_row_ptr + start // PAGE).to(tl.int64)
-        ptr = kv_ptr + blk * stride_kb + head_off + ((start % PAGE) + n)[:, None] * stride_kn + d[None, :]
-        k = tl.load(ptr)
-        v = tl.load(ptr + HEAD)
-        s = dot(q, tl.trans(k), None, IEEE)
-        s = score_tile(s, q_pos, n, 0, sm_scale, soft_cap, 0, False, False, SOFT_CAP, False)
-        m, l, acc = softmax_update(m, l, acc, s, v, IEEE)
+        k_ok = k_pos < k_end
+        k = load_tile(k_ptr + r[:, None] * stride_kt + d[None, :], k_ok, d_ok, MASK, D_MASK, True)
+        v = load_tile(v_ptr + r[:, None] * stride_vt + d[None, :], k_ok, d_ok, MASK, D_MASK, True)
+        m, l, acc = fold_tile(m, l, acc, q, tl.trans(k), v, q_pos, k_pos, k_end, sm_scale, soft_cap, 0, CAUSAL,
+                              False, SOFT_CAP, MASK, IEEE)
     return m, l, acc
 
 
@@ -114,11 +85,8 @@ def _paged_prefill_append_kernel(
     tl.store(dst, k_new, mask=a_mask)
     tl.store(dst + HEAD, v_new, mask=a_mask)
 
-    rows = tl.arange(0, M)
-    tok = qb * BLOCK_Q + rows // GROUP_PAD
-    g = rows % GROUP_PAD
-    head = kvh * GROUP + g
-    row_ok = (tok < q_len) & (g < GROUP)
+    tok, head, g_ok = packed_rows(qb, kvh, M, BLOCK_Q, GROUP, GROUP_PAD)
+    row_ok = (tok < q_len) & g_ok
     t_glob = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + t_glob[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -126,27 +94,21 @@ def _paged_prefill_append_kernel(
     m, l, acc = softmax_init(M, HEAD_PAD)
 
     # Cached prefix [0, ctx): every key precedes every query, so only the sequence end needs a mask.
+    # With PAGE_ALIGNED (BLOCK_N divides the page, no head padding) each tile takes one page id.
     full = ctx // BLOCK_N * BLOCK_N
-    if PAGE_ALIGNED:
-        m, l, acc = attend_page_aligned_range(m, l, acc, q, q_pos, 0, full, kv_ptr, bt_row, head_off, stride_cb,
-                                              stride_cn, d, sm_scale, soft_cap, HEAD, PAGE, BLOCK_N, SOFT_CAP, IEEE)
-    else:
-        m, l, acc = attend_paged_range(m, l, acc, q, q_pos, 0, full, ctx, kv_ptr, bt_row, head_off, stride_cb,
-                                       stride_cn, d, d_ok, sm_scale, soft_cap, 0, HEAD, PAGE, BLOCK_N, False, False,
-                                       SOFT_CAP, False, D_MASK, IEEE)
-    m, l, acc = attend_paged_range(m, l, acc, q, q_pos, full, ctx, ctx, kv_ptr, bt_row, head_off, stride_cb,
-                                   stride_cn, d, d_ok, sm_scale, soft_cap, 0, HEAD, PAGE, BLOCK_N, False, False,
-                                   SOFT_CAP, True, D_MASK, IEEE)
+    m, l, acc = attend_paged_range(m, l, acc, q, q_pos, 0, full, ctx, kv_ptr, bt_row, head_off, stride_cb, stride_cn,
+                                   d, d_ok, sm_scale, soft_cap, 0, HEAD, PAGE, BLOCK_N, False, False, SOFT_CAP, False,
+                                   D_MASK, IEEE, PAGE_ALIGNED, False, 1)
+    m, l, acc = attend_paged_range(m, l, acc, q, q_pos, full, ctx, ctx, kv_ptr, bt_row, head_off, stride_cb, stride_cn,
+                                   d, d_ok, sm_scale, soft_cap, 0, HEAD, PAGE, BLOCK_N, False, False, SOFT_CAP, True,
+                                   D_MASK, IEEE, False, False, 1)
 
     # The chunk [ctx, ctx + q_len) from k_new/v_new: unmasked tiles first, then the diagonal / the end.
     k_base = k_ptr + q_start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = v_ptr + q_start.to(tl.int64) * stride_vt + kvh * stride_vh
-    if CAUSAL:
-        kv_end = ctx + tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len)
-        new_full = ctx + (qb * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
-    else:
-        kv_end = ctx + q_len
-        new_full = ctx + q_len // BLOCK_N * BLOCK_N
+    new_end, new_full = key_range(qb * BLOCK_Q, tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1, q_len, BLOCK_N, CAUSAL)
+    kv_end = ctx + new_end
+    new_full = ctx + new_full
     m, l, acc = attend_dense_range(m, l, acc, q, q_pos, ctx, new_full, kv_end, k_base, v_base, stride_kt, stride_vt,
                                    ctx, d, d_ok, sm_scale, soft_cap, BLOCK_N, CAUSAL, SOFT_CAP, False, D_MASK, IEEE)
     m, l, acc = attend_dense_range(m, l, acc, q, q_pos, new_full, kv_end, kv_end, k_base, v_base, stride_kt,
@@ -154,10 +116,8 @@ def _paged_prefill_append_kernel(
                                    D_MASK, IEEE)
 
     out, lse = softmax_finalize(m, l, acc, m, False)
-    tl.store(out_ptr + t_glob[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
-        tl.store(lse_ptr + t_glob * stride_lt + head * stride_lh, lse * LN2, mask=row_ok)
+    store_rows(out_ptr, lse_ptr, t_glob * stride_ot + head * stride_oh, t_glob * stride_lt + head * stride_lh, d,
+               row_ok, d_ok, out, lse, WRITE_LSE, True)
 
 
 @triton.jit
@@ -174,11 +134,8 @@ def _masked_prefill_kernel(
     b = tl.program_id(1).to(tl.int64)
     kvh = tl.program_id(2)
     valid = tl.load(valid_ptr + b)
-    rows = tl.arange(0, M)
-    tok = qb * BLOCK_Q + rows // GROUP_PAD
-    g = rows % GROUP_PAD
-    head = kvh * GROUP + g
-    row_ok = (tok < seq) & (g < GROUP)
+    tok, head, g_ok = packed_rows(qb, kvh, M, BLOCK_Q, GROUP, GROUP_PAD)
+    row_ok = (tok < seq) & g_ok
     live = row_ok & (tok < valid)
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD
@@ -186,12 +143,7 @@ def _masked_prefill_kernel(
     if qb * BLOCK_Q < valid:            # a tile of only padded rows skips straight to writing zeros
         q = tl.load(q_ptr + b * stride_qb + tok[:, None].to(tl.int64) * stride_qs + head[:, None] * stride_qh
                     + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
-        if CAUSAL:
-            kv_end = tl.minimum(qb * BLOCK_Q + BLOCK_Q, valid)
-            full = (qb * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
-        else:
-            kv_end = valid
-            full = valid // BLOCK_N * BLOCK_N
+        kv_end, full = key_range(qb * BLOCK_Q, tl.minimum(qb * BLOCK_Q + BLOCK_Q, valid) - 1, valid, BLOCK_N, CAUSAL)
         k_base = k_ptr + b * stride_kb + kvh * stride_kh
         v_base = v_ptr + b * stride_vb + kvh * stride_vh
         m, l, acc = attend_dense_range(m, l, acc, q, tok, 0, full, kv_end, k_base, v_base, stride_ks, stride_vs, 0,
@@ -201,10 +153,8 @@ def _masked_prefill_kernel(
     out, lse = softmax_finalize(m, l, acc, m, False)
     out = tl.where(live[:, None], out, 0.0)
     lse = tl.where(live, lse, float("-inf"))
-    tl.store(out_ptr + b * stride_ob + tok[:, None].to(tl.int64) * stride_os + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
-        tl.store(lse_ptr + b * stride_lb + tok * stride_ls + head * stride_lh, lse * LN2, mask=row_ok)
+    store_rows(out_ptr, lse_ptr, b * stride_ob + tok.to(tl.int64) * stride_os + head * stride_oh,
+               b * stride_lb + tok * stride_ls + head * stride_lh, d, row_ok, d_ok, out, lse, WRITE_LSE, True)
 
 
 def _config(max_q: int, group: int, d: int, dtype: torch.dtype, config: Optional[UnifiedConfig]) -> UnifiedConfig:
@@ -221,7 +171,7 @@ def append_config(max_q: int, group: int, d: int, elem_bytes: int, interpret: bo
     if interpret:
         return base
     group_pad = triton.next_power_of_2(group)
-    min_q = max(1, 16 // group_pad)                  # at least 16 rows: the tensor-core minimum
+    min_q = max(1, DOT_MIN // group_pad)             # at least 16 rows: the tensor-core minimum
     block_q = max(min_q, min(64 // group_pad, triton.next_power_of_2(max(max_q, 1))))
     return UnifiedConfig(block_q, base.block_n, 4, base.num_stages)
 
@@ -242,7 +192,7 @@ def paged_prefill_append_launch(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
     h_kv, page = kv_cache.shape[1], kv_cache.shape[2]
     group = h // h_kv
     cfg = config or append_config(t, group, d, q.dtype.itemsize, interpreting())
-    head_pad = max(16, triton.next_power_of_2(d))
+    head_pad = dot_pad(d)
     can_align = page % cfg.block_n == 0 and head_pad == d
     lse_t = lse if lse is not None else out
     _paged_prefill_append_kernel[(t // cfg.block_q + b, h_kv)](
@@ -275,6 +225,6 @@ def masked_prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, val
         q, k, v, out, lse_t, valid_lens, s, scale, soft_cap or 0.0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(1), out.stride(2), *ls,
-        HEAD=d, HEAD_PAD=max(16, triton.next_power_of_2(d)), GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, CAUSAL=causal, SOFT_CAP=soft_cap is not None,
         WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

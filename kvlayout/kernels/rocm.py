@@ -3,7 +3,7 @@
 - ``paged_decode``: a 2-D paged decode kernel, one program per (sequence, KV head) serving all query heads
   of that KV head. Long contexts with too few such programs to fill the device are cut into partitions of
   a fixed number of tokens (the sequence axis of the grid becomes sequence x partition); the partial
-  states are merged by their LSE with the project's merge kernel (``triton_merge``).
+  states are merged by their LSE with the project's merge kernel (``kernels.merge``).
 - ``prefix_prefill``: one program per (tile of ``BLOCK_M`` query tokens of one request, query head). It
   first sweeps the keys every row of the tile sees (the cached prefix and earlier new tokens) without a
   mask, then the keys on the causal diagonal (and the window's lower edge) with one. The tiles are listed
@@ -13,7 +13,8 @@ Tiles are 64x64 (32 keys for head size 256) with 4 warps, i.e. four 64-wide wave
 are aligned to ``BLOCK_N`` so that one block-table lookup serves a whole tile when a page holds it. K and V
 rows are read in place from the packed cache through its strides; when the 2*D row stride, the head stride
 and the block stride are all multiples of 16 bytes the row offsets are declared multiples of a 16-byte
-vector, so loads along D are 16 bytes wide. The online softmax is ``triton_softmax``'s.
+vector, so loads along D are 16 bytes wide. The online softmax is ``kernels.softmax``'s and the tile
+loops are ``kernels.tiles``' (``attend_paged_span`` with K loaded transposed).
 """
 
 from __future__ import annotations
@@ -27,89 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kvlayout.fp8 import scale_arg
 from kvlayout.params import AttentionParams
-from kvlayout.specs import is_fp8
 
-from .unified import load_group_query
 from .merge import merge_states_launch
-from .softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
+from .softmax import finalize_heads, fold_k_scale, softmax_init, window_tiles
+from .tiles import attend_paged_span, dot_pad, full_tiles_end, key_range, load_group_query, store_rows, wide_rows
 
 VECTOR_BYTES = 16
 MAX_PARTITIONS = 64
-
-
-@triton.jit
-def _tile_rows(bt_row, start, k_pos, k_end, stride_kb, stride_kn, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK: tl.constexpr):
-    """Element offsets (int64) of the cache rows of keys ``k_pos = start + arange(BLOCK_N)`` of one
-    sequence, ``start`` a multiple of ``BLOCK_N``. A page of at least ``BLOCK_N`` tokens holds the whole
-    tile: one block-table lookup."""
-    if PAGE >= BLOCK_N:
-        blk = tl.load(bt_row + start // PAGE).to(tl.int64)
-        return blk * stride_kb + (start % PAGE + k_pos - start) * stride_kn
-    else:
-        if MASK:
-            blk = tl.load(bt_row + k_pos // PAGE, mask=k_pos < k_end, other=0).to(tl.int64)
-        else:
-            blk = tl.load(bt_row + k_pos // PAGE).to(tl.int64)
-        return blk * stride_kb + (k_pos % PAGE) * stride_kn
-
-
-@triton.jit
-def _fold_tiles(m, l, acc, q, q_pos, lo, hi, k_end, kv_ptr, bt_row, stride_kb, stride_kn, sm_scale, soft_cap,
-                window, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                VEC: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
-                MASK: tl.constexpr, IEEE: tl.constexpr):
-    """Fold the key tiles starting at ``lo, lo + BLOCK_N, .. < hi`` into the softmax state of the rows
-    ``q [M, HEAD_PAD]`` at positions ``q_pos [M]``. ``kv_ptr`` points at the KV head's slice of block 0.
-    K is loaded transposed (``[HEAD_PAD, BLOCK_N]``) so the score tile is one ``q @ k_t``. With ``MASK``
-    False every key of every tile must exist and be visible to every row."""
-    d = tl.arange(0, HEAD_PAD)
-    j = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        k_pos = start + j
-        rows = tl.multiple_of(_tile_rows(bt_row, start, k_pos, k_end, stride_kb, stride_kn, PAGE, BLOCK_N, MASK),
-                              VEC)
-        k_ptrs = kv_ptr + rows[None, :] + d[:, None]
-        v_ptrs = kv_ptr + HEAD + rows[:, None] + d[None, :]
-        if MASK:
-            k_ok = k_pos < k_end
-            if HEAD_PAD != HEAD:
-                k_t = tl.load(k_ptrs, mask=k_ok[None, :] & (d < HEAD)[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=k_ok[:, None] & (d < HEAD)[None, :], other=0.0)
-            else:
-                k_t = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
-        elif HEAD_PAD != HEAD:
-            k_t = tl.load(k_ptrs, mask=(d < HEAD)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(d < HEAD)[None, :], other=0.0)
-        else:
-            k_t = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = dot(q, k_t.to(q.dtype), None, IEEE)
-        s = score_tile(s, q_pos, k_pos, k_end, sm_scale, soft_cap, window, CAUSAL, WINDOW, SOFT_CAP, MASK)
-        m, l, acc = softmax_update(m, l, acc, s, v.to(q.dtype), IEEE)
-    return m, l, acc
-
-
-@triton.jit
-def _fold_range(m, l, acc, q, q_pos, lo, vis_lo, vis_hi, hi, kv_ptr, bt_row, stride_kb, stride_kn, sm_scale,
-                soft_cap, window, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, PAGE: tl.constexpr,
-                BLOCK_N: tl.constexpr, VEC: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                SOFT_CAP: tl.constexpr, IEEE: tl.constexpr):
-    """Fold keys ``[lo, hi)`` where every row sees every key of ``[vis_lo, vis_hi)`` (``vis_hi <= hi``; lo,
-    vis_lo and vis_hi multiples of ``BLOCK_N``): masked tiles before and after that span, unmasked ones in
-    it. Keys at or past ``hi`` do not count."""
-    m, l, acc = _fold_tiles(m, l, acc, q, q_pos, lo, tl.minimum(vis_lo, hi), hi, kv_ptr, bt_row, stride_kb,
-                            stride_kn, sm_scale, soft_cap, window, HEAD, HEAD_PAD, PAGE, BLOCK_N, VEC, CAUSAL,
-                            WINDOW, SOFT_CAP, True, IEEE)
-    m, l, acc = _fold_tiles(m, l, acc, q, q_pos, vis_lo, vis_hi, hi, kv_ptr, bt_row, stride_kb, stride_kn,
-                            sm_scale, soft_cap, window, HEAD, HEAD_PAD, PAGE, BLOCK_N, VEC, CAUSAL, WINDOW,
-                            SOFT_CAP, False, IEEE)
-    m, l, acc = _fold_tiles(m, l, acc, q, q_pos, tl.maximum(vis_lo, vis_hi), hi, hi, kv_ptr, bt_row, stride_kb,
-                            stride_kn, sm_scale, soft_cap, window, HEAD, HEAD_PAD, PAGE, BLOCK_N, VEC, CAUSAL,
-                            WINDOW, SOFT_CAP, True, IEEE)
-    return m, l, acc
 
 
 @triton.jit
@@ -137,33 +64,27 @@ def _paged_decode_kernel(
     else:
         p_lo = q_pos * 0
         p_hi = seq_len
-    w_lo = q_pos * 0
-    if WINDOW:
-        w_lo = tl.maximum(q_pos - window + 1, 0)
-    lo = tl.maximum(p_lo, w_lo // BLOCK_N * BLOCK_N)
-    vis_lo = tl.maximum(p_lo, tl.cdiv(w_lo, BLOCK_N) * BLOCK_N)
-    vis_hi = p_lo + tl.maximum(p_hi - p_lo, 0) // BLOCK_N * BLOCK_N
+    w_lo, w_vis = window_tiles(q_pos, q_pos, window, BLOCK_N, WINDOW)
+    lo = tl.maximum(p_lo, w_lo)
+    vis_lo = tl.maximum(p_lo, w_vis)
+    vis_hi = full_tiles_end(p_lo, p_hi, BLOCK_N)
 
     q, head, row_ok, d, d_ok = load_group_query(q_ptr, tok, kvh, stride_qt, stride_qh, GROUP, M, HEAD, HEAD_PAD)
-    if K_SCALE:
-        sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
+    sm_scale = fold_k_scale(sm_scale, k_scale_ptr, kvh, k_scale_stride, K_SCALE)
     m, l, acc = softmax_init(M, HEAD_PAD)
-    m, l, acc = _fold_range(m, l, acc, q, tl.zeros([M], tl.int32) + q_pos, lo, vis_lo, vis_hi, p_hi,
-                            kv_ptr + kvh.to(tl.int64) * stride_kh, bt_ptr + seq.to(tl.int64) * stride_bt,
-                            stride_kb, stride_kn, sm_scale, soft_cap, window, HEAD, HEAD_PAD, PAGE, BLOCK_N, VEC,
-                            False, WINDOW, SOFT_CAP, IEEE)
+    m, l, acc = attend_paged_span(m, l, acc, q, tl.zeros([M], tl.int32) + q_pos, lo, vis_lo, vis_hi, p_hi,
+                                  kv_ptr + kvh.to(tl.int64) * stride_kh, bt_ptr + seq.to(tl.int64) * stride_bt, 0,
+                                  stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE, BLOCK_N,
+                                  False, WINDOW, SOFT_CAP, HEAD_PAD != HEAD, IEEE, PAGE >= BLOCK_N, True, VEC, True)
     out, lse = finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, HAS_SINK,
                               V_SCALE)
     if PARTIAL:
         row = seq.to(tl.int64)
     else:
         row = tok
-        lse = lse * LN2
-    o_off = row * stride_o0 + part * stride_o1 + head * stride_oh
-    tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
-        tl.store(lse_ptr + row * stride_l0 + part * stride_l1 + head * stride_lh, lse, mask=row_ok)
+    store_rows(out_ptr, lse_ptr, row * stride_o0 + part * stride_o1 + head * stride_oh,
+               row * stride_l0 + part * stride_l1 + head * stride_lh, d, row_ok, d_ok, out, lse, WRITE_LSE,
+               not PARTIAL)
 
 
 @triton.jit
@@ -196,31 +117,20 @@ def _prefix_prefill_kernel(
     q_pos = ctx + tok
     q_first = ctx + qb
     q_last = ctx + tl.minimum(qb + BLOCK_M, q_len) - 1
-    if K_SCALE:
-        sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
+    sm_scale = fold_k_scale(sm_scale, k_scale_ptr, kvh, k_scale_stride, K_SCALE)
     # Keys every row sees: up to the first row's position (causal) or all (non-causal), from the last
     # row's window edge on; before it the window's lower edge is masked, after it the diagonal.
-    if CAUSAL:
-        hi = q_last + 1
-        vis_hi = (q_first + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = seq_len
-        vis_hi = seq_len // BLOCK_N * BLOCK_N
-    lo = q_first * 0
-    vis_lo = lo
-    if WINDOW:
-        lo = tl.maximum(q_first - window + 1, 0) // BLOCK_N * BLOCK_N
-        vis_lo = tl.cdiv(tl.maximum(q_last - window + 1, 0), BLOCK_N) * BLOCK_N
+    hi, vis_hi = key_range(q_first, q_last, seq_len, BLOCK_N, CAUSAL)
+    lo, vis_lo = window_tiles(q_first, q_last, window, BLOCK_N, WINDOW)
     m, l, acc = softmax_init(BLOCK_M, HEAD_PAD)
-    m, l, acc = _fold_range(m, l, acc, q, q_pos, lo, vis_lo, vis_hi, hi, kv_ptr + kvh.to(tl.int64) * stride_kh,
-                            bt_ptr + req.to(tl.int64) * stride_bt, stride_kb, stride_kn, sm_scale, soft_cap,
-                            window, HEAD, HEAD_PAD, PAGE, BLOCK_N, VEC, CAUSAL, WINDOW, SOFT_CAP, IEEE)
+    m, l, acc = attend_paged_span(m, l, acc, q, q_pos, lo, vis_lo, vis_hi, hi, kv_ptr + kvh.to(tl.int64) * stride_kh,
+                                  bt_ptr + req.to(tl.int64) * stride_bt, 0, stride_kb, stride_kn, d, d_ok, sm_scale,
+                                  soft_cap, window, HEAD, PAGE, BLOCK_N, CAUSAL, WINDOW, SOFT_CAP, HEAD_PAD != HEAD,
+                                  IEEE, PAGE >= BLOCK_N, True, VEC, True)
     out, lse = finalize_heads(m, l, acc, sinks_ptr, h + tok * 0, row_ok, v_scale_ptr, kvh * v_scale_stride,
                               HAS_SINK, V_SCALE)
-    tl.store(out_ptr + t_glob[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
-        tl.store(lse_ptr + t_glob * stride_lt + h * stride_lh, lse * LN2, mask=row_ok)
+    store_rows(out_ptr, lse_ptr, t_glob * stride_ot + h * stride_oh, t_glob * stride_lt + h * stride_lh, d, row_ok,
+               d_ok, out, lse, WRITE_LSE, True)
 
 
 @dataclass(frozen=True)
@@ -237,8 +147,7 @@ class RocmConfig:
 def rocm_config(head_size: int, elem_bytes: int, interpret: bool) -> RocmConfig:
     if interpret:                       # small tiles: more tiles and masks exercised, quick on the CPU
         return RocmConfig(16, 16, 4, 1)
-    big = triton.next_power_of_2(head_size) * elem_bytes > 256      # D=256 in 16 bits, or fp32 D >= 128
-    return RocmConfig(64, 32 if big else 64, 4, 2)
+    return RocmConfig(64, 32 if wide_rows(head_size, elem_bytes) else 64, 4, 2)
 
 
 def vector_width(kv_cache: torch.Tensor) -> int:
@@ -278,10 +187,6 @@ def prefill_tiles(query_start_loc_cpu: torch.Tensor, first_req: int, block_m: in
     return np.stack([req, qb], axis=1).astype(np.int32)
 
 
-def _scale(scale: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return (dummy, 0) if scale is None else (scale, 1 if scale.numel() > 1 else 0)
-
-
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                  params: AttentionParams, cfg: RocmConfig, *, max_seq_len: int, partition_size: int = 0,
@@ -307,20 +212,17 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse
         o_dst, l_dst = out, (lse if lse is not None else out)
         o_strides = (out.stride(0), 0, out.stride(1))
         l_strides = (lse.stride(0), 0, lse.stride(1)) if lse is not None else (0, 0, 0)
-    ks, ks_stride = _scale(k_scale, seq_lens)
-    vs, vs_stride = _scale(v_scale, seq_lens)
-    fp8 = is_fp8(kv_cache.dtype)
+    ks, vs = scale_arg(k_scale, kv_cache.dtype, seq_lens), scale_arg(v_scale, kv_cache.dtype, seq_lens)
     _paged_decode_kernel[(n * num_parts, h_kv)](
         q, kv_cache, o_dst, l_dst, query_start_loc, seq_lens, block_table,
-        sinks if sinks is not None else seq_lens, ks, vs,
+        sinks if sinks is not None else seq_lens, ks.tensor, vs.tensor,
         num_parts, partition_size, params.scale, params.logits_soft_cap or 0.0, params.sliding_window or 0,
         q.stride(0), q.stride(1), *o_strides, *l_strides,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks_stride, vs_stride,
-        HEAD=d, HEAD_PAD=max(16, triton.next_power_of_2(d)), GROUP=h // h_kv,
-        M=max(16, triton.next_power_of_2(h // h_kv)), BLOCK_N=cfg.block_n, PAGE=page, VEC=vector_width(kv_cache),
-        WINDOW=params.sliding_window is not None, SOFT_CAP=params.logits_soft_cap is not None,
-        HAS_SINK=sinks is not None and not partial, K_SCALE=k_scale is not None and fp8,
-        V_SCALE=v_scale is not None and fp8, PARTIAL=partial, WRITE_LSE=partial or lse is not None,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks.stride, vs.stride,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=h // h_kv, M=dot_pad(h // h_kv), BLOCK_N=cfg.block_n, PAGE=page,
+        VEC=vector_width(kv_cache), WINDOW=params.sliding_window is not None,
+        SOFT_CAP=params.logits_soft_cap is not None, HAS_SINK=sinks is not None and not partial, K_SCALE=ks.on,
+        V_SCALE=vs.on, PARTIAL=partial, WRITE_LSE=partial or lse is not None,
         IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         merge_states_launch(o_dst, l_dst, out, lse, in_base="2", out_base="e", rows=query_start_loc,
@@ -340,20 +242,18 @@ def prefix_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, l
         return
     h_kv, page, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
     h = params.num_heads
-    ks, ks_stride = _scale(k_scale, seq_lens)
-    vs, vs_stride = _scale(v_scale, seq_lens)
-    fp8 = is_fp8(kv_cache.dtype)
+    ks, vs = scale_arg(k_scale, kv_cache.dtype, seq_lens), scale_arg(v_scale, kv_cache.dtype, seq_lens)
     lse_t = lse if lse is not None else out
     _prefix_prefill_kernel[(n, h)](
         q, kv_cache, out, lse_t, tiles, query_start_loc, seq_lens, block_table,
-        sinks if sinks is not None else seq_lens, ks, vs,
+        sinks if sinks is not None else seq_lens, ks.tensor, vs.tensor,
         params.scale, params.logits_soft_cap or 0.0, params.sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks_stride, vs_stride,
-        HEAD=d, HEAD_PAD=max(16, triton.next_power_of_2(d)), GROUP=h // h_kv, BLOCK_M=cfg.block_m,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks.stride, vs.stride,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=h // h_kv, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PAGE=page, VEC=vector_width(kv_cache), CAUSAL=params.causal,
         WINDOW=params.sliding_window is not None, SOFT_CAP=params.logits_soft_cap is not None,
-        HAS_SINK=sinks is not None, K_SCALE=k_scale is not None and fp8, V_SCALE=v_scale is not None and fp8,
+        HAS_SINK=sinks is not None, K_SCALE=ks.on, V_SCALE=vs.on,
         WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -1,10 +1,12 @@
-"""The online-softmax building blocks every Triton attention kernel of kvlayout uses.
+"""The online-softmax building blocks every Triton attention kernel of kvlayout uses, and the kernels' side
+of the conventions of ``kvlayout.conventions`` (window edge, soft-cap, LSE base) and ``kvlayout.fp8`` (K
+scale folded into the softmax scale, V scale on the output).
 
 State of one tile of query rows: running max ``m [M]``, running denominator ``l [M]`` and the unnormalized
 output ``acc [M, D]``, all float32. Scores are kept in log2 units (``exp2`` is the cheap instruction), so
-``m`` and every LSE these helpers return are base 2; kernels convert to base e when they store an LSE.
-A row that sees no key keeps ``m = -inf`` and ``l = 0`` and finalizes to output 0 and LSE -inf (or the
-sink's logit, when there is a sink).
+``m`` and every LSE these helpers return are base 2; kernels convert to base e when they store an LSE
+(``kernels.tiles.store_rows``). A row that sees no key keeps ``m = -inf`` and ``l = 0`` and finalizes to
+output 0 and LSE -inf (or the sink's logit, when there is a sink).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kvlayout import conventions
+
 # constexpr, so @triton.jit code may read them (a plain global float compiles under the interpreter only)
-LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): natural-log units -> log2 units
-LN2 = tl.constexpr(0.6931471805599453)     # ln(2): log2 units -> natural-log units
+LOG2E = tl.constexpr(conventions.LOG2E)   # log2(e): natural-log units -> log2 units
+LN2 = tl.constexpr(conventions.LN2)       # ln(2): log2 units -> natural-log units
 
 
 @triton.jit
@@ -27,9 +31,40 @@ def softmax_init(M: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def window_lo(q_pos, window):
+    """``kvlayout.conventions.window_start``: the first key position the query at ``q_pos`` sees through
+    a sliding window of ``window`` tokens, itself included: ``max(q_pos - window + 1, 0)``."""
+    return tl.maximum(q_pos - window + 1, 0)
+
+
+@triton.jit
+def window_tiles(q_first, q_last, window, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """The window's lower edge for the query rows at positions ``q_first .. q_last``, in key tiles of
+    ``BLOCK_N``: ``(lo, vis_lo)`` with ``lo`` the first row's edge rounded down to a tile (no row sees a key
+    below it) and ``vis_lo`` the last row's edge rounded up (every row sees every key from it on, as far as
+    the window goes). ``(0, 0)`` without ``WINDOW``."""
+    lo = q_first * 0
+    vis_lo = lo
+    if WINDOW:
+        lo = window_lo(q_first, window) // BLOCK_N * BLOCK_N
+        vis_lo = tl.cdiv(window_lo(q_last, window), BLOCK_N) * BLOCK_N
+    return lo, vis_lo
+
+
+@triton.jit
+def fold_k_scale(sm_scale, k_scale_ptr, kvh, k_scale_stride, K_SCALE: tl.constexpr):
+    """The softmax scale of KV head ``kvh``'s query heads with the fp8 K scale folded in (``kvlayout.fp8``):
+    ``sm_scale * k_scale[kvh * k_scale_stride]`` (stride 0 for a per-tensor scale); ``sm_scale`` itself
+    without ``K_SCALE``."""
+    if K_SCALE:
+        sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
+    return sm_scale
+
+
+@triton.jit
 def _tanh(x):
     # 1 - 2 / (e^{2x} + 1): saturates to +-1 without overflow trouble (exp2 -> inf gives 1, -> 0 gives -1)
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
 
 
 @triton.jit
@@ -50,20 +85,36 @@ def score_tile(s, q_pos, k_pos, k_end, sm_scale, soft_cap, window,
     ``x = s * sm_scale`` into ``c * tanh(x / c)``. ``q_pos [M]`` and ``k_pos [N]`` are absolute positions;
     keys at ``k_pos >= k_end`` do not exist. With ``MASK`` False the caller promises every key of the tile
     is visible to every row (no mask is computed). ``CAUSAL``: key j visible to query i when ``j <= i``;
-    ``WINDOW``: when ``j > i - window``.
+    ``WINDOW``: when ``j >= window_lo(i, window)``.
     """
     if SOFT_CAP:
-        s = soft_cap * _tanh(s * (sm_scale / soft_cap)) * 1.4426950408889634
+        s = soft_cap * _tanh(s * (sm_scale / soft_cap)) * LOG2E
     else:
-        s = s * (sm_scale * 1.4426950408889634)
+        s = s * (sm_scale * LOG2E)
     if MASK:
         visible = (k_pos < k_end)[None, :]
         if CAUSAL:
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
         if WINDOW:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+            visible = visible & (k_pos[None, :] >= window_lo(q_pos, window)[:, None])
         s = tl.where(visible, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """``m`` where it is finite, 0 where it is -inf (a row that has seen no key yet): the offset to
+    subtract before ``exp2``, so -inf - -inf never happens."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _normalizer(m, l):
+    """``(1 / l, m + log2(l))`` of rows with a denominator ``l > 0``; ``(1, -inf)`` for rows that saw nothing
+    (their output is then ``acc * 1 = 0``)."""
+    seen = l > 0.0
+    l_safe = tl.where(seen, l, 1.0)
+    return 1.0 / l_safe, tl.where(seen, m + tl.log2(l_safe), float("-inf"))
 
 
 @triton.jit
@@ -71,7 +122,7 @@ def softmax_update(m, l, acc, s, v, IEEE: tl.constexpr):
     """Fold one tile of log2 scores ``s [M, N]`` with values ``v [N, D]`` into the state: rescale the old
     denominator and output by ``2^(m_old - m_new)`` and accumulate ``p @ v``."""
     m_new = tl.maximum(m, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)      # no key seen yet: avoid -inf - -inf
+    m_use = _finite_or_zero(m_new)
     alpha = tl.exp2(m - m_use)
     p = tl.exp2(s - m_use[:, None])
     l = l * alpha + tl.sum(p, 1)
@@ -80,20 +131,29 @@ def softmax_update(m, l, acc, s, v, IEEE: tl.constexpr):
 
 
 @triton.jit
+def fold_tile(m, l, acc, q, k_t, v, q_pos, k_pos, k_end, sm_scale, soft_cap, window, CAUSAL: tl.constexpr,
+              WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
+    """Fold one key tile into the state of the rows ``q [M, D]``: scores ``q @ k_t`` (``k_t [D, N]`` and
+    ``v [N, D]`` in q's dtype) through ``score_tile`` (keys at ``k_pos [N]``, rows at ``q_pos [M]``), then
+    ``softmax_update``."""
+    s = dot(q, k_t, None, IEEE)
+    s = score_tile(s, q_pos, k_pos, k_end, sm_scale, soft_cap, window, CAUSAL, WINDOW, SOFT_CAP, MASK)
+    return softmax_update(m, l, acc, s, v, IEEE)
+
+
+@triton.jit
 def softmax_finalize(m, l, acc, sink, HAS_SINK: tl.constexpr):
     """``(out [M, D], lse [M])`` of the state; ``lse`` in log2 units. ``sink [M]`` (log2 units) is an
     extra logit in the denominator that contributes no value (learned attention sinks)."""
     if HAS_SINK:
         m_new = tl.maximum(m, sink)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_use = _finite_or_zero(m_new)
         alpha = tl.exp2(m - m_use)
         l = l * alpha + tl.exp2(sink - m_use)
         acc = acc * alpha[:, None]
         m = m_new
-    seen = l > 0.0
-    out = acc * (1.0 / tl.where(seen, l, 1.0))[:, None]
-    lse = tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf"))
-    return out, lse
+    inv_l, lse = _normalizer(m, l)
+    return acc * inv_l[:, None], lse
 
 
 @triton.jit
@@ -106,7 +166,7 @@ def finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, v_scale_off,
     if HAS_SINK:
         sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")) * LOG2E
     out, lse = softmax_finalize(m, l, acc, sink, HAS_SINK)
-    if V_SCALE:
+    if V_SCALE:                 # kvlayout.fp8: the V scale multiplies the output
         out = out * tl.load(v_scale_ptr + v_scale_off)
     return out, lse
 
@@ -118,12 +178,10 @@ def merge_partials(lse, o, sink, HAS_SINK: tl.constexpr):
     m = tl.max(lse, 0)
     if HAS_SINK:
         m = tl.maximum(m, sink)
-    m_use = tl.where(m == float("-inf"), 0.0, m)
+    m_use = _finite_or_zero(m)
     w = tl.exp2(lse - m_use)
     total = tl.sum(w, 0)
     if HAS_SINK:
         total = total + tl.exp2(sink - m_use)
-    seen = total > 0.0
-    out = tl.sum(o * w[:, None], 0) * (1.0 / tl.where(seen, total, 1.0))
-    lse_out = tl.where(seen, m_use + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
-    return out, lse_out
+    inv_total, lse_out = _normalizer(m_use, total)
+    return tl.sum(o * w[:, None], 0) * inv_total, lse_out

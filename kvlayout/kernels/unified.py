@@ -21,96 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kvlayout.fp8 import scale_arg
 from kvlayout.params import AttentionParams
-from kvlayout.specs import is_fp8
 
-from .softmax import LN2, dot, finalize_heads, score_tile, softmax_init, softmax_update
-
-
-def interpreting() -> bool:
-    """True when this module's kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` was
-    set when they were defined; setting it later does not change them)."""
-    return type(load_kv_tile).__name__ == "InterpretedFunction"
-
-
-@triton.jit
-def load_kv_tile(kv_ptr, bt_row_ptr, start, head_off, stride_kb, stride_kn, d, d_ok, k_end,
-                 HEAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                 D_MASK: tl.constexpr):
-    """Keys and values of positions ``start .. start + BLOCK_N`` of one sequence and one KV head:
-    ``(k_pos [N], k [N, D_PAD], v [N, D_PAD])`` in the cache dtype. The page of position ``p`` is
-    ``bt_row_ptr[p // PAGE]``; ``head_off`` is the head's offset inside a page. ``MASK``: positions at or
-    past ``k_end`` are not read (and give 0); ``D_MASK``: only ``d_ok`` columns are read."""
-    k_pos = start + tl.arange(0, BLOCK_N)
-    if MASK:
-        k_ok = k_pos < k_end
-        blk = tl.load(bt_row_ptr + k_pos // PAGE, mask=k_ok, other=0)
-    else:
-        blk = tl.load(bt_row_ptr + k_pos // PAGE)
-    off = blk.to(tl.int64) * stride_kb + head_off + (k_pos % PAGE) * stride_kn
-    ptr = kv_ptr + off[:, None] + d[None, :]
-    if MASK:
-        if D_MASK:
-            mask = k_ok[:, None] & d_ok[None, :]
-        else:
-            mask = k_ok[:, None]
-        k = tl.load(ptr, mask=mask, other=0.0)
-        v = tl.load(ptr + HEAD, mask=mask, other=0.0)
-    elif D_MASK:
-        k = tl.load(ptr, mask=d_ok[None, :], other=0.0)
-        v = tl.load(ptr + HEAD, mask=d_ok[None, :], other=0.0)
-    else:
-        k = tl.load(ptr)
-        v = tl.load(ptr + HEAD)
-    return k_pos, k, v
-
-
-@triton.jit
-def attend_paged_range(m, l, acc, q, q_pos, lo, hi, k_end, kv_ptr, bt_row_ptr, head_off, stride_kb, stride_kn,
-                       d, d_ok, sm_scale, soft_cap, window,
-                       HEAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                       WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, MASK: tl.constexpr, D_MASK: tl.constexpr,
-                       IEEE: tl.constexpr):
-    """Fold keys ``lo .. hi`` (tiles of ``BLOCK_N`` from ``lo``) of one paged sequence into the softmax
-    state of the query rows ``q [M, D_PAD]`` at positions ``q_pos [M]``. With ``MASK`` False every key of
-    the range must be visible to every row (no mask is built). fp8 keys/values are widened to q's dtype."""
-    for start in range(lo, hi, BLOCK_N):
-        k_pos, k, v = load_kv_tile(kv_ptr, bt_row_ptr, start, head_off, stride_kb, stride_kn, d, d_ok, k_end,
-                                   HEAD, PAGE, BLOCK_N, MASK, D_MASK)
-        s = dot(q, tl.trans(k.to(q.dtype)), None, IEEE)
-        s = score_tile(s, q_pos, k_pos, k_end, sm_scale, soft_cap, window, CAUSAL, WINDOW, SOFT_CAP, MASK)
-        m, l, acc = softmax_update(m, l, acc, s, v.to(q.dtype), IEEE)
-    return m, l, acc
-
-
-@triton.jit
-def load_group_query(q_ptr, tok, kvh, stride_qt, stride_qh, GROUP: tl.constexpr, M: tl.constexpr,
-                     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr):
-    """The query of token ``tok`` for the ``GROUP`` query heads of KV head ``kvh``, as ``M >= GROUP`` rows
-    (padding rows masked to zero). Returns ``(q [M, HEAD_PAD], head, row_ok, d, d_ok)``."""
-    rows = tl.arange(0, M)
-    row_ok = rows < GROUP
-    head = kvh * GROUP + rows
-    d = tl.arange(0, HEAD_PAD)
-    d_ok = d < HEAD
-    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    return q, head, row_ok, d, d_ok
-
-
-@triton.jit
-def find_request(starts_ptr, start_lo, num_reqs, pid, BLOCK_Q: tl.constexpr):
-    """The request a program works on, when request r owns the programs from
-    ``(starts[r] - start_lo) // BLOCK_Q + r`` on (its query tiles, rounded up): a binary search for the
-    last r whose first program is ``<= pid``."""
-    lo = pid * 0
-    hi = lo + num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        go = (tl.load(starts_ptr + mid) - start_lo) // BLOCK_Q + mid <= pid
-        lo = tl.where(go, mid + 1, lo)
-        hi = tl.where(go, hi, mid)
-    return lo - 1
+from . import interpreting
+from .softmax import finalize_heads, fold_k_scale, softmax_init, window_tiles
+from .tiles import DOT_MIN, attend_paged_span, dot_pad, find_request, key_range, packed_rows, store_rows, wide_rows
 
 
 @triton.jit
@@ -139,56 +55,32 @@ def _unified_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     ctx = seq_len - q_len
 
-    rows = tl.arange(0, M)
-    tok = qb * BLOCK_Q + rows // GROUP_PAD
-    g = rows % GROUP_PAD
-    head = kvh * GROUP + g
-    row_ok = (tok < q_len) & (g < GROUP)
+    tok, head, g_ok = packed_rows(qb, kvh, M, BLOCK_Q, GROUP, GROUP_PAD)
+    row_ok = (tok < q_len) & g_ok
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD
     t_glob = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + t_glob[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q_pos = ctx + tok
-    if K_SCALE:
-        sm_scale = sm_scale * tl.load(k_scale_ptr + kvh * k_scale_stride)
+    sm_scale = fold_k_scale(sm_scale, k_scale_ptr, kvh, k_scale_stride, K_SCALE)
 
-    # Key ranges: [0, head_end) masked (window's lower edge), [head_end, mid_end) visible to every row,
-    # [mid_end, kv_end) masked (causal diagonal, sequence end).
+    # Key ranges: [kv_lo, vis_lo) masked (window's lower edge), [vis_lo, full_end) visible to every row,
+    # [full_end, kv_end) masked (causal diagonal, sequence end).
     q_first = ctx + qb * BLOCK_Q
     q_last = ctx + tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1
-    if CAUSAL:
-        kv_end = q_last + 1
-        full_end = (q_first + 1) // BLOCK_N * BLOCK_N
-    else:
-        kv_end = seq_len
-        full_end = seq_len // BLOCK_N * BLOCK_N
-    bt_row = bt_ptr + req.to(tl.int64) * stride_bt
-    head_off = kvh.to(tl.int64) * stride_kh
+    kv_end, full_end = key_range(q_first, q_last, seq_len, BLOCK_N, CAUSAL)
+    kv_lo, vis_lo = window_tiles(q_first, q_last, window, BLOCK_N, WINDOW)
     m, l, acc = softmax_init(M, HEAD_PAD)
-    if WINDOW:
-        kv_lo = tl.maximum(q_first - window + 1, 0) // BLOCK_N * BLOCK_N
-        all_lo = tl.maximum(q_last - window + 1, 0)
-        head_end = tl.minimum((all_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, kv_end)
-        m, l, acc = attend_paged_range(m, l, acc, q, q_pos, kv_lo, head_end, kv_end, kv_ptr, bt_row, head_off,
-                                       stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
-                                       BLOCK_N, CAUSAL, WINDOW, SOFT_CAP, True, D_MASK, IEEE)
-    else:
-        head_end = kv_end * 0
-    mid_end = tl.maximum(head_end, full_end)
-    m, l, acc = attend_paged_range(m, l, acc, q, q_pos, head_end, mid_end, kv_end, kv_ptr, bt_row, head_off,
-                                   stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
-                                   BLOCK_N, CAUSAL, WINDOW, SOFT_CAP, False, D_MASK, IEEE)
-    m, l, acc = attend_paged_range(m, l, acc, q, q_pos, mid_end, kv_end, kv_end, kv_ptr, bt_row, head_off,
-                                   stride_kb, stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE,
-                                   BLOCK_N, CAUSAL, WINDOW, SOFT_CAP, True, D_MASK, IEEE)
+    m, l, acc = attend_paged_span(m, l, acc, q, q_pos, kv_lo, vis_lo, full_end, kv_end, kv_ptr,
+                                  bt_ptr + req.to(tl.int64) * stride_bt, kvh.to(tl.int64) * stride_kh, stride_kb,
+                                  stride_kn, d, d_ok, sm_scale, soft_cap, window, HEAD, PAGE, BLOCK_N, CAUSAL,
+                                  WINDOW, SOFT_CAP, D_MASK, IEEE, False, False, 1, WINDOW)
 
     out, lse = finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, HAS_SINK,
                               V_SCALE)
-    tl.store(out_ptr + t_glob[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
-        tl.store(lse_ptr + t_glob * stride_lt + head * stride_lh, lse * LN2, mask=row_ok)
+    store_rows(out_ptr, lse_ptr, t_glob * stride_ot + head * stride_oh, t_glob * stride_lt + head * stride_lh, d,
+               row_ok, d_ok, out, lse, WRITE_LSE, True)
 
 
 @dataclass(frozen=True)
@@ -211,22 +103,15 @@ def unified_config(max_query_len: int, group: int, head_size: int, elem_bytes: i
     group_pad = triton.next_power_of_2(group)
     if interpret:                       # small tiles: more tiles and masks exercised, faster on the CPU
         return UnifiedConfig(max(1, 16 // group_pad), 16, 4, 1)
-    head_pad = triton.next_power_of_2(head_size)
-    big = head_pad * elem_bytes > 256           # D=256 in 16 bits, or float32 with D >= 128
-    target_rows = 32 if elem_bytes >= 4 else (128 if head_pad > 128 else 256)
-    min_q = max(1, 16 // group_pad)
+    big = wide_rows(head_size, elem_bytes)
+    target_rows = 32 if elem_bytes >= 4 else (128 if triton.next_power_of_2(head_size) > 128 else 256)
+    min_q = max(1, DOT_MIN // group_pad)
     block_q = max(min_q, min(max(1, target_rows // group_pad), triton.next_power_of_2(max(max_query_len, 1))))
     rows = block_q * group_pad
     block_n = 32 if big else 64
     num_warps = 8 if rows >= 256 or (rows >= 128 and big) else 4
     num_stages = 2 if big else 3
     return UnifiedConfig(block_q, block_n, num_warps, num_stages)
-
-
-def _scale_args(scale: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
-    if scale is None:
-        return dummy, 0
-    return scale, (1 if scale.numel() > 1 else 0)
 
 
 def unified_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
@@ -244,21 +129,20 @@ def unified_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor
     group = params.num_heads // h_kv
     compute_dtype = q.dtype
     cfg = config or unified_config(max_query_len, group, d, compute_dtype.itemsize, interpreting())
-    ks, ks_stride = _scale_args(k_scale, seq_lens)
-    vs, vs_stride = _scale_args(v_scale, seq_lens)
+    ks, vs = scale_arg(k_scale, kv_cache.dtype, seq_lens), scale_arg(v_scale, kv_cache.dtype, seq_lens)
     lse_t = lse if lse is not None else out
     grid = (num_tokens // cfg.block_q + num_reqs, h_kv)
     _unified_attention_kernel[grid](
         q, kv_cache, out, lse_t, query_start_loc, seq_lens, block_table,
-        sinks if sinks is not None else seq_lens, ks, vs,
+        sinks if sinks is not None else seq_lens, ks.tensor, vs.tensor,
         num_reqs, tok_lo, params.scale, params.logits_soft_cap or 0.0, params.sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         lse_t.stride(0) if lse is not None else 0, lse_t.stride(1) if lse is not None else 0,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks_stride, vs_stride,
-        HEAD=d, HEAD_PAD=max(16, triton.next_power_of_2(d)), GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks.stride, vs.stride,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, PAGE=page,
         CAUSAL=params.causal, WINDOW=params.sliding_window is not None,
         SOFT_CAP=params.logits_soft_cap is not None, HAS_SINK=sinks is not None,
-        K_SCALE=k_scale is not None and is_fp8(kv_cache.dtype), V_SCALE=v_scale is not None and is_fp8(kv_cache.dtype),
+        K_SCALE=ks.on, V_SCALE=vs.on,
         WRITE_LSE=lse is not None, IEEE=compute_dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -11,13 +11,8 @@ import triton.language as tl
 
 from kvlayout.cache_ops import check_write_kv
 from kvlayout.errors import KVLayoutError
+from kvlayout.fp8 import fp8_format, scale_arg
 from kvlayout.specs import is_fp8
-
-
-_FP8_FORMAT = {  # dtype -> (mantissa bits, smallest normal exponent, largest finite value)
-    torch.float8_e4m3fn: (3, -6, 448.0),
-    torch.float8_e5m2: (2, -14, 57344.0),
-}
 
 
 @triton.jit
@@ -74,7 +69,8 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
              validate: bool = True) -> None:
     """Write token ``t``'s K and V (``[T, H_kv, D]``, last dim contiguous) into slot ``slot_mapping[t]`` of
     the packed cache (block ``slot // N``, offset ``slot % N``); slot -1 is skipped. fp8 caches store
-    ``x / scale`` (per-tensor or per-KV-head float32 scale) saturated and rounded to nearest-even.
+    ``x / scale`` (per-tensor or per-KV-head float32 scale) saturated and rounded to nearest-even
+    (``kvlayout.fp8``).
     ``validate=False`` skips the checks (and their host sync) on the hot path."""
     if validate:
         check_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
@@ -85,19 +81,15 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         return
     h, page, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
     fp8 = is_fp8(kv_cache.dtype)
-    mbits, emin, fmax = _FP8_FORMAT.get(kv_cache.dtype, (0, 0, 0.0))
+    mbits, emin, fmax = fp8_format(kv_cache.dtype) if fp8 else (0, 0, 0.0)
     width = h * d
     block_c = min(triton.next_power_of_2(width), 1024)
     block_t = max(1, 2048 // block_c)
-    ks = k_scale if k_scale is not None else slot_mapping
-    vs = v_scale if v_scale is not None else slot_mapping
+    ks, vs = scale_arg(k_scale, kv_cache.dtype, slot_mapping), scale_arg(v_scale, kv_cache.dtype, slot_mapping)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(width, block_c))
     _write_kv_kernel[grid](
-        k, v, kv_cache, slot_mapping, ks, vs, num_tokens,
+        k, v, kv_cache, slot_mapping, ks.tensor, vs.tensor, num_tokens,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        1 if k_scale is not None and k_scale.numel() > 1 else 0,
-        1 if v_scale is not None and v_scale.numel() > 1 else 0,
-        HEAD=d, NUM_HEADS=h, PAGE=page, BLOCK_T=block_t, BLOCK_C=block_c, FP8=fp8,
-        K_SCALE=fp8 and k_scale is not None, V_SCALE=fp8 and v_scale is not None,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), ks.stride, vs.stride,
+        HEAD=d, NUM_HEADS=h, PAGE=page, BLOCK_T=block_t, BLOCK_C=block_c, FP8=fp8, K_SCALE=ks.on, V_SCALE=vs.on,
         MBITS=mbits, EMIN=emin, FMAX=fmax, num_warps=4)
