@@ -11,7 +11,7 @@ from kvlayout.cache_ops import check_kv_cache, write_kv
 from kvlayout.capabilities import BackendCapabilities
 from kvlayout.errors import KVLayoutError, UnsupportedFeatureError
 from kvlayout.fp8 import check_scales
-from kvlayout.metadata import AttentionMetadata
+from kvlayout.metadata import AttentionMetadata, require_validated
 from kvlayout.params import AttentionParams
 from kvlayout.specs import dtype_name, is_fp8
 
@@ -96,8 +96,7 @@ class AttentionBackend(ABC):
         b, _, n, c = latent_cache.shape
         if not 0 < kv_lora_rank < c:
             raise KVLayoutError(f"kv_lora_rank {kv_lora_rank} must be inside the latent size {c}")
-        if not isinstance(meta, AttentionMetadata):
-            raise KVLayoutError(f"meta must be AttentionMetadata (build_attention_metadata), got {type(meta).__name__}")
+        require_validated(meta)
         if q.shape[0] < meta.num_actual_tokens:
             raise KVLayoutError(f"q has {q.shape[0]} tokens but the metadata schedules {meta.num_actual_tokens}")
         if meta.block_size != n or meta.num_blocks > b:
@@ -114,8 +113,7 @@ class AttentionBackend(ABC):
         """Shape, dtype and feature checks shared by every backend; raises before any work."""
         caps = self.capabilities
         b, h, n, d = check_kv_cache(kv_cache)
-        if not isinstance(meta, AttentionMetadata):
-            raise KVLayoutError(f"meta must be AttentionMetadata (build_attention_metadata), got {type(meta).__name__}")
+        require_validated(meta)
         if not isinstance(params, AttentionParams):
             raise KVLayoutError(f"params must be AttentionParams, got {type(params).__name__}")
         if (params.num_kv_heads, params.head_size) != (h, d):

@@ -322,6 +322,9 @@ class FlashAttnBackend(AttentionBackend):
         k, v = nhd_views(kv_cache)
         want_lse = return_lse or lse is not None
         t = meta.num_actual_tokens
+        if t == 0:                                   # an empty step: nothing to launch
+            out = padded_out(q, 0, out)
+            return (out, padded_lse(q, 0, lse)) if want_lse else out
         calls = plan_calls(self.generation, q, k, v, meta, params, sinks, want_lse)
         results = []
         for c in calls:

@@ -79,6 +79,8 @@ class RocmBackend(TritonBackend):
             raise KVLayoutError(f"partition_size {partition_size} must be a multiple of the key tile {cfg.block_n}")
         want_lse = return_lse or lse is not None
         out, lse = output_buffers(q, meta.num_actual_tokens, out, lse, want_lse)
+        if meta.num_actual_tokens == 0:
+            return (out, lse) if want_lse else out
         plan = step_plan(meta, cfg.block_m)
         nd = meta.num_decodes
         if nd:

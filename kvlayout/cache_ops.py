@@ -25,8 +25,10 @@ def check_kv_cache(kv_cache: torch.Tensor, what: str = "kv_cache") -> tuple[int,
     return b, h, n, c // 2
 
 
-def check_write_kv(kv_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -> None:
-    """Every check ``write_kv`` makes, without touching memory."""
+def check_write_kv(kv_cache, k, v, slot_mapping, k_scale=None, v_scale=None, *, trusted_slots: bool = False
+                   ) -> None:
+    """Every check ``write_kv`` makes, without touching memory. The slot values are read on the host
+    (each in range, no slot named twice) unless ``trusted_slots`` says they come from validated metadata."""
     b, h, n, d = check_kv_cache(kv_cache)
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != (h, d):
@@ -48,19 +50,31 @@ def check_write_kv(kv_cache, k, v, slot_mapping, k_scale=None, v_scale=None) -> 
         raise KVLayoutError(f"slot_mapping is on {slot_mapping.device} but the cache is on {kv_cache.device}")
     if slot_mapping.shape[0] < k.shape[0]:
         raise KVLayoutError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
-    if slot_mapping.numel():
-        hi, lo = int(slot_mapping.max()), int(slot_mapping.min())
-        if hi >= b * n or lo < -1:
-            raise KVLayoutError(f"slot_mapping has slot {hi if hi >= b * n else lo}; valid slots are -1 (skip) "
-                                f"and 0..{b * n - 1} ({b} blocks of {n})")
-    fp8.check_scales(k_scale, v_scale, kv_cache.dtype, h)
+    fp8.check_scales(k_scale, v_scale, kv_cache.dtype, h, kv_cache.device)
+    if trusted_slots or k.shape[0] == 0:
+        return
+    slots = slot_mapping[: k.shape[0]].cpu()
+    hi, lo = int(slots.max()), int(slots.min())
+    if hi >= b * n or lo < -1:
+        raise KVLayoutError(f"slot_mapping has slot {hi if hi >= b * n else lo}; valid slots are -1 (skip) "
+                            f"and 0..{b * n - 1} ({b} blocks of {n})")
+    live = slots[slots >= 0]
+    uniq, counts = torch.unique(live, return_counts=True)
+    if bool((counts > 1).any()):
+        slot = int(uniq[counts > 1][0])
+        raise KVLayoutError(f"slot_mapping names slot {slot} (block {slot // n}, offset {slot % n}) for more than one "
+                            f"token; one write_kv writes each slot at most once (which token would win is not "
+                            f"defined on every device), so drop or redirect the extra tokens")
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
              k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
              validate: bool = True) -> None:
     """Write token ``t``'s K and V into slot ``slot_mapping[t]`` (block = slot // N, offset = slot % N).
-    Slot -1 is skipped. fp8 caches quantize with per-tensor or per-head scales (``kvlayout.fp8``)."""
+    Slot -1 is skipped; a slot named for two tokens is refused (``validate=True``; with ``validate=False``
+    the caller promises there is none, and which token lands is undefined). fp8 caches quantize with
+    per-tensor or per-head scales (``kvlayout.fp8``): finite values beyond the format's range and +-inf
+    saturate to its largest finite value, NaN stays NaN, identically on every path."""
     if validate:
         check_write_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
     n, d = kv_cache.shape[2], kv_cache.shape[3] // 2

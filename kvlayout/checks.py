@@ -1,7 +1,8 @@
-"""Input checks shared by the cache ops, the page ops and the backends: one home for each."""
+"""Input checks shared by the cache ops, the page ops, the metadata builder and the backends: one home for each."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import KVLayoutError
@@ -20,3 +21,94 @@ def check_block_ids(block_ids, num_blocks: int, device: torch.device, what: str)
             raise KVLayoutError(f"{what}: block id {lo if lo < 0 else hi} is out of range; "
                                 f"the cache has blocks 0..{num_blocks - 1}")
     return ids.to(device=device, dtype=torch.int64)
+
+
+def check_schedule(cached: np.ndarray, new: np.ndarray, table: np.ndarray, num_blocks: int, block_size: int,
+                   shared_block_ids=None) -> np.ndarray:
+    """Refuse a step's schedule that would read or write the wrong cache slots; return the blocks each
+    request uses (``ceil((cached + new) / block_size)``).
+
+    ``cached[r]``/``new[r]`` are request ``r``'s tokens already in the cache and computed this step (int64,
+    ``>= 0``), ``table[r]`` its block ids (int64 ``[R, W]``; only the first ``need[r]`` entries count). The
+    rules, checked on the host with no device work:
+
+    - every used block id lies in ``[0, num_blocks)`` and a request lists each block once;
+    - a block listed by two requests holds a prefix they share, so it must be declared in
+      ``shared_block_ids`` (a scheduler that hands one block to two requests by mistake is caught here);
+    - no request writes into a shared block, nor into a block another request reads: new tokens go to
+      blocks their request owns alone (fork a shared last page with ``copy_blocks`` first).
+
+    These make the step's slots unique. Example, block size 4: request 0 with 6 cached + 1 new token and
+    table ``[3, 7]`` writes slot ``7*4 + 2 = 30``; request 1 with table ``[3, 5]`` and 4 cached tokens
+    reads block 3 and writes into block 5. That is valid only with ``shared_block_ids=[3]``; with table
+    ``[3, 7]`` request 1 would read block 7, which request 0 writes, and is refused.
+    """
+    n, width = table.shape
+    need = -(-(cached + new) // block_size)
+    over = np.nonzero(need > width)[0]
+    if over.size:
+        r = int(over[0])
+        raise KVLayoutError(f"request {r} holds {int(cached[r] + new[r])} tokens, which need {int(need[r])} blocks of "
+                            f"{block_size}, but its block table row has {width}; give it more blocks")
+    used = np.arange(width) < need[:, None]
+    ids = table[used]
+    if ids.size and (ids.min() < 0 or ids.max() >= num_blocks):
+        r, c = (int(x[0]) for x in np.nonzero(used & ((table < 0) | (table >= num_blocks))))
+        raise KVLayoutError(f"request {r}: block id {int(table[r, c])} is out of range; the cache has blocks "
+                            f"0..{num_blocks - 1}")
+    written = used & (np.arange(width) >= (cached // block_size)[:, None]) & (new > 0)[:, None]
+    shared = _shared_ids(shared_block_ids, num_blocks)
+    if shared.size:
+        hit = written & np.isin(table, shared)
+        if hit.any():
+            r, c = (int(x[0]) for x in np.nonzero(hit))
+            raise KVLayoutError(f"request {r} writes new tokens into block {int(table[r, c])}, which is shared "
+                                f"(shared_block_ids); fork it with copy_blocks and give the request the copy")
+    mark = np.zeros(num_blocks, dtype=bool)
+    mark[ids] = True
+    if np.count_nonzero(mark) == ids.size:
+        return need                                          # every used block appears once: the usual step
+    rows = np.repeat(np.arange(n), need)
+    key = rows * num_blocks + ids
+    uniq, first, count = np.unique(key, return_index=True, return_counts=True)
+    if (count > 1).any():
+        k = int(uniq[count > 1][0])
+        raise KVLayoutError(f"request {k // num_blocks} lists block {k % num_blocks} twice; each position of a "
+                            f"sequence needs its own block")
+    blocks, owners = np.unique(ids, return_counts=True)
+    multi = blocks[owners > 1]
+    undeclared = multi[~np.isin(multi, shared)]
+    if undeclared.size:
+        b = int(undeclared[0])
+        rs = np.unique(rows[ids == b]).tolist()
+        raise KVLayoutError(f"block {b} is listed by requests {rs}; two requests may read one block only when it "
+                            f"holds a prefix they share: declare it in shared_block_ids (and write into it from "
+                            f"no request), or give each request its own block")
+    hit = written & np.isin(table, multi)
+    if hit.any():
+        r, c = (int(x[0]) for x in np.nonzero(hit))
+        b = int(table[r, c])
+        others = sorted(set(np.unique(rows[ids == b]).tolist()) - {r})
+        raise KVLayoutError(f"request {r} writes new tokens into block {b}, which request(s) {others} also read; "
+                            f"fork it with copy_blocks and give the writer the copy")
+    return need
+
+
+def _shared_ids(shared_block_ids, num_blocks: int) -> np.ndarray:
+    if shared_block_ids is None:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(shared_block_ids, torch.Tensor):
+        shared_block_ids = shared_block_ids.tolist()
+    try:
+        ids = np.asarray(list(shared_block_ids))
+    except TypeError:
+        raise KVLayoutError(f"shared_block_ids must be a sequence of block ids, got "
+                            f"{type(shared_block_ids).__name__}") from None
+    if ids.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if ids.dtype.kind not in "iu" or ids.ndim != 1:
+        raise KVLayoutError(f"shared_block_ids must be a 1-D sequence of integers, got {ids.dtype} {ids.shape}")
+    if ids.min() < 0 or ids.max() >= num_blocks:
+        bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
+        raise KVLayoutError(f"shared_block_ids: block id {bad} is out of range; the cache has blocks 0..{num_blocks - 1}")
+    return ids.astype(np.int64)

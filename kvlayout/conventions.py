@@ -23,6 +23,13 @@ LSE bases
     ``lse_factor(src, dst)`` is the factor that takes an LSE from base ``src`` to base ``dst``. Example: a
     natural-log LSE of 1.0 is ``1.0 * lse_factor("e", "2") = 1.4427`` in base 2.
 
+Non-finite inputs
+    Nothing is checked or cleaned on the device. A NaN in a query row makes that row's output and LSE NaN;
+    a NaN in the K or V of a key makes the output of every query that sees the key NaN, on every backend
+    (a NaN in V may also reach queries of the same request that do not see the key, through ``0 * NaN``
+    in the products; queries of other requests are never affected). +-inf follow IEEE arithmetic through
+    the same formulas. fp8 caches store NaN as NaN and saturate +-inf (``kvlayout.fp8``).
+
 fp8 K/V scales are in ``kvlayout.fp8``.
 """
 

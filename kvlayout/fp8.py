@@ -1,7 +1,8 @@
 """fp8 KV caches: what is stored, what the scales mean, and how every path undoes the quantization.
 
 An fp8 cache (``float8_e4m3fn`` or ``float8_e5m2``) stores ``k / k_scale`` and ``v / v_scale``, saturated
-to the format's largest finite value and rounded to nearest-even (``quantize``; the Triton ``write_kv``
+to the format's largest finite value (finite values beyond it and +-inf alike; NaN stays NaN) and rounded
+to nearest-even (``quantize``; the Triton ``write_kv``
 kernel rounds on the same grid, ``fp8_format``). A scale is a float32 tensor of one element (per tensor)
 or ``H_kv`` elements (one per KV head, ``check_scale``); on 16-bit caches there are no scales.
 
@@ -21,6 +22,7 @@ stride 0 broadcasts the one per-tensor element.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,7 +36,7 @@ from .specs import is_fp8
 def check_scale(scale: Optional[torch.Tensor], num_kv_heads: int, what: str,
                 device: Optional[torch.device] = None) -> None:
     """A scale must be None or a float32 tensor of 1 or ``num_kv_heads`` elements and at most one dim
-    (on ``device``, when given)."""
+    (on ``device``, when given), its values finite and > 0."""
     if scale is None:
         return
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() not in (1, num_kv_heads) \
@@ -43,6 +45,30 @@ def check_scale(scale: Optional[torch.Tensor], num_kv_heads: int, what: str,
                             f"{num_kv_heads} (per KV head), got {getattr(scale, 'shape', scale)!r}")
     if device is not None and scale.device != device:
         raise KVLayoutError(f"{what} is on {scale.device} but the cache is on {device}")
+    if not _values_known_good(scale):
+        values = scale.detach().cpu()
+        if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
+            raise KVLayoutError(f"{what} must hold finite values > 0 (a stored value is x / scale), got "
+                                f"{values.tolist()}")
+        _remember_good(scale)
+
+
+# id(scale) -> (a weak reference to it, the version counter its values were last checked at): a layer's
+# scales are read back to the host once (and again only after an in-place change), not on every call.
+# Keyed by id because tensors compare elementwise; the weak reference proves the id was not reused.
+_values_checked: dict[int, tuple["weakref.ref[torch.Tensor]", int]] = {}
+
+
+def _values_known_good(scale: torch.Tensor) -> bool:
+    entry = _values_checked.get(id(scale))
+    return entry is not None and entry[0]() is scale and entry[1] == scale._version
+
+
+def _remember_good(scale: torch.Tensor) -> None:
+    key = id(scale)
+    ref = weakref.ref(scale, lambda _ref, key=key: _values_checked.pop(key, None)
+                      if _values_checked.get(key, (None,))[0] is _ref else None)
+    _values_checked[key] = (ref, scale._version)
 
 
 def check_scales(k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], cache_dtype: torch.dtype,

@@ -7,9 +7,12 @@ from typing import Mapping, Optional
 
 import torch
 
+from .cache_ops import check_write_kv
+from .conventions import softmax_scale
 from .errors import KVLayoutError
 from .metadata import AttentionMetadata
 from .params import AttentionParams
+from .registry import resolve_backend
 from .specs import AttentionSpec, MambaSpec, MLASpec, is_fp8
 
 
@@ -60,22 +63,48 @@ class AttentionLayer:
                backend, *, return_lse: bool = False, out: Optional[torch.Tensor] = None, validate: bool = True):
         """Append ``k``, ``v`` (``[T, H_kv, D]``; None to skip, e.g. cross-attention after its first step)
         through ``meta.slot_mapping``, then return attention of ``q [T, H, D]`` over the cache.
-        ``validate=False`` skips the per-call input checks (and their host syncs) for a hot loop whose
-        inputs the caller already trusts."""
+        ``backend`` is a backend or its name. Every check runs before the write, so a refused call
+        changes nothing; ``meta`` must come from ``build_attention_metadata`` (its slots are then trusted,
+        with no device read). ``validate=False`` skips the per-call checks for a hot loop whose inputs
+        the caller already trusts."""
         if self.kv_cache is None:
             raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
-        if backend.name not in self._checked_backends:
-            backend.check_spec(self.layer_name, self.kv_spec)
-            self._checked_backends.add(backend.name)
+        backend = _checked_backend(self, backend, self.kv_cache.device)
         if (k is None) != (v is None):
             raise KVLayoutError("pass both k and v, or neither")
-        if validate:              # the attention checks run before the write, so a refused call writes nothing
+        if validate:
             backend.check_forward(q, self.kv_cache, meta, self.attn_params, self.sinks, self.k_scale,
                                   self.v_scale, out)
+            if k is not None:
+                _check_step_rows(meta, k=k, v=v)
+                check_write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale,
+                               trusted_slots=True)
         if k is not None:
-            backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale, validate=validate)
+            backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale, validate=False)
         return backend.forward(q, self.kv_cache, meta, self.attn_params, sinks=self.sinks, k_scale=self.k_scale,
                                v_scale=self.v_scale, out=out, return_lse=return_lse, validate=False)
+
+
+def _checked_backend(layer, backend, device: torch.device):
+    """``backend`` resolved (a name is looked up) and checked once per layer against the layer's spec."""
+    backend = resolve_backend(backend, device)
+    if backend.name not in layer._checked_backends:
+        backend.check_spec(layer.layer_name, layer.kv_spec)
+        layer._checked_backends.add(backend.name)
+    return backend
+
+
+def _check_step_rows(meta: AttentionMetadata, **rows: torch.Tensor) -> None:
+    """Each tensor of new rows covers the step's tokens (padding rows past them are allowed up to the
+    length of ``slot_mapping``): fewer rows would leave scheduled slots holding stale bytes."""
+    lo, hi = meta.num_actual_tokens, meta.slot_mapping.shape[0]
+    for name, t in rows.items():
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            raise KVLayoutError(f"{name} must be a tensor with one row per scheduled token, got {type(t).__name__}")
+        if not lo <= t.shape[0] <= hi:
+            raise KVLayoutError(f"{name} has {t.shape[0]} rows but the step schedules {lo} tokens"
+                                + (f" (at most {hi} with padding)" if hi > lo else "")
+                                + "; pass one row per scheduled token")
 
 
 class MLALayer:
@@ -85,38 +114,65 @@ class MLALayer:
         super().__init__(*args, **kwargs)
         if not isinstance(spec, MLASpec):
             raise KVLayoutError(f"MLALayer {layer_name!r} needs an MLASpec, got {type(spec).__name__}")
-        self.layer_name, self.kv_spec, self.num_heads, self.scale = layer_name, spec, num_heads, scale
+        self.layer_name, self.kv_spec, self.num_heads = layer_name, spec, num_heads
+        if scale is None:
+            raise KVLayoutError(f"MLALayer {layer_name!r} needs its softmax scale (MLA models set it from the "
+                                f"un-absorbed head size, so there is no default)")
+        self.scale = softmax_scale(scale, spec.kv_lora_rank + spec.rope_dim)
         self.latent_cache: Optional[torch.Tensor] = None
+        self._checked_backends: set[str] = set()
 
     def bind_kv_cache(self, tensor: torch.Tensor) -> None:
         _check_bound_shape(self.layer_name, tensor, self.kv_spec.block_shape(), self.kv_spec.dtype)
         self.latent_cache = tensor
 
-    def write_latent(self, latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write ``latent [T, L+R]`` into its slots (-1 skipped)."""
-        if self.latent_cache is None:
-            raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
-        b, _, n, c = self.latent_cache.shape
-        if latent.dim() != 2 or latent.shape[1] != c or latent.dtype != self.latent_cache.dtype:
-            raise KVLayoutError(f"latent must be [T, {c}] {self.latent_cache.dtype}, got {tuple(latent.shape)} {latent.dtype}")
-        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
-                slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape[0] < latent.shape[0]:
-            raise KVLayoutError(f"slot_mapping must be a 1-D int32/int64 tensor with at least {latent.shape[0]} "
-                                f"entries, got {getattr(slot_mapping, 'dtype', type(slot_mapping))} "
-                                f"{tuple(getattr(slot_mapping, 'shape', ()))}")
+    def write_latent(self, latent: torch.Tensor, slot_mapping: torch.Tensor, *, trusted_slots: bool = False) -> None:
+        """Write ``latent [T, L+R]`` into its slots (-1 skipped; each slot at most once). The slots are
+        read on the host unless ``trusted_slots`` (validated metadata's slots)."""
+        self._check_latent(latent, slot_mapping, trusted_slots)
+        n = self.latent_cache.shape[2]
         slots = slot_mapping[: latent.shape[0]]
-        if slots.numel() and (int(slots.max()) >= b * n or int(slots.min()) < -1):
-            raise KVLayoutError(f"slot_mapping reaches past the latent cache ({b} blocks of {n})")
         keep = torch.nonzero(slots >= 0).squeeze(1)
         s = slots[keep]
         self.latent_cache[s // n, 0, s % n] = latent[keep]
 
+    def _check_latent(self, latent, slot_mapping, trusted_slots: bool) -> None:
+        if self.latent_cache is None:
+            raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
+        b, _, n, c = self.latent_cache.shape
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 2 or latent.shape[1] != c \
+                or latent.dtype != self.latent_cache.dtype or latent.device != self.latent_cache.device:
+            raise KVLayoutError(f"latent must be [T, {c}] {self.latent_cache.dtype} on {self.latent_cache.device}, "
+                                f"got {tuple(getattr(latent, 'shape', ()))} {getattr(latent, 'dtype', type(latent))}")
+        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
+                slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape[0] < latent.shape[0] \
+                or slot_mapping.device != self.latent_cache.device:
+            raise KVLayoutError(f"slot_mapping must be a 1-D int32/int64 tensor on {self.latent_cache.device} with at "
+                                f"least {latent.shape[0]} entries, got {getattr(slot_mapping, 'dtype', type(slot_mapping))} "
+                                f"{tuple(getattr(slot_mapping, 'shape', ()))}")
+        if trusted_slots or latent.shape[0] == 0:
+            return
+        slots = slot_mapping[: latent.shape[0]].cpu()
+        if int(slots.max()) >= b * n or int(slots.min()) < -1:
+            raise KVLayoutError(f"slot_mapping reaches past the latent cache ({b} blocks of {n}); valid slots are "
+                                f"-1 (skip) and 0..{b * n - 1}")
+        live = slots[slots >= 0]
+        if live.unique().numel() != live.numel():
+            raise KVLayoutError("slot_mapping names one slot for two tokens; write each slot at most once")
+
     def attend(self, q: torch.Tensor, latent: Optional[torch.Tensor], meta: AttentionMetadata, backend,
                return_lse: bool = False):
+        """Append ``latent [T, L+R]`` (None to skip) through ``meta.slot_mapping``, then attend ``q [T, H,
+        L+R]`` over the latent cache; returns ``[T, H, L]``. ``backend`` is a backend or its name. Every
+        check (the backend's MLA support included) runs before the write."""
+        if self.latent_cache is None:
+            raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
+        backend = _checked_backend(self, backend, self.latent_cache.device)
+        backend.check_forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank)
         if latent is not None:
-            if self.latent_cache is not None:
-                backend.check_forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank)
-            self.write_latent(latent, meta.slot_mapping)
+            _check_step_rows(meta, latent=latent)
+            self._check_latent(latent, meta.slot_mapping, trusted_slots=True)
+            self.write_latent(latent, meta.slot_mapping, trusted_slots=True)
         return backend.forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank, self.scale,
                                    return_lse=return_lse)
 

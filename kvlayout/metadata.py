@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 
+from .checks import check_schedule
 from .errors import KVLayoutError
 from .planner import KVCachePlan
 
@@ -65,7 +67,8 @@ class StepStateCache:
 
 @dataclass(frozen=True)
 class ScheduledRequest:
-    """One request in this step: tokens already in the cache, tokens computed now, its block ids."""
+    """One request in this step: tokens already in the cache, tokens computed now, its block ids (a
+    sequence of ints, or a 1-D integer array or tensor; ids past the ones its tokens need are ignored)."""
 
     num_computed_tokens: int
     num_new_tokens: int
@@ -73,15 +76,24 @@ class ScheduledRequest:
     request_id: Optional[str] = None
 
 
-@dataclass
+_SEAL = object()      # marks metadata made (or checked) by this module; see AttentionMetadata.is_validated
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
-    """What every attention layer of one group needs for one step.
+    """What every attention layer of one group needs for one step; build it with
+    ``build_attention_metadata`` (or pass hand-made metadata through ``validate_attention_metadata``).
 
     Decode requests (one new token) come first, ``num_decodes`` of them; the rest are the prefill part
     (a request of one token after a prefill is served correctly by the prefill part too). Device tensors:
     ``query_start_loc`` [B+1] int32, ``seq_lens`` [B] int32 (cached + new), ``block_table`` [B, max_blocks]
     int32, ``slot_mapping`` [T] int64 (-1 = do not write). ``step_state`` holds the per-step state that a
     backend makes once (e.g. FlashInfer's ``plan()``) and every layer reuses (``StepStateCache``).
+
+    The metadata is immutable: its fields are frozen, and the builder records the identity and version
+    counter of each tensor it made, so ``is_validated`` turns False when a tensor is edited in place or
+    a field is replaced (``dataclasses.replace``). The backends refuse such metadata instead of checking
+    its values again on the device (``require_validated``).
     """
 
     block_size: int
@@ -98,6 +110,21 @@ class AttentionMetadata:
     num_decode_tokens: int
     num_actual_tokens: int
     step_state: StepStateCache = field(default_factory=StepStateCache, repr=False, compare=False)
+    _seal: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.query_start_loc, self.seq_lens, self.block_table, self.slot_mapping, self.query_start_loc_cpu,
+                self.seq_lens_cpu)
+
+    def _fingerprint(self) -> tuple:
+        return tuple((id(t), t._version) for t in self._tensors())
+
+    @property
+    def is_validated(self) -> bool:
+        """True when this object came from the builder (or the validator) and no tensor of it has been
+        changed since: a host-only check of a few integers."""
+        seal = self._seal
+        return seal is not None and seal[0] is _SEAL and seal[1] == self._fingerprint()
 
     @property
     def num_reqs(self) -> int:
@@ -116,9 +143,65 @@ class AttentionMetadata:
         return self.seq_lens.device
 
 
+def require_validated(meta, what: str = "meta") -> AttentionMetadata:
+    """``meta`` if it is metadata the builder made and nobody changed since; raises otherwise."""
+    if not isinstance(meta, AttentionMetadata):
+        raise KVLayoutError(f"{what} must be AttentionMetadata from build_attention_metadata, got {type(meta).__name__}")
+    if not meta.is_validated:
+        raise KVLayoutError(f"{what} was not made by build_attention_metadata, or one of its tensors was changed "
+                            f"after it was built; build the step's metadata again, or pass hand-made metadata "
+                            f"through validate_attention_metadata")
+    return meta
+
+
 def order_decodes_first(requests: Sequence[ScheduledRequest]) -> list[int]:
     """A stable order that puts one-token (decode) requests first; schedule in this order."""
     return sorted(range(len(requests)), key=lambda i: requests[i].num_new_tokens != 1)
+
+
+def _count_array(requests: Sequence[ScheduledRequest], attr: str) -> np.ndarray:
+    values = np.array([getattr(r, attr) for r in requests])
+    if values.size and (values.dtype.kind not in "iu" or values.ndim != 1):
+        bad = next(i for i, r in enumerate(requests) if isinstance(getattr(r, attr), bool)
+                   or not isinstance(getattr(r, attr), (int, np.integer)))
+        raise KVLayoutError(f"requests[{bad}].{attr} must be an integer, got {getattr(requests[bad], attr)!r}")
+    values = values.astype(np.int64)
+    if (values < 0).any():
+        bad = int(np.nonzero(values < 0)[0][0])
+        raise KVLayoutError(f"requests[{bad}]: token counts must be >= 0, got {attr}={int(values[bad])}")
+    return values
+
+
+def _block_id_rows(requests: Sequence[ScheduledRequest], need: np.ndarray, block_size: int) -> np.ndarray:
+    """The first ``need[r]`` block ids of every request, concatenated (int64): one pass over the ids."""
+    lists = []
+    for i, r in enumerate(requests):
+        ids = r.block_ids
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist() if ids.dim() == 1 and not ids.dtype.is_floating_point and ids.dtype != torch.bool \
+                else None
+        elif isinstance(ids, np.ndarray):
+            ids = ids if ids.ndim == 1 and ids.dtype.kind in "iu" else None
+        elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__getitem__") or not hasattr(ids, "__len__"):
+            ids = None
+        if ids is None:
+            raise KVLayoutError(f"requests[{i}].block_ids must be a sequence of block ids (list, tuple, range, or a "
+                                f"1-D integer array or tensor), got {type(r.block_ids).__name__}")
+        if len(ids) < need[i]:
+            raise KVLayoutError(f"request {i} holds {r.num_computed_tokens + r.num_new_tokens} tokens, which need "
+                                f"{int(need[i])} blocks of {block_size}, but it has {len(ids)}; allocate more blocks "
+                                f"before scheduling it")
+        lists.append(ids[: need[i]])
+    total = int(need.sum())
+    try:   # as float64: a float id is caught below instead of being truncated; ids are far below 2**53
+        flat = np.fromiter(chain.from_iterable(lists), dtype=np.float64, count=total)
+    except (TypeError, ValueError) as e:
+        raise KVLayoutError(f"block ids must be integers ({e})") from None
+    if total and not np.array_equal(flat, np.floor(flat)):
+        bad = int(np.nonzero(flat != np.floor(flat))[0][0])
+        r = int(np.searchsorted(np.cumsum(need), bad, side="right"))
+        raise KVLayoutError(f"requests[{r}].block_ids must be integers, got {flat[bad]!r}")
+    return flat
 
 
 def build_attention_metadata(
@@ -129,10 +212,16 @@ def build_attention_metadata(
     num_blocks: Optional[int] = None,
     max_blocks_per_request: Optional[int] = None,
     pad_tokens_to: Optional[int] = None,
+    shared_block_ids: Optional[Sequence[int]] = None,
 ) -> AttentionMetadata:
-    """Build the step's metadata. ``plan`` is a ``KVCachePlan`` (its token-indexed group) or a block size
-    (then ``num_blocks`` bounds the ids). ``max_blocks_per_request`` fixes the block table width and
-    ``pad_tokens_to`` pads ``slot_mapping`` with -1, so buffers keep one shape across steps (CUDA graphs)."""
+    """Build the step's metadata, refusing a schedule that would read or write the wrong slots (the rules
+    of ``kvlayout.checks.check_schedule``: ids in range, each listed once per request, a block in two
+    requests only when declared in ``shared_block_ids``, no write into a block another request reads).
+
+    ``plan`` is a ``KVCachePlan`` (its token-indexed group) or a block size (then ``num_blocks`` bounds
+    the ids). ``max_blocks_per_request`` fixes the block table width and ``pad_tokens_to`` pads
+    ``slot_mapping`` with -1, so buffers keep one shape across steps (CUDA graphs). All checks run on the
+    host on data the caller passed in; nothing is read back from the device."""
     if isinstance(plan, KVCachePlan):
         group = plan.attention_group()
         block_size, num_blocks = group.block_size, group.num_blocks
@@ -140,64 +229,136 @@ def build_attention_metadata(
         block_size = plan
         if num_blocks is None:
             raise KVLayoutError("build_attention_metadata: with a bare block size, pass num_blocks too")
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise KVLayoutError(f"block size must be a positive integer, got {block_size!r}")
+    _positive_int(block_size, "block size")
+    _positive_int(num_blocks, "num_blocks")
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+        raise KVLayoutError(f"requests must be a sequence of ScheduledRequest, got {type(requests).__name__}")
+    bad = next((i for i, r in enumerate(requests) if not isinstance(r, ScheduledRequest)), None)
+    if bad is not None:
+        raise KVLayoutError(f"requests[{bad}] must be a ScheduledRequest, got {type(requests[bad]).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise KVLayoutError(f"device {device!r} is not a torch device ({e})") from None
     n = len(requests)
-    computed = np.array([r.num_computed_tokens for r in requests], dtype=np.int64)
-    new = np.array([r.num_new_tokens for r in requests], dtype=np.int64)
-    if (computed < 0).any() or (new < 0).any():
-        bad = int(np.nonzero((computed < 0) | (new < 0))[0][0])
-        raise KVLayoutError(f"request {bad}: token counts must be >= 0, got computed={computed[bad]}, new={new[bad]}")
+    computed = _count_array(requests, "num_computed_tokens")
+    new = _count_array(requests, "num_new_tokens")
     seq = computed + new
     need = -(-seq // block_size)
-    have = np.array([len(r.block_ids) for r in requests], dtype=np.int64)
-    short = np.nonzero(have < need)[0]
-    if short.size:
-        i = int(short[0])
-        raise KVLayoutError(f"request {i} holds {seq[i]} tokens, which need {need[i]} blocks of {block_size}, "
-                            f"but it has {have[i]} block ids; allocate more blocks before scheduling it")
+    flat = _block_id_rows(requests, need, block_size)
     width = int(max(need.max(initial=0), 1))
     if max_blocks_per_request is not None:
+        _positive_int(max_blocks_per_request, "max_blocks_per_request")
         if max_blocks_per_request < width:
             raise KVLayoutError(f"max_blocks_per_request={max_blocks_per_request} is less than the {width} "
                                 f"blocks the longest request needs")
         width = max_blocks_per_request
     if width > num_blocks:
         raise KVLayoutError(f"block table width {width} is longer than the cache ({num_blocks} blocks)")
-    table = np.zeros((n, width), dtype=np.int32)
-    for i, r in enumerate(requests):
-        ids = np.asarray(r.block_ids[:need[i]], dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= num_blocks):
-            bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
-            raise KVLayoutError(f"request {i}: block id {bad} is out of range; the cache has blocks 0..{num_blocks - 1}")
-        table[i, :ids.size] = ids
+    if flat.size and (flat.min() < 0 or flat.max() >= num_blocks):
+        pos = int(np.nonzero((flat < 0) | (flat >= num_blocks))[0][0])
+        r = int(np.searchsorted(np.cumsum(need), pos, side="right"))
+        raise KVLayoutError(f"request {r}: block id {flat[pos]:.0f} is out of range; the cache has blocks "
+                            f"0..{num_blocks - 1}")
+    table = np.zeros((n, width), dtype=np.int64)
+    starts = np.cumsum(need) - need
+    rows = np.repeat(np.arange(n), need)
+    table[rows, np.arange(flat.size) - starts[rows]] = flat
+    check_schedule(computed, new, table, num_blocks, block_size, shared_block_ids)
+
     qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(new, out=qsl[1:])
     total = int(qsl[-1])
     # slot of every new token: block_table[req, pos // bs] * bs + pos % bs
     req_of_tok = np.repeat(np.arange(n), new)
-    pos = (np.arange(total) - qsl[:-1][req_of_tok] + computed[req_of_tok]) if total else np.zeros(0, np.int64)
-    slots = table[req_of_tok, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    pos = np.arange(total) - qsl[:-1][req_of_tok] + computed[req_of_tok]
+    slots = table[req_of_tok, pos // block_size] * block_size + pos % block_size
     if pad_tokens_to is not None:
-        if pad_tokens_to < total:
-            raise KVLayoutError(f"pad_tokens_to={pad_tokens_to} is less than the {total} scheduled tokens")
+        if isinstance(pad_tokens_to, bool) or not isinstance(pad_tokens_to, int) or pad_tokens_to < total:
+            raise KVLayoutError(f"pad_tokens_to={pad_tokens_to!r} must be an integer, not less than the {total} "
+                                f"scheduled tokens")
         slots = np.concatenate([slots, np.full(pad_tokens_to - total, -1, np.int64)])
-    num_decodes = 0
-    while num_decodes < n and new[num_decodes] == 1:
-        num_decodes += 1
-    device = torch.device(device)
+    not_decode = np.nonzero(new != 1)[0]
+    num_decodes = int(not_decode[0]) if not_decode.size else n
+    return _sealed_metadata(device, block_size, num_blocks, qsl, seq, table, slots, num_decodes,
+                            max_query_len=int(new.max(initial=0)), max_seq_len=int(seq.max(initial=0)))
+
+
+def _positive_int(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise KVLayoutError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _sealed_metadata(device: torch.device, block_size: int, num_blocks: int, qsl: np.ndarray, seq: np.ndarray,
+                     table: np.ndarray, slots: np.ndarray, num_decodes: int, *, max_query_len: int,
+                     max_seq_len: int) -> AttentionMetadata:
     pin = device.type == "cuda"
 
     def to_dev(a, dtype):
         t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
         return (t.pin_memory() if pin else t).to(device, non_blocking=True), t
 
-    qsl_d, qsl_c = to_dev(qsl, torch.int32)
-    seq_d, seq_c = to_dev(seq, torch.int32)
-    table_d, _ = to_dev(table, torch.int32)
-    slot_d, _ = to_dev(slots, torch.int64)
-    return AttentionMetadata(
-        block_size=block_size, num_blocks=num_blocks, query_start_loc=qsl_d, seq_lens=seq_d,
+    with torch.inference_mode(False):     # inference tensors keep no version counter, which the seal reads
+        qsl_d, qsl_c = to_dev(qsl, torch.int32)
+        seq_d, seq_c = to_dev(seq, torch.int32)
+        table_d, _ = to_dev(table, torch.int32)
+        slot_d, _ = to_dev(slots, torch.int64)
+    meta = AttentionMetadata(
+        block_size=int(block_size), num_blocks=int(num_blocks), query_start_loc=qsl_d, seq_lens=seq_d,
         block_table=table_d, slot_mapping=slot_d, query_start_loc_cpu=qsl_c, seq_lens_cpu=seq_c,
-        max_query_len=int(new.max(initial=0)), max_seq_len=int(seq.max(initial=0)),
-        num_decodes=num_decodes, num_decode_tokens=num_decodes, num_actual_tokens=total)
+        max_query_len=max_query_len, max_seq_len=max_seq_len, num_decodes=num_decodes,
+        num_decode_tokens=num_decodes, num_actual_tokens=int(qsl[-1]))
+    object.__setattr__(meta, "_seal", (_SEAL, meta._fingerprint()))
+    return meta
+
+
+def validate_attention_metadata(meta: AttentionMetadata, *,
+                                shared_block_ids: Optional[Sequence[int]] = None) -> AttentionMetadata:
+    """Check metadata made by hand (or edited) with the builder's rules and return a validated copy that
+    owns its tensors. Everything is read back to the host once (a device sync), so use it off the hot
+    path. Each field must be what ``build_attention_metadata`` would have made for the schedule that
+    ``query_start_loc``, ``seq_lens`` and ``block_table`` describe: ``slot_mapping`` the slots of the new
+    tokens (then -1 padding), ``num_decodes`` the leading one-token requests, the maxima exact."""
+    if not isinstance(meta, AttentionMetadata):
+        raise KVLayoutError(f"meta must be AttentionMetadata, got {type(meta).__name__}")
+    _positive_int(meta.block_size, "meta.block_size")
+    _positive_int(meta.num_blocks, "meta.num_blocks")
+    shapes = {"query_start_loc": 1, "seq_lens": 1, "block_table": 2, "slot_mapping": 1, "query_start_loc_cpu": 1,
+              "seq_lens_cpu": 1}
+    for name, dim in shapes.items():
+        t = getattr(meta, name)
+        if not isinstance(t, torch.Tensor) or t.dim() != dim or t.dtype.is_floating_point or t.dtype == torch.bool \
+                or t.is_complex():
+            raise KVLayoutError(f"meta.{name} must be a {dim}-D integer tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    host = {name: getattr(meta, name).cpu().numpy().astype(np.int64) for name in shapes}
+    qsl, seq, table = host["query_start_loc"], host["seq_lens"], host["block_table"]
+    n = seq.shape[0]
+    if qsl.shape[0] != n + 1 or table.shape[0] != n:
+        raise KVLayoutError(f"meta has {n} requests (seq_lens) but query_start_loc has {qsl.shape[0]} entries and "
+                            f"block_table {table.shape[0]} rows; they need {n + 1} and {n}")
+    if not np.array_equal(host["query_start_loc_cpu"], qsl) or not np.array_equal(host["seq_lens_cpu"], seq):
+        raise KVLayoutError("meta.query_start_loc_cpu / seq_lens_cpu differ from their device copies")
+    if qsl[0] != 0 or (np.diff(qsl) < 0).any():
+        raise KVLayoutError(f"meta.query_start_loc must start at 0 and never decrease, got {qsl.tolist()[:8]}")
+    new = np.diff(qsl)
+    computed = seq - new
+    if (computed < 0).any():
+        r = int(np.nonzero(computed < 0)[0][0])
+        raise KVLayoutError(f"request {r} computes {int(new[r])} tokens but seq_lens says it holds {int(seq[r])}")
+    rebuilt = build_attention_metadata(
+        [ScheduledRequest(int(c), int(q), row) for c, q, row in zip(computed, new, table)], meta.block_size,
+        meta.device, num_blocks=meta.num_blocks, max_blocks_per_request=max(table.shape[1], 1),
+        pad_tokens_to=int(host["slot_mapping"].shape[0]) if host["slot_mapping"].shape[0] >= qsl[-1] else None,
+        shared_block_ids=shared_block_ids)
+    expect = {"slot_mapping": rebuilt.slot_mapping.cpu().numpy(), "num_actual_tokens": rebuilt.num_actual_tokens,
+              "num_decodes": rebuilt.num_decodes, "num_decode_tokens": rebuilt.num_decode_tokens,
+              "max_query_len": rebuilt.max_query_len, "max_seq_len": rebuilt.max_seq_len}
+    for name, want in expect.items():
+        got = host[name] if name in host else getattr(meta, name)
+        same = np.array_equal(got, want) if isinstance(want, np.ndarray) else got == want
+        if not same:
+            shown = got.tolist()[:16] if isinstance(got, np.ndarray) else got
+            wanted = want.tolist()[:16] if isinstance(want, np.ndarray) else want
+            raise KVLayoutError(f"meta.{name} is {shown} but the schedule it describes needs {wanted}")
+    return rebuilt

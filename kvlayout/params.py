@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .conventions import default_softmax_scale, soft_cap_value
+from .conventions import soft_cap_value, softmax_scale
 from .errors import KVLayoutError
 
 
@@ -34,10 +34,13 @@ class AttentionParams:
         if self.num_heads % self.num_kv_heads:
             raise KVLayoutError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
                                 f"GQA needs each KV head shared by the same number of query heads")
-        if self.scale is None:
-            object.__setattr__(self, "scale", default_softmax_scale(self.head_size))
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise KVLayoutError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        object.__setattr__(self, "scale", softmax_scale(self.scale, self.head_size))
+        if not isinstance(self.causal, bool):
+            raise KVLayoutError(f"AttentionParams.causal must be True or False, got {self.causal!r}")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise KVLayoutError(f"sliding_window must be a positive integer (tokens seen, the query included) or "
+                                f"None, got {w!r}")
         object.__setattr__(self, "logits_soft_cap", soft_cap_value(self.logits_soft_cap))
 
     @property

@@ -17,7 +17,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """Attention of ``q [Q, Hq, D]`` over ``k [S, Hkv, D]``, ``v [S, Hkv, Dv]`` in the dtype of the inputs
     (pass float32 or float64). Query t sits at position ``q_offset + t``. Returns ``(out [Q, Hq, Dv],
     lse [Q, Hq])`` with the natural-log LSE of the whole softmax denominator (sink included). Scale, window
-    and soft-cap follow ``kvlayout.conventions``."""
+    and soft-cap follow ``kvlayout.conventions``. A NaN in ``q``, or in the K or V of a key a query sees,
+    makes that query's output NaN (``kvlayout.conventions``, "Non-finite inputs")."""
     nq, hq, _ = q.shape
     s, hk, dv = v.shape
     g = hq // hk
@@ -32,8 +33,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
     else:
         lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    probs = torch.where(finite.unsqueeze(-1), probs, torch.zeros_like(probs))
+    empty = lse == float("-inf")            # a query that sees no key: output 0, LSE -inf
+    probs = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse).unsqueeze(-1))
+    probs = torch.where(empty.unsqueeze(-1), torch.zeros_like(probs), probs)
     out = torch.einsum("hqk,khd->qhd", probs, v)
     return out, lse.transpose(0, 1)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, KVLayoutError
 
 
 ENV_VAR = "KVLAYOUT_ATTENTION_BACKEND"
@@ -97,5 +97,16 @@ def get_attention_backend(name: Optional[str] = None, device: Union[str, torch.d
     return _instances[name]
 
 
+def resolve_backend(backend: Any, device: Union[str, torch.device, None] = None) -> Any:
+    """``backend`` itself when it is an attention backend, the backend of that name when it is a string
+    (as ``get_attention_backend``); anything else is refused naming what was passed."""
+    if isinstance(backend, str):
+        return get_attention_backend(backend, device)
+    if isinstance(backend, type) or not all(hasattr(backend, a) for a in ("forward", "capabilities", "check_spec")):
+        raise KVLayoutError(f"backend must be an attention backend (kvlayout.get_attention_backend(name)) or a "
+                            f"backend name ({', '.join(_REGISTRY)}), got {type(backend).__name__}")
+    return backend
+
+
 __all__ = ["ENV_VAR", "available_backends", "get_attention_backend", "register_backend",
-           "registered_backends"]
+           "registered_backends", "resolve_backend"]

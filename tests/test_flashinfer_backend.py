@@ -335,8 +335,8 @@ def test_cuda_graph_plan_uses_fixed_buffers(fake_fi):
     assert rel_err(out, REF.forward(q, kv, meta, params)) < 1e-2
     meta2, kv2, q2, _, _ = build_step(case, "cpu", gen, [(c, 1) for c in (1, 2, 3, 4)], pad=0, num_blocks=40)
     with pytest.raises(KVLayoutError, match="graph buffers"):       # wider block table than captured
-        wide = kvl.build_attention_metadata([kvl.ScheduledRequest(c, 1, list(range(8))) for c in (1, 2, 3, 60)],
-                                            8, "cpu", num_blocks=40)
+        wide = kvl.build_attention_metadata([kvl.ScheduledRequest(c, 1, list(range(8 * i, 8 * i + 8)))
+                                             for i, c in enumerate((1, 2, 3, 60))], 8, "cpu", num_blocks=40)
         b.plan(wide, params, kv.dtype, q.dtype, cuda_graph=True)
     b.plan(meta2, params, kv2.dtype, q2.dtype, cuda_graph=True)
     assert len(fake_fi.wrappers) == 1

@@ -17,7 +17,7 @@ from kvlayout.specs import is_fp8
 
 @triton.jit
 def _round_to_fp8_grid(x, MBITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
-    """Saturate ``x`` (float32) to +-FMAX and round it to nearest-even on the fp8 grid in float32, so the
+    """Saturate ``x`` (float32; +-inf too) to +-FMAX and round it to nearest-even on the fp8 grid in float32, so the
     final cast is exact on every path (Triton's CPU interpreter drops the carry when a cast rounds up
     into the next power of two)."""
     bits = x.to(tl.int32, bitcast=True)
@@ -29,6 +29,16 @@ def _round_to_fp8_grid(x, MBITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.cons
     magic = 12582912.0                                    # 1.5 * 2^23: adding it rounds to an integer (RNE)
     r = ((a * inv_ulp + magic) - magic) * ulp             # exact: ulp is a power of two
     return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)  # sign back
+
+
+@triton.jit
+def _to_fp8(x, dtype: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
+    """``x`` (float32) as fp8 ``dtype``: saturated and rounded (``_round_to_fp8_grid``), NaN as the format's
+    NaN with x's sign (bits 0x7F / 0xFF in both e4m3fn and e5m2), as torch casts it. The NaN bits are set
+    here because the interpreter's cast turns NaN into a finite value."""
+    y = _round_to_fp8_grid(x, MBITS, EMIN, FMAX).to(dtype).to(tl.int8, bitcast=True)
+    nan = tl.where(x.to(tl.int32, bitcast=True) < 0, -1, 127).to(tl.int8)
+    return tl.where(x != x, nan, y).to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -58,8 +68,8 @@ def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, n
             k = tl.math.div_rn(k, tl.load(k_scale_ptr + h * k_scale_stride, mask=c_ok, other=1.0)[None, :])
         if V_SCALE:
             v = tl.math.div_rn(v, tl.load(v_scale_ptr + h * v_scale_stride, mask=c_ok, other=1.0)[None, :])
-        k = _round_to_fp8_grid(k, MBITS, EMIN, FMAX)
-        v = _round_to_fp8_grid(v, MBITS, EMIN, FMAX)
+        k = _to_fp8(k, kv_ptr.dtype.element_ty, MBITS, EMIN, FMAX)
+        v = _to_fp8(v, kv_ptr.dtype.element_ty, MBITS, EMIN, FMAX)
     tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=ok)
     tl.store(dst + HEAD, v.to(kv_ptr.dtype.element_ty), mask=ok)
 
