@@ -65,6 +65,17 @@ def check_in_range(ids: KindIds, blocks: Mapping[str, int], what: str, where: st
                                 f"0..{blocks[kind] - 1}" + ("" if kind == ALL_KINDS else f" for {kind} layers"))
 
 
+def shared_block(a: KindIds, b: KindIds) -> "int | None":
+    """A block id that ``a`` and ``b`` both name for some layer kind (``"*"`` names every kind), or None."""
+    for ka, ia in a.items():
+        for kb, ib in b.items():
+            if ka == kb or ALL_KINDS in (ka, kb):
+                both = np.intersect1d(ia, ib)
+                if both.size:
+                    return int(both[0])
+    return None
+
+
 def check_load_pairs(local: KindIds, remote: KindIds) -> None:
     """Raise unless local and remote ids pair one to one, per kind, and no local block receives twice."""
     if set(local) != set(remote):

@@ -66,7 +66,7 @@ from kvlayout.capabilities import ConnectorWishes
 from kvlayout.errors import BackendUnavailableError, KVLayoutError
 
 from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check_load_pairs, kind_blocks,
-                        plain_block_ids)
+                        plain_block_ids, shared_block)
 from .descriptors import TransferPlan, descriptor_rows
 from .handshake import HandshakeClient, HandshakeServer, RemoteRegion, Welcome, make_welcome, parse_address
 from .nixl_api import load_nixl_agent
@@ -212,6 +212,11 @@ class NixlConnector:
             raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         ids = as_block_ids(block_ids, "hold_blocks")
         check_in_range(ids, self._kind_blocks, "hold_blocks", "this engine")
+        for load in self._loads.values():
+            b = shared_block(ids, load.local_ids)
+            if b is not None:
+                raise KVLayoutError(f"hold_blocks: block {b} is still receiving request {load.request_id!r}'s "
+                                    f"load; hold it once that load has finished")
         plain = plain_block_ids(ids)
         self._holds[request_id] = Hold(request_id, plain, num_readers, time.monotonic() + timeout, float(timeout))
         return {"engine": self.address, "request_id": request_id, "block_ids": plain}
@@ -256,6 +261,7 @@ class NixlConnector:
         remote = as_block_ids(remote_block_ids, "start_load remote_block_ids")
         check_load_pairs(local, remote)
         check_in_range(local, self._kind_blocks, "start_load", "this engine")
+        self._check_local_targets(local)
         timeout = self.load_timeout_s if timeout_s is None else timeout_s
         if not _positive_seconds(timeout):
             raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
@@ -339,6 +345,19 @@ class NixlConnector:
         self.close()
 
     # ---------------------------------------------------------------------------------------- internals
+
+    def _check_local_targets(self, local) -> None:
+        """Refuse a load into blocks another load is still writing, or that remote readers hold."""
+        for other in self._loads.values():
+            b = shared_block(local, other.local_ids)
+            if b is not None:
+                raise KVLayoutError(f"start_load: local block {b} is already receiving request "
+                                    f"{other.request_id!r}'s load; give this request its own blocks")
+        for hold in self._holds.values():
+            b = shared_block(local, as_block_ids(hold.block_ids, "hold"))
+            if b is not None:
+                raise KVLayoutError(f"start_load: local block {b} is held for remote readers of request "
+                                    f"{hold.request_id!r}; loading into it would change what they read")
 
     def _check_open(self) -> None:
         if self._closed:

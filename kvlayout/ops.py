@@ -19,7 +19,7 @@ import torch
 
 from . import ops_reference as ref
 from .allocation import KVCache
-from .checks import check_block_ids
+from .checks import check_block_ids, check_schedule
 from .cache_ops import check_kv_cache
 from .conventions import LSE_BASES, lse_factor, soft_cap_value, softmax_scale
 from .errors import KVLayoutError, UnsupportedFeatureError
@@ -116,9 +116,10 @@ def _run_attention(q: torch.Tensor, lse_shape, out, lse, return_lse: bool, *, la
 
 
 def check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
-                                    logits_soft_cap=None, out=None, lse=None) -> None:
+                                    logits_soft_cap=None, out=None, lse=None, shared_block_ids=None) -> None:
     """Every check ``paged_prefill_with_append`` makes, without touching memory (reads the index tensors
-    on the host)."""
+    on the host). The schedule is held to the rules of ``build_attention_metadata`` (``check_schedule``),
+    so a step the backends refuse is refused here too."""
     num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
     if kv_cache.dtype not in ATTENTION_OP_DTYPES:
         raise UnsupportedFeatureError(f"paged_prefill_with_append does not take a {dtype_name(kv_cache.dtype)} cache "
@@ -164,33 +165,8 @@ def check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cac
     lens = cache_seqlens.cpu().long()
     if b and int(lens.min()) < 0:
         raise KVLayoutError(f"cache_seqlens has a negative length ({int(lens.min())})")
-    total = lens + q_lens
-    capacity = block_table.shape[1] * page
-    if b and int(total.max()) > capacity:
-        r = int(torch.argmax(total))
-        raise KVLayoutError(f"request {r} would hold {int(lens[r])} cached + {int(q_lens[r])} new = {int(total[r])} "
-                            f"tokens, more than its block_table row can address ({block_table.shape[1]} pages of "
-                            f"{page} = {capacity}); give it more pages")
-    bt = block_table.cpu().long()
-    pages = (total + page - 1) // page
-    used = torch.arange(bt.shape[1]).unsqueeze(0) < pages.unsqueeze(1)
-    ids = bt[used]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
-        bad = ids[(ids < 0) | (ids >= num_blocks)][0]
-        r = int(torch.nonzero(used & (bt == bad))[0, 0])
-        raise KVLayoutError(f"request {r} uses page id {int(bad)}, outside the cache's blocks 0..{num_blocks - 1}")
-    written = ref.append_slots(cu, lens, bt, page)
-    if written.unique().numel() != written.numel():
-        raise KVLayoutError("two new tokens would be appended into the same cache slot: requests share a page "
-                            "they both append to; give each request its own pages for new tokens")
-    old_req = torch.repeat_interleave(torch.arange(b), lens)
-    old_pos = torch.arange(old_req.numel()) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-    old = bt[old_req, old_pos // page] * page + old_pos % page
-    clash = torch.isin(written, old)
-    if bool(clash.any()):
-        slot = int(written[clash][0])
-        raise KVLayoutError(f"a new token would be appended into block {slot // page} slot {slot % page}, which "
-                            f"another request reads as part of its cached prefix; fork that page first (copy_blocks)")
+    check_schedule(lens.numpy(), q_lens.numpy(), block_table.cpu().long().numpy(), num_blocks, page,
+                   shared_block_ids)
 
 
 def paged_prefill_with_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
@@ -198,7 +174,7 @@ def paged_prefill_with_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch
                               causal: bool = True, scale: Optional[float] = None,
                               logits_soft_cap: Optional[float] = None, out: Optional[torch.Tensor] = None,
                               lse: Optional[torch.Tensor] = None, return_lse: bool = False, impl: Impl = None,
-                              validate: bool = True):
+                              shared_block_ids=None, validate: bool = True):
     """Attention of each request's new tokens over its cached prefix plus themselves, appending the new
     K/V into the request's pages in the same call.
 
@@ -209,11 +185,13 @@ def paged_prefill_with_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch
     position's page slot. ``causal``: it sees positions up to its own (else the whole prefix and chunk).
     ``logits_soft_cap`` c > 0 turns scaled scores into ``c*tanh(s/c)``; None or 0 disables it. The op
     neither allocates pages nor advances ``cache_seqlens``. Returns ``out [T, H, D]`` (and, with
-    ``return_lse`` or ``lse`` given, ``lse [T, H]`` float32, natural log).
+    ``return_lse`` or ``lse`` given, ``lse [T, H]`` float32, natural log). Two requests may list one page
+    only when it holds a prefix they share and is named in ``shared_block_ids``; nobody appends into it
+    (``kvlayout.checks.check_schedule`` has the rules).
     """
     if validate:
         check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
-                                        logits_soft_cap, out, lse)
+                                        logits_soft_cap, out, lse, shared_block_ids)
     scale = softmax_scale(scale, q.shape[2])
     cap = soft_cap_value(logits_soft_cap)
     if _use_triton(impl, q.device, "paged_prefill_with_append", q.dtype):

@@ -671,6 +671,34 @@ def test_hold_is_released_on_timeout_when_no_reader_reports():
 
 
 @needs_nixl
+def test_load_targets_are_exclusive():
+    """A load never writes into blocks another load is writing or that remote readers hold, and a hold
+    never covers blocks still receiving; each refusal leaves the connector as it was."""
+    from kvlayout.connectors import NixlConnector
+    plan, caches = build_cache(4, 16, 0)
+    with NixlConnector(caches, specs=plan.specs, engine_id="X", handshake_timeout_s=0.5) as conn:
+        nowhere = "127.0.0.1:1"                                   # nothing listens: the load waits, then fails
+        conn.hold_blocks("served", {"attention": [1, 2], "mamba": [3]})
+        conn.start_load("a", nowhere, [9, 10], [4, 5])
+        for local, match in (([5, 6], "receiving request 'a'"), ([2], "held for remote readers"),
+                             ({"mamba": [3]}, "held for remote readers"), ({"attention": [4]}, "receiving")):
+            with pytest.raises(KVLayoutError, match=match):
+                conn.start_load("b", nowhere, _same_shape(local, 12), local)
+        with pytest.raises(KVLayoutError, match="still receiving"):
+            conn.hold_blocks("c", [5])
+        assert set(conn._loads) == {"a"} and set(conn._holds) == {"served"}
+        conn.start_load("b", nowhere, [12], [6])                  # disjoint blocks are fine
+        conn.cancel_hold("served")
+        conn.start_load("d", nowhere, [13], [2])                  # the hold is gone
+
+
+def _same_shape(ids, first):
+    if isinstance(ids, list):
+        return list(range(first, first + len(ids)))
+    return {k: list(range(first, first + len(v))) for k, v in ids.items()}
+
+
+@needs_nixl
 def test_bad_arguments_are_refused_before_anything_starts(prefill, decode):
     prefill.call(cmd="hold", holds=[["v0", [1]]])
     decode.start_load("v0", prefill.address, [1], [1])              # makes the peer ready

@@ -76,17 +76,18 @@ def dense_prefill(case, causal, cap, scale):
     return torch.cat(outs), torch.cat(lses)
 
 
-def run_prefill_and_check(case, dtype, *, causal=True, cap=None, impl=None):
+def run_prefill_and_check(case, dtype, *, causal=True, cap=None, impl=None, shared=None):
     original = case["kv_cache"].clone()
     ref_cache = original.clone()
     scale = 1.0 / math.sqrt(case["q"].shape[2])
     out = torch.full_like(case["q"], float("nan"))                  # poisoned: every element must be written
     lse = torch.full(case["q"].shape[:2], float("nan"), device=DEV)
     got, got_lse = ops.paged_prefill_with_append(**case, causal=causal, logits_soft_cap=cap, out=out, lse=lse,
-                                                 impl=impl)
+                                                 impl=impl, shared_block_ids=shared)
     assert got is out and got_lse is lse
     want, want_lse = ops.paged_prefill_with_append(**{**case, "kv_cache": ref_cache}, causal=causal,
-                                                   logits_soft_cap=cap, impl="torch", return_lse=True)
+                                                   logits_soft_cap=cap, impl="torch", return_lse=True,
+                                                   shared_block_ids=shared)
     exact, exact_lse = dense_prefill({**case, "kv_cache": original}, causal, cap, scale)
     assert torch.isfinite(got).all() and torch.isfinite(got_lse).all()
     assert rel_err(got, want) < TOL[dtype] and rel_err(got, exact) < TOL[dtype]
@@ -125,7 +126,7 @@ def test_fork_partial_page_then_append_both(rng):
     case = dict(q=randn((6, h, d), rng, dt), k_new=randn((6, h_kv, d), rng, dt), v_new=randn((6, h_kv, d), rng, dt),
                 kv_cache=cache, cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32, device=DEV),
                 cache_seqlens=torch.tensor([6, 6], dtype=torch.int32, device=DEV), block_table=bt)
-    run_prefill_and_check(case, dt)
+    run_prefill_and_check(case, dt, shared=[0])
     assert torch.equal(cache[1, :, 2:5, :d], case["k_new"][:3].transpose(0, 1)[:, :2])   # A's tokens in A's page
     assert torch.equal(cache[5, :, 2:5, :d], case["k_new"][3:].transpose(0, 1)[:, :2])   # B's in B's copy
 
@@ -193,7 +194,9 @@ def test_shared_prefix_pages_are_allowed(rng):
     """The good twin of the refusals above: two requests read one full prefix page, append to their own."""
     case = prefill_case(rng, page=4, ctx=[4, 4], new=[3, 5], h=4, h_kv=2, d=8, dtype=torch.float32)
     case["block_table"][1, 0] = case["block_table"][0, 0]
-    run_prefill_and_check(case, torch.float32)
+    with pytest.raises(KVLayoutError, match="shared_block_ids"):        # undeclared sharing is a scheduler bug
+        ops.paged_prefill_with_append(**case)
+    run_prefill_and_check(case, torch.float32, shared=[int(case["block_table"][0, 0])])
 
 
 @pytest.mark.parametrize("cap", [-1.0, float("nan"), "3"])
