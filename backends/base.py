@@ -9,6 +9,7 @@ import torch
 
 from kvlayout.cache_ops import check_kv_cache, write_kv
 from kvlayout.capabilities import BackendCapabilities
+from kvlayout.checks import check_out_buffer
 from kvlayout.errors import KVLayoutError, UnsupportedFeatureError
 from kvlayout.fp8 import check_scales
 from kvlayout.metadata import AttentionMetadata, require_validated
@@ -151,7 +152,5 @@ class AttentionBackend(ABC):
         if sinks is not None and (sinks.shape != (params.num_heads,) or sinks.dtype != torch.float32):
             raise KVLayoutError(f"sinks must be float32 [{params.num_heads}], got {sinks.dtype} {tuple(sinks.shape)}")
         check_scales(k_scale, v_scale, kv_cache.dtype, h, kv_cache.device)
-        if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-            raise KVLayoutError(f"out must match q: {tuple(q.shape)} {dtype_name(q.dtype)}")
-        if lse is not None and (lse.shape != q.shape[:2] or lse.dtype != torch.float32):
-            raise KVLayoutError(f"lse must be float32 {tuple(q.shape[:2])}")
+        check_out_buffer(out, tuple(q.shape), q.dtype, q.device, "out")
+        check_out_buffer(lse, tuple(q.shape[:2]), torch.float32, q.device, "lse")

@@ -7,9 +7,10 @@ from typing import Optional
 import torch
 
 from . import fp8
-from .checks import check_block_ids
+from .checks import check_block_ids, check_slot_values
 from .errors import KVLayoutError
 from .specs import dtype_name, is_fp8
+from .values import require_int
 
 
 def check_kv_cache(kv_cache: torch.Tensor, what: str = "kv_cache") -> tuple[int, int, int, int]:
@@ -51,20 +52,8 @@ def check_write_kv(kv_cache, k, v, slot_mapping, k_scale=None, v_scale=None, *, 
     if slot_mapping.shape[0] < k.shape[0]:
         raise KVLayoutError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
     fp8.check_scales(k_scale, v_scale, kv_cache.dtype, h, kv_cache.device)
-    if trusted_slots or k.shape[0] == 0:
-        return
-    slots = slot_mapping[: k.shape[0]].cpu()
-    hi, lo = int(slots.max()), int(slots.min())
-    if hi >= b * n or lo < -1:
-        raise KVLayoutError(f"slot_mapping has slot {hi if hi >= b * n else lo}; valid slots are -1 (skip) "
-                            f"and 0..{b * n - 1} ({b} blocks of {n})")
-    live = slots[slots >= 0]
-    uniq, counts = torch.unique(live, return_counts=True)
-    if bool((counts > 1).any()):
-        slot = int(uniq[counts > 1][0])
-        raise KVLayoutError(f"slot_mapping names slot {slot} (block {slot // n}, offset {slot % n}) for more than one "
-                            f"token; one write_kv writes each slot at most once (which token would win is not "
-                            f"defined on every device), so drop or redirect the extra tokens")
+    if not trusted_slots:
+        check_slot_values(slot_mapping, k.shape[0], b, n)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
@@ -96,7 +85,8 @@ def gather_kv(kv_cache: torch.Tensor, block_ids, num_tokens: int, k_scale: Optio
     each (for debugging and tests). fp8 caches are dequantized to ``dtype`` (default float32)."""
     b, h, n, d = check_kv_cache(kv_cache)
     ids = check_block_ids(block_ids, b, kv_cache.device, "gather_kv")
-    if num_tokens < 0 or num_tokens > ids.numel() * n:
+    require_int(num_tokens, "gather_kv num_tokens")
+    if num_tokens > ids.numel() * n:
         raise KVLayoutError(f"gather_kv: {num_tokens} tokens do not fit in {ids.numel()} blocks of {n}")
     pages = kv_cache[ids]                                   # [nb, H, N, 2D]
     flat = pages.permute(0, 2, 1, 3).reshape(-1, h, 2 * d)[:num_tokens]

@@ -6,14 +6,28 @@ import numpy as np
 import torch
 
 from .errors import KVLayoutError
+from .specs import dtype_name
 
 
 def check_block_ids(block_ids, num_blocks: int, device: torch.device, what: str) -> torch.Tensor:
-    """Block ids as an int64 tensor on ``device``; raises if any is outside ``[0, num_blocks)``."""
-    ids = torch.as_tensor(block_ids)
+    """Block ids (a sequence of ints, or a 1-D integer array or tensor) as an int64 tensor on ``device``;
+    raises if any is outside ``[0, num_blocks)``."""
+    if isinstance(block_ids, torch.Tensor):
+        if block_ids.device.type == "meta":
+            raise KVLayoutError(f"{what}: block ids are on the meta device (no values); pass real ids")
+        ids = block_ids.detach().cpu()
+    elif block_ids is None or isinstance(block_ids, (str, bytes)) or not hasattr(block_ids, "__len__"):
+        raise KVLayoutError(f"{what}: block ids must be a sequence of integers (list, tuple, range, or a 1-D "
+                            f"integer array or tensor), got {type(block_ids).__name__}")
+    else:
+        try:
+            ids = torch.as_tensor(np.asarray(block_ids))
+        except (TypeError, ValueError, RuntimeError):
+            raise KVLayoutError(f"{what}: block ids must be a 1-D sequence of integers, got "
+                                f"{type(block_ids).__name__}") from None
     if ids.numel() == 0 and ids.dim() == 1:
-        ids = ids.long()                    # an empty list comes out float32; no ids is fine
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 1:
+        ids = ids.long()                    # an empty list comes out float; no ids is fine
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or ids.dim() != 1:
         raise KVLayoutError(f"{what}: block ids must be a 1-D integer sequence, got {ids.dtype} of shape {tuple(ids.shape)}")
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
@@ -21,6 +35,40 @@ def check_block_ids(block_ids, num_blocks: int, device: torch.device, what: str)
             raise KVLayoutError(f"{what}: block id {lo if lo < 0 else hi} is out of range; "
                                 f"the cache has blocks 0..{num_blocks - 1}")
     return ids.to(device=device, dtype=torch.int64)
+
+
+def check_slot_values(slot_mapping: torch.Tensor, num_tokens: int, num_blocks: int, block_size: int) -> None:
+    """The first ``num_tokens`` slots (read on the host) are -1 (skip) or in ``[0, num_blocks * block_size)``,
+    and no slot is named twice: one write writes each slot at most once (which of two tokens would win
+    is not defined on every device)."""
+    if num_tokens == 0:
+        return
+    slots = slot_mapping[:num_tokens].cpu()
+    hi, lo = int(slots.max()), int(slots.min())
+    if hi >= num_blocks * block_size or lo < -1:
+        raise KVLayoutError(f"slot_mapping has slot {hi if hi >= num_blocks * block_size else lo}; valid slots are "
+                            f"-1 (skip) and 0..{num_blocks * block_size - 1} ({num_blocks} blocks of {block_size})")
+    uniq, counts = torch.unique(slots[slots >= 0], return_counts=True)
+    if bool((counts > 1).any()):
+        slot = int(uniq[counts > 1][0])
+        raise KVLayoutError(f"slot_mapping names slot {slot} (block {slot // block_size}, offset {slot % block_size}) "
+                            f"for more than one token; a write writes each slot at most once (which token would "
+                            f"win is not defined on every device), so drop or redirect the extra tokens")
+
+
+def check_out_buffer(out, shape: tuple, dtype: torch.dtype, device: torch.device, what: str) -> None:
+    """An optional output buffer: None, or a ``dtype`` tensor of ``shape`` on ``device`` whose last dim is
+    contiguous (the kernels write rows)."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
+            or out.device != device:
+        got = (f"{dtype_name(out.dtype)} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise KVLayoutError(f"{what} must be a {dtype_name(dtype)} tensor of shape {tuple(shape)} on {device}, "
+                            f"got {got}")
+    if out.numel() and out.stride(-1) != 1:
+        raise KVLayoutError(f"{what}: the last dim must be contiguous (stride 1)")
 
 
 def check_schedule(cached: np.ndarray, new: np.ndarray, table: np.ndarray, num_blocks: int, block_size: int,

@@ -8,6 +8,7 @@ from typing import Mapping, Optional
 import torch
 
 from .cache_ops import check_write_kv
+from .checks import check_slot_values
 from .conventions import softmax_scale
 from .errors import KVLayoutError
 from .metadata import AttentionMetadata
@@ -150,15 +151,8 @@ class MLALayer:
             raise KVLayoutError(f"slot_mapping must be a 1-D int32/int64 tensor on {self.latent_cache.device} with at "
                                 f"least {latent.shape[0]} entries, got {getattr(slot_mapping, 'dtype', type(slot_mapping))} "
                                 f"{tuple(getattr(slot_mapping, 'shape', ()))}")
-        if trusted_slots or latent.shape[0] == 0:
-            return
-        slots = slot_mapping[: latent.shape[0]].cpu()
-        if int(slots.max()) >= b * n or int(slots.min()) < -1:
-            raise KVLayoutError(f"slot_mapping reaches past the latent cache ({b} blocks of {n}); valid slots are "
-                                f"-1 (skip) and 0..{b * n - 1}")
-        live = slots[slots >= 0]
-        if live.unique().numel() != live.numel():
-            raise KVLayoutError("slot_mapping names one slot for two tokens; write each slot at most once")
+        if not trusted_slots:
+            check_slot_values(slot_mapping, latent.shape[0], b, n)
 
     def attend(self, q: torch.Tensor, latent: Optional[torch.Tensor], meta: AttentionMetadata, backend,
                return_lse: bool = False):

@@ -11,6 +11,7 @@ import torch
 
 from .checks import check_schedule
 from .errors import KVLayoutError
+from .values import require_int
 from .planner import KVCachePlan
 
 
@@ -229,8 +230,8 @@ def build_attention_metadata(
         block_size = plan
         if num_blocks is None:
             raise KVLayoutError("build_attention_metadata: with a bare block size, pass num_blocks too")
-    _positive_int(block_size, "block size")
-    _positive_int(num_blocks, "num_blocks")
+    require_int(block_size, "block size", minimum=1)
+    require_int(num_blocks, "num_blocks", minimum=1)
     if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
         raise KVLayoutError(f"requests must be a sequence of ScheduledRequest, got {type(requests).__name__}")
     bad = next((i for i, r in enumerate(requests) if not isinstance(r, ScheduledRequest)), None)
@@ -248,7 +249,7 @@ def build_attention_metadata(
     flat = _block_id_rows(requests, need, block_size)
     width = int(max(need.max(initial=0), 1))
     if max_blocks_per_request is not None:
-        _positive_int(max_blocks_per_request, "max_blocks_per_request")
+        require_int(max_blocks_per_request, "max_blocks_per_request", minimum=1)
         if max_blocks_per_request < width:
             raise KVLayoutError(f"max_blocks_per_request={max_blocks_per_request} is less than the {width} "
                                 f"blocks the longest request needs")
@@ -284,11 +285,6 @@ def build_attention_metadata(
                             max_query_len=int(new.max(initial=0)), max_seq_len=int(seq.max(initial=0)))
 
 
-def _positive_int(value, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise KVLayoutError(f"{what} must be a positive integer, got {value!r}")
-
-
 def _sealed_metadata(device: torch.device, block_size: int, num_blocks: int, qsl: np.ndarray, seq: np.ndarray,
                      table: np.ndarray, slots: np.ndarray, num_decodes: int, *, max_query_len: int,
                      max_seq_len: int) -> AttentionMetadata:
@@ -321,8 +317,8 @@ def validate_attention_metadata(meta: AttentionMetadata, *,
     tokens (then -1 padding), ``num_decodes`` the leading one-token requests, the maxima exact."""
     if not isinstance(meta, AttentionMetadata):
         raise KVLayoutError(f"meta must be AttentionMetadata, got {type(meta).__name__}")
-    _positive_int(meta.block_size, "meta.block_size")
-    _positive_int(meta.num_blocks, "meta.num_blocks")
+    require_int(meta.block_size, "meta.block_size", minimum=1)
+    require_int(meta.num_blocks, "meta.num_blocks", minimum=1)
     shapes = {"query_start_loc": 1, "seq_lens": 1, "block_table": 2, "slot_mapping": 1, "query_start_loc_cpu": 1,
               "seq_lens_cpu": 1}
     for name, dim in shapes.items():

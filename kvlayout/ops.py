@@ -19,7 +19,7 @@ import torch
 
 from . import ops_reference as ref
 from .allocation import KVCache
-from .checks import check_block_ids, check_schedule
+from .checks import check_block_ids, check_out_buffer, check_schedule
 from .cache_ops import check_kv_cache
 from .conventions import LSE_BASES, lse_factor, soft_cap_value, softmax_scale
 from .errors import KVLayoutError, UnsupportedFeatureError
@@ -86,17 +86,6 @@ def _check_inner_contiguous(**tensors) -> None:
             raise KVLayoutError(f"{name}: the last dim must be contiguous (stride 1), got stride {t.stride(-1)}")
 
 
-def _check_out(out, shape: tuple, dtype: torch.dtype, device: torch.device, what: str) -> None:
-    if out is None:
-        return
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
-            or out.device != device:
-        raise KVLayoutError(f"{what} must be a {dtype_name(dtype)} tensor of shape {tuple(shape)} on {device}, got "
-                            f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
-    if out.numel() and out.stride(-1) != 1:
-        raise KVLayoutError(f"{what}: the last dim must be contiguous (stride 1)")
-
-
 # ------------------------------------------------------------------------------ paged prefill with append
 
 def _run_attention(q: torch.Tensor, lse_shape, out, lse, return_lse: bool, *, launch=None, reference=None):
@@ -150,8 +139,8 @@ def check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cac
     if block_table.shape[0] != b:
         raise KVLayoutError(f"block_table has {block_table.shape[0]} rows for {b} requests")
     soft_cap_value(logits_soft_cap)
-    _check_out(out, tuple(q.shape), q.dtype, dev, "out")
-    _check_out(lse, (t, h), torch.float32, dev, "lse")
+    check_out_buffer(out, tuple(q.shape), q.dtype, dev, "out")
+    check_out_buffer(lse, (t, h), torch.float32, dev, "lse")
 
     cu = cu_seqlens_q.cpu().long()
     if int(cu[0]) != 0 or int(cu[-1]) != t:
@@ -232,8 +221,8 @@ def check_masked_sequence_prefill(q, k, v, valid_lens, logits_soft_cap=None, out
     if valid_lens.shape[0] != bsz:
         raise KVLayoutError(f"valid_lens has {valid_lens.shape[0]} entries for a batch of {bsz}")
     soft_cap_value(logits_soft_cap)
-    _check_out(out, tuple(q.shape), q.dtype, q.device, "out")
-    _check_out(lse, (bsz, s, h), torch.float32, q.device, "lse")
+    check_out_buffer(out, tuple(q.shape), q.dtype, q.device, "out")
+    check_out_buffer(lse, (bsz, s, h), torch.float32, q.device, "lse")
     if bsz:
         lo, hi = int(valid_lens.min()), int(valid_lens.max())
         if lo < 0 or hi > s:
@@ -304,8 +293,8 @@ def merge_state(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: to
         if v_b.shape != v_a.shape or v_b.dtype != v_a.dtype or v_b.device != v_a.device:
             raise KVLayoutError(f"the two states differ: {dtype_name(v_a.dtype)} {tuple(v_a.shape)} on {v_a.device} "
                                 f"vs {dtype_name(v_b.dtype)} {tuple(v_b.shape)} on {v_b.device}")
-        _check_out(out, tuple(v_a.shape), v_a.dtype, v_a.device, "out")
-        _check_out(lse_out, tuple(s_a.shape), torch.float32, v_a.device, "lse_out")
+        check_out_buffer(out, tuple(v_a.shape), v_a.dtype, v_a.device, "out")
+        check_out_buffer(lse_out, tuple(s_a.shape), torch.float32, v_a.device, "lse_out")
     if out is None:
         out = torch.empty_like(v_a)
     if lse_out is None:
@@ -336,8 +325,8 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, lse_base: str = "e", out: 
             raise KVLayoutError("merge_states needs at least one state (v is [T, K, H, D] with K >= 1)")
         t, _, h, d = v.shape
         out_dtype = out.dtype if isinstance(out, torch.Tensor) and out.dtype.is_floating_point else v.dtype
-        _check_out(out, (t, h, d), out_dtype, v.device, "out")
-        _check_out(lse_out, (t, h), torch.float32, v.device, "lse_out")
+        check_out_buffer(out, (t, h, d), out_dtype, v.device, "out")
+        check_out_buffer(lse_out, (t, h), torch.float32, v.device, "lse_out")
     t, k, h, d = v.shape
     if out is None:
         out = torch.empty(t, h, d, dtype=v.dtype, device=v.device)

@@ -70,15 +70,15 @@ def merge_states(v: torch.Tensor, s: torch.Tensor, *, in_scale: torch.Tensor, ou
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``K`` states ``v [T, K, H, D]`` with LSEs ``s [T, K, H]``; ``in_scale [K]`` turns each state's
     LSE into base 2 (``lse_factor(base, "2")``); the result is in ``out_base``. States with LSE -inf count
-    for nothing; if all are -inf the output is 0 and LSE -inf."""
+    for nothing; if all are -inf the output is 0 and LSE -inf; a NaN LSE makes the row's output and LSE NaN."""
     s2 = s.double() * in_scale.double().view(1, -1, 1)
     m = s2.amax(dim=1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     w = torch.exp2(s2 - m)                                          # exp2(-inf) = 0
     total = w.sum(dim=1)                                            # [T, H]
     acc = (w.unsqueeze(-1) * torch.where(w.unsqueeze(-1) > 0, v.double(), torch.zeros_like(v, dtype=torch.float64))
            ).sum(dim=1)
-    out = torch.where(total.unsqueeze(-1) > 0, acc / total.clamp_min(1e-300).unsqueeze(-1), torch.zeros_like(acc))
+    out = torch.where(total.unsqueeze(-1) == 0, torch.zeros_like(acc), acc / total.unsqueeze(-1))
     lse2 = m.squeeze(1) + torch.log2(total)                         # log2(0) = -inf
     lse = lse2 * lse_factor("2", out_base)
     return out.to(v.dtype), lse.float()

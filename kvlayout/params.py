@@ -7,6 +7,7 @@ from typing import Optional
 
 from .conventions import soft_cap_value, softmax_scale
 from .errors import KVLayoutError
+from .values import require_int
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,7 @@ class AttentionParams:
 
     def __post_init__(self):
         for name in ("num_heads", "num_kv_heads", "head_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise KVLayoutError(f"AttentionParams.{name} must be a positive integer, got {v!r}")
+            object.__setattr__(self, name, require_int(getattr(self, name), f"AttentionParams.{name}", minimum=1))
         if self.num_heads % self.num_kv_heads:
             raise KVLayoutError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
                                 f"GQA needs each KV head shared by the same number of query heads")
@@ -38,9 +37,9 @@ class AttentionParams:
         if not isinstance(self.causal, bool):
             raise KVLayoutError(f"AttentionParams.causal must be True or False, got {self.causal!r}")
         w = self.sliding_window
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
-            raise KVLayoutError(f"sliding_window must be a positive integer (tokens seen, the query included) or "
-                                f"None, got {w!r}")
+        if w is not None:
+            object.__setattr__(self, "sliding_window", require_int(w, "sliding_window (tokens seen, the query "
+                                                                   "included, or None)", minimum=1))
         object.__setattr__(self, "logits_soft_cap", soft_cap_value(self.logits_soft_cap))
 
     @property

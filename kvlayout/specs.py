@@ -11,6 +11,7 @@ import torch
 
 from .conventions import soft_cap_value
 from .errors import KVLayoutError
+from .values import require_int
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32) + FP8_DTYPES
@@ -51,12 +52,6 @@ class AttentionKind(str, Enum):
     CROSS = "cross"              # decoder queries over cached encoder K/V (non-causal)
 
 
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise KVLayoutError(f"{what} must be a positive integer, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class AttentionSpec:
     """Packed K/V cache of one attention layer: per block ``(H, N, 2·D)`` of ``dtype``.
@@ -76,9 +71,9 @@ class AttentionSpec:
     has_sinks: bool = False
 
     def __post_init__(self):
-        _positive_int(self.num_kv_heads, "AttentionSpec.num_kv_heads")
-        _positive_int(self.head_size, "AttentionSpec.head_size")
-        _positive_int(self.block_size, "AttentionSpec.block_size")
+        require_int(self.num_kv_heads, "AttentionSpec.num_kv_heads", minimum=1)
+        require_int(self.head_size, "AttentionSpec.head_size", minimum=1)
+        require_int(self.block_size, "AttentionSpec.block_size", minimum=1)
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         object.__setattr__(self, "kind", AttentionKind(self.kind))
         if self.dtype not in ATTENTION_DTYPES:
@@ -86,7 +81,7 @@ class AttentionSpec:
                 f"AttentionSpec.dtype {self.dtype} is not a KV-cache dtype; use one of "
                 f"{', '.join(dtype_name(d) for d in ATTENTION_DTYPES)}")
         if self.sliding_window is not None:
-            _positive_int(self.sliding_window, "AttentionSpec.sliding_window")
+            require_int(self.sliding_window, "AttentionSpec.sliding_window", minimum=1)
         object.__setattr__(self, "logits_soft_cap", soft_cap_value(self.logits_soft_cap))
 
     @property
@@ -120,9 +115,9 @@ class MLASpec:
     block_size: int = 16
 
     def __post_init__(self):
-        _positive_int(self.kv_lora_rank, "MLASpec.kv_lora_rank")
-        _positive_int(self.rope_dim, "MLASpec.rope_dim")
-        _positive_int(self.block_size, "MLASpec.block_size")
+        require_int(self.kv_lora_rank, "MLASpec.kv_lora_rank", minimum=1)
+        require_int(self.rope_dim, "MLASpec.rope_dim", minimum=1)
+        require_int(self.block_size, "MLASpec.block_size", minimum=1)
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if self.dtype not in ATTENTION_DTYPES:
             raise KVLayoutError(f"MLASpec.dtype {self.dtype} is not a KV-cache dtype")

@@ -111,10 +111,10 @@ def _finite_or_zero(m):
 @triton.jit
 def _normalizer(m, l):
     """``(1 / l, m + log2(l))`` of rows with a denominator ``l > 0``; ``(1, -inf)`` for rows that saw nothing
-    (their output is then ``acc * 1 = 0``)."""
-    seen = l > 0.0
-    l_safe = tl.where(seen, l, 1.0)
-    return 1.0 / l_safe, tl.where(seen, m + tl.log2(l_safe), float("-inf"))
+    (their output is then ``acc * 1 = 0``); a NaN denominator (a NaN score) stays NaN in both."""
+    empty = l == 0.0
+    l_safe = tl.where(empty, 1.0, l)
+    return 1.0 / l_safe, tl.where(empty, float("-inf"), m + tl.log2(l_safe))
 
 
 @triton.jit
