@@ -7,7 +7,8 @@ from .errors import (BackendUnavailableError, KVLayoutError, LayoutConflictError
 from .layers import AttentionLayer, MambaLayer, MLALayer, bind_kv_cache, mamba_state_views
 from .layout import GroupLayout, KVCacheLayout, LayerLayout, resolve_kv_cache_layout
 from .ops import copy_blocks, zero_blocks
-from .metadata import AttentionMetadata, ScheduledRequest, build_attention_metadata, order_decodes_first
+from .metadata import (AttentionMetadata, ScheduledRequest, build_attention_metadata, order_decodes_first,
+                       validate_attention_metadata)
 from .params import AttentionParams
 from .planner import GroupPlan, KVCachePlan, plan_kv_cache
 from .registry import get_attention_backend
@@ -23,5 +24,5 @@ __all__ = [
     "MLASpec", "MambaLayer", "MambaSpec", "ScheduledRequest", "UnsupportedFeatureError", "allocate_kv_cache",
     "bind_kv_cache", "build_attention_metadata", "copy_blocks", "gather_kv", "get_attention_backend",
     "mamba_state_views", "order_decodes_first", "parse_dtype", "plan_kv_cache", "resolve_kv_cache_layout",
-    "write_kv", "zero_blocks",
+    "validate_attention_metadata", "write_kv", "zero_blocks",
 ]

@@ -1,5 +1,7 @@
 """write_kv -> gather_kv round trips for every dtype (fp8 with scales), -1 slots, copy_blocks."""
 
+import math
+
 import pytest
 import torch
 
@@ -214,3 +216,35 @@ def test_gather_kv_checks():
         kvl.gather_kv(cache, [0, NB], 2)
     with pytest.raises(KVLayoutError, match="4-D packed cache"):
         kvl.gather_kv(cache[0], [0], 1)
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_fp8_special_values_store_the_same_bytes_on_every_path(dtype):
+    """NaN stays NaN, +-inf and out-of-range values saturate to the largest finite value, identically
+    through the PyTorch write and the Triton write (the interpreter on CPU)."""
+    from kvlayout.kernels.write import write_kv as triton_write_kv
+    top = torch.finfo(dtype).max
+    values = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 1.0, top, -top])
+    k = values.view(-1, 1, 1).expand(-1, H, D).contiguous()
+    slots = torch.arange(values.numel())
+    stored = []
+    for write in (kvl.write_kv, triton_write_kv):
+        cache = make_cache(dtype)["l0"]
+        write(cache, k, k.clone(), slots, torch.tensor([1.0]), torch.tensor([1.0]))
+        stored.append(cache.clone())
+    assert torch.equal(stored[0].view(torch.uint8), stored[1].view(torch.uint8))
+    got = stored[0][0, 0, :, 0].float().tolist() + stored[0][1, 0, :, 0].float().tolist()
+    assert math.isnan(got[0]) and got[1:8] == [top, -top, top, -top, 1.0, top, -top]
+
+
+def test_two_tokens_for_one_slot_are_refused_and_nothing_is_written(rng):
+    """One write_kv writes each slot at most once: a repeated slot is refused (which token would land is
+    not defined on every device), before any byte changes."""
+    cache = make_cache(torch.float32)["l0"]
+    before = cache.clone()
+    k = torch.randn(3, H, D, generator=rng)
+    with pytest.raises(KVLayoutError, match="slot 5 .* more than one token"):
+        kvl.write_kv(cache, k, k, torch.tensor([4, 5, 5]))
+    assert torch.equal(cache, before)
+    kvl.write_kv(cache, k, k, torch.tensor([4, -1, -1]))       # -1 (skip) may repeat
+    assert torch.equal(cache[1, :, 0, :D], k[0])

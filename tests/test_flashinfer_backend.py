@@ -461,3 +461,14 @@ def test_gpu_mla_against_reference():
     ref, ref_lse = REF.forward_mla(q, lat, meta, rank, scale, return_lse=True)
     out, lse = FlashInferBackend(prefill_backend="auto").forward_mla(q, lat, meta, rank, scale, return_lse=True)
     assert rel_err(out, ref) < 1e-2 and rel_err(lse, ref_lse) < 5e-3
+
+
+def test_empty_batch_is_a_no_op(fake_fi):
+    """A step with no requests plans nothing and returns empty outputs (every backend does the same)."""
+    b = FlashInferBackend(workspace_bytes=1 << 10)
+    meta = kvl.build_attention_metadata([], 8, "cpu", num_blocks=4)
+    kv = torch.randn(4, 2, 8, 2 * 64, dtype=torch.bfloat16)
+    before = kv.clone()
+    params = kvl.AttentionParams(4, 2, 64)
+    out, lse = b.forward(torch.zeros(0, 4, 64, dtype=torch.bfloat16), kv, meta, params, return_lse=True)
+    assert out.shape == (0, 4, 64) and lse.shape == (0, 4) and torch.equal(kv, before)
