@@ -105,41 +105,38 @@ def check_schedule(cached: np.ndarray, new: np.ndarray, table: np.ndarray, num_b
         raise KVLayoutError(f"request {r}: block id {int(table[r, c])} is out of range; the cache has blocks "
                             f"0..{num_blocks - 1}")
     written = used & (np.arange(width) >= (cached // block_size)[:, None]) & (new > 0)[:, None]
+    written_ids = table[written]                             # blocks receiving new tokens, row by row
     shared = _shared_ids(shared_block_ids, num_blocks)
     if shared.size:
-        hit = written & np.isin(table, shared)
-        if hit.any():
-            r, c = (int(x[0]) for x in np.nonzero(hit))
-            raise KVLayoutError(f"request {r} writes new tokens into block {int(table[r, c])}, which is shared "
-                                f"(shared_block_ids); fork it with copy_blocks and give the request the copy")
-    mark = np.zeros(num_blocks, dtype=bool)
-    mark[ids] = True
-    if np.count_nonzero(mark) == ids.size:
+        is_shared = np.zeros(num_blocks, dtype=bool)
+        is_shared[shared] = True
+        hit = np.nonzero(is_shared[written_ids])[0]
+        if hit.size:
+            r = int(np.repeat(np.arange(n), written.sum(1))[hit[0]])
+            raise KVLayoutError(f"request {r} writes new tokens into block {int(written_ids[hit[0]])}, which is "
+                                f"shared (shared_block_ids); fork it with copy_blocks and give the request the copy")
+    listed = np.bincount(ids, minlength=num_blocks)          # O(ids + blocks): no sort on the usual step
+    if ids.size == 0 or listed.max() <= 1:
         return need                                          # every used block appears once: the usual step
     rows = np.repeat(np.arange(n), need)
-    key = rows * num_blocks + ids
-    uniq, first, count = np.unique(key, return_index=True, return_counts=True)
+    again = listed[ids] > 1                                  # only the entries of blocks listed more than once
+    sub_rows, sub_ids = rows[again], ids[again]
+    keys, count = np.unique(sub_rows * num_blocks + sub_ids, return_counts=True)
     if (count > 1).any():
-        k = int(uniq[count > 1][0])
+        k = int(keys[count > 1][0])
         raise KVLayoutError(f"request {k // num_blocks} lists block {k % num_blocks} twice; each position of a "
                             f"sequence needs its own block")
-    blocks, owners = np.unique(ids, return_counts=True)
-    multi = blocks[owners > 1]
-    undeclared = multi[~np.isin(multi, shared)]
+    declared = np.zeros(num_blocks, dtype=bool)
+    declared[shared] = True
+    undeclared = sub_ids[~declared[sub_ids]]
     if undeclared.size:
         b = int(undeclared[0])
-        rs = np.unique(rows[ids == b]).tolist()
+        rs = np.unique(sub_rows[sub_ids == b]).tolist()
         raise KVLayoutError(f"block {b} is listed by requests {rs}; two requests may read one block only when it "
                             f"holds a prefix they share: declare it in shared_block_ids (and write into it from "
                             f"no request), or give each request its own block")
-    hit = written & np.isin(table, multi)
-    if hit.any():
-        r, c = (int(x[0]) for x in np.nonzero(hit))
-        b = int(table[r, c])
-        others = sorted(set(np.unique(rows[ids == b]).tolist()) - {r})
-        raise KVLayoutError(f"request {r} writes new tokens into block {b}, which request(s) {others} also read; "
-                            f"fork it with copy_blocks and give the writer the copy")
-    return need
+    return need                                              # (a write into a multi-listed block is caught above:
+                                                             # such a block is declared shared)
 
 
 def _shared_ids(shared_block_ids, num_blocks: int) -> np.ndarray:

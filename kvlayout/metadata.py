@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Callable, Hashable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
@@ -175,34 +175,33 @@ def _count_array(requests: Sequence[ScheduledRequest], attr: str) -> np.ndarray:
 
 def _block_id_rows(requests: Sequence[ScheduledRequest], need: np.ndarray, block_size: int) -> np.ndarray:
     """The first ``need[r]`` block ids of every request, concatenated (int64): one pass over the ids."""
-    lists = []
+    flat = array.array("q")          # fromlist refuses floats and strings, never truncates: strict and fast
     for i, r in enumerate(requests):
         ids = r.block_ids
         if isinstance(ids, torch.Tensor):
-            ids = ids.tolist() if ids.dim() == 1 and not ids.dtype.is_floating_point and ids.dtype != torch.bool \
-                else None
-        elif isinstance(ids, np.ndarray):
-            ids = ids if ids.ndim == 1 and ids.dtype.kind in "iu" else None
+            ids = ids.numpy() if ids.device.type == "cpu" else ids.cpu().numpy()
         elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__getitem__") or not hasattr(ids, "__len__"):
-            ids = None
-        if ids is None:
-            raise KVLayoutError(f"requests[{i}].block_ids must be a sequence of block ids (list, tuple, range, or a "
-                                f"1-D integer array or tensor), got {type(r.block_ids).__name__}")
+            _bad_block_ids(i, r.block_ids)
         if len(ids) < need[i]:
             raise KVLayoutError(f"request {i} holds {r.num_computed_tokens + r.num_new_tokens} tokens, which need "
                                 f"{int(need[i])} blocks of {block_size}, but it has {len(ids)}; allocate more blocks "
                                 f"before scheduling it")
-        lists.append(ids[: need[i]])
-    total = int(need.sum())
-    try:   # as float64: a float id is caught below instead of being truncated; ids are far below 2**53
-        flat = np.fromiter(chain.from_iterable(lists), dtype=np.float64, count=total)
-    except (TypeError, ValueError) as e:
-        raise KVLayoutError(f"block ids must be integers ({e})") from None
-    if total and not np.array_equal(flat, np.floor(flat)):
-        bad = int(np.nonzero(flat != np.floor(flat))[0][0])
-        r = int(np.searchsorted(np.cumsum(need), bad, side="right"))
-        raise KVLayoutError(f"requests[{r}].block_ids must be integers, got {flat[bad]!r}")
-    return flat
+        row = ids[: need[i]]
+        if isinstance(row, np.ndarray):
+            if row.ndim != 1 or (row.size and row.dtype.kind not in "iu"):
+                _bad_block_ids(i, r.block_ids, row.dtype)
+            flat.frombytes(np.ascontiguousarray(row, dtype=np.int64).tobytes())
+            continue
+        try:
+            flat.fromlist(row if isinstance(row, list) else list(row))
+        except (TypeError, OverflowError):
+            _bad_block_ids(i, r.block_ids, "non-integers")
+    return np.frombuffer(flat, dtype=np.int64)
+
+
+def _bad_block_ids(i: int, ids, what=None):
+    raise KVLayoutError(f"requests[{i}].block_ids must be a sequence of integer block ids (list, tuple, range, or "
+                        f"a 1-D integer array or tensor), got {type(ids).__name__}" + (f" of {what}" if what else ""))
 
 
 def build_attention_metadata(
@@ -262,9 +261,7 @@ def build_attention_metadata(
         raise KVLayoutError(f"request {r}: block id {flat[pos]:.0f} is out of range; the cache has blocks "
                             f"0..{num_blocks - 1}")
     table = np.zeros((n, width), dtype=np.int64)
-    starts = np.cumsum(need) - need
-    rows = np.repeat(np.arange(n), need)
-    table[rows, np.arange(flat.size) - starts[rows]] = flat
+    table[np.arange(width) < need[:, None]] = flat          # row-major: request r's ids fill its first need[r]
     check_schedule(computed, new, table, num_blocks, block_size, shared_block_ids)
 
     qsl = np.zeros(n + 1, dtype=np.int64)

@@ -1,0 +1,90 @@
+"""Host cost of one engine step's metadata: ``build_attention_metadata`` (schedule checks included) and
+``validate_attention_metadata``, in CPU microseconds, on the step shapes a serving engine runs.
+
+    python tools/bench_host.py [--threads 1] [--reps 50] [--json rows.json]
+
+Host time is what the GPU waits for without CUDA graphs, so it is timed on the host clock alone (median
+of ``--reps`` calls after warm-up), with one torch thread unless told otherwise. Block ids are a random
+permutation of the pool, as after some hours of serving. ``--device cuda`` includes the copies to the
+device (pinned, non-blocking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from bench_common import host_time
+
+import kvlayout as kvl
+
+BLOCK = 16
+# (name, [(cached tokens, new tokens)] per request)
+STEPS = [
+    ("1 decode @4096", [(4095, 1)]),
+    ("64 decodes @4096", [(4095, 1)] * 64),
+    ("256 decodes @512", [(511, 1)] * 256),
+    ("256 decodes @4096", [(4095, 1)] * 256),
+    ("60 decodes + 2048 chunk", [(4095, 1)] * 60 + [(0, 2048)]),
+]
+
+
+def requests_for(step: list[tuple[int, int]], rng: np.random.Generator, shared_prefix_blocks: int = 0):
+    """Scheduled requests with block ids drawn from a shuffled pool; with ``shared_prefix_blocks``, every
+    request starts with the same full prefix blocks (the ids returned as the shared set)."""
+    need = [-(-(c + n) // BLOCK) for c, n in step]
+    pool = rng.permutation(sum(need) + shared_prefix_blocks + 8)
+    shared = pool[:shared_prefix_blocks].tolist()
+    at = shared_prefix_blocks
+    reqs = []
+    for (c, n), k in zip(step, need):
+        own = k - shared_prefix_blocks if c >= shared_prefix_blocks * BLOCK else k
+        ids = (shared if own < k else []) + pool[at:at + own].tolist()
+        at += own
+        reqs.append(kvl.ScheduledRequest(c, n, ids))
+    return reqs, shared, len(pool)
+
+
+def run_rows(reps: int, device: str) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, step in STEPS:
+        for prefix in (0, 8):
+            reqs, shared, num_blocks = requests_for(step, rng, prefix)
+            build = lambda: kvl.build_attention_metadata(reqs, BLOCK, device, num_blocks=num_blocks,  # noqa: E731
+                                                         shared_block_ids=shared or None)
+            meta = build()
+            t_build = host_time(build, reps, warmup=3)
+            t_valid = host_time(lambda: kvl.validate_attention_metadata(meta, shared_block_ids=shared or None),
+                                reps, warmup=3)
+            rows.append({"step": name + (f", {prefix}-block shared prefix" if prefix else ""),
+                         "requests": len(reqs), "build_us": t_build * 1e6, "validate_us": t_valid * 1e6})
+    return rows
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--device", default="cpu", help="where the metadata tensors go (cpu or cuda)")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = run_rows(args.reps, args.device)
+    print(f"host cost per step (median of {args.reps}, {args.threads} thread(s), metadata on {args.device})")
+    print(f"{'step':<52}{'build us':>10}{'validate us':>13}")
+    for r in rows:
+        print(f"{r['step']:<52}{r['build_us']:>10.0f}{r['validate_us']:>13.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
