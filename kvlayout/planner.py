@@ -201,6 +201,9 @@ def _as_capabilities(backend) -> Optional[BackendCapabilities]:
     return caps
 
 
+MAX_BLOCKS = 2**31 - 1        # block tables are int32 on every backend
+
+
 def plan_kv_cache(
     specs: Mapping[str, KVCacheSpec],
     memory_bytes: int,
@@ -231,6 +234,10 @@ def plan_kv_cache(
         raise KVLayoutError(
             f"memory budget {memory_bytes:,} B is too small for one block in every layer "
             f"(needs at least {need:,} B); raise the budget or lower the block size")
+    if max(num_blocks.values()) > MAX_BLOCKS:
+        raise KVLayoutError(f"memory budget {memory_bytes:,} B gives {max(num_blocks.values()):,} blocks, more than "
+                            f"the {MAX_BLOCKS:,} that int32 block ids address; give a real device budget or a "
+                            f"larger block size")
     layout = resolve_kv_cache_layout(unified, num_blocks, caps, connector, cross_layer)
     group_plans = []
     for g in layout.groups:
