@@ -13,7 +13,6 @@ pytest.importorskip("safetensors")
 from kvlayout import AttentionSpec, ScheduledRequest, build_attention_metadata  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend, registered_backends  # noqa: E402
 from kvlayout.errors import KVLayoutError  # noqa: E402
-from kvlayout.engine.model_config import ModelConfig, rope_inv_freq  # noqa: E402
 from kvlayout.engine.runner import BlockAllocator, Engine  # noqa: E402
 
 NEW_TOKENS = 32
@@ -78,46 +77,27 @@ def smallest_block_size(backend_name, candidates=(4, 8, 16, 32)):
     return next(b for b in candidates if caps.block_size_ok(b))
 
 
-# ---- config and rotary ------------------------------------------------------------------------------
+# ---- what the runner refuses ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 500000.0},
-                                  {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.5},
-                                  LLAMA3_ROPE])
-def test_rope_inv_freq_matches_transformers(rope):
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    hf_cfg = tiny_config(rope_parameters=dict(rope))
-    ours = rope_inv_freq(ModelConfig.from_hf(hf_cfg.to_dict()).rope, 64)
-    if rope["rope_type"] == "default":
-        ref = 1.0 / rope["rope_theta"] ** (torch.arange(0, 64, 2).float() / 64)
-    else:
-        ref, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
-        assert scaling == 1.0
-    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
-
-
-def test_old_style_rope_scaling_is_read():
-    """Configs written before ``rope_parameters`` keep ``rope_theta`` and ``rope_scaling`` apart."""
-    cfg = ModelConfig.from_hf("llama-3.1-8b")
-    assert cfg.rope.rope_type == "llama3" and cfg.rope.theta == 500000.0 and cfg.rope.factor == 8.0
-    assert cfg.rope.original_max_position_embeddings == 8192 and cfg.head_dim == 128
-
-
-@pytest.mark.parametrize("bad, msg", [({"model_type": "gemma2"}, "model_type"),
-                                      ({"hidden_act": "gelu"}, "hidden_act"),
-                                      ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
-                                      ({"num_key_value_heads": 3}, "multiple")])
-def test_unsupported_configs_are_refused(bad, msg):
-    cfg = tiny_config().to_dict()
-    cfg.update(bad)
-    with pytest.raises(KVLayoutError, match=msg):
-        ModelConfig.from_hf(cfg)
+@pytest.mark.parametrize("model_type, fields, msg", [
+    ("mamba", {"num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 128}, "attention-only"),
+    ("deepseek_v3", {"num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 128, "num_attention_heads": 4,
+                     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                     "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                     "moe_intermediate_size": 32, "intermediate_size": 64}, "MLASpec"),
+    ("llama4_text", {"num_hidden_layers": 2}, "chunked"),
+])
+def test_unsupported_models_are_refused_in_one_line(model_type, fields, msg):
+    cfg = transformers.AutoConfig.for_model(model_type, **fields).to_dict()
+    with pytest.raises(KVLayoutError, match=msg) as e:
+        Engine(cfg, num_blocks=8, block_size=4)
+    assert "\n" not in str(e.value)
 
 
 def test_weights_that_do_not_fit_are_refused(hf_dir, tmp_path):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["intermediate_size"] = 96
-    with pytest.raises(KVLayoutError, match="shape mismatches"):
+    with pytest.raises(KVLayoutError, match="do not fit the config"):
         Engine(cfg, weights=hf_dir, num_blocks=16)
 
 

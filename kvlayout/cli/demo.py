@@ -216,8 +216,8 @@ def run(args) -> int:
                             "(the first token comes from the prefill engine, the rest from the decode engine)")
     if args.backend is None:
         args.backend = "torch" if args.device == "cpu" else "auto"   # auto: the first that serves the model
-    from ..engine.model_config import ModelConfig
-    vocab = ModelConfig.from_hf(args.model).vocab_size
+    from ..engine.hf_model import hf_model_config
+    vocab = int(hf_model_config(args.model).vocab_size)
     prompts = make_prompts(args.requests, args.min_prompt, args.max_prompt, vocab, args.seed)
     console.print(f"kvlayout demo: model {args.model}, {args.requests} requests (prompts {args.min_prompt}-"
                   f"{args.max_prompt} tokens, {args.new_tokens} new), backend {args.backend}, device "

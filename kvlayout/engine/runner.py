@@ -24,8 +24,7 @@ from ..registry import get_attention_backend
 from ..errors import KVLayoutError
 from ..layers import bind_kv_cache
 from ..metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
-from .model import LlamaModel, build_model
-from .model_config import ModelConfig
+from .hf_model import HFCausalLM, build_model
 from ..planner import plan_kv_cache
 
 
@@ -114,7 +113,7 @@ class Engine:
     ``NixlConnector.layout_wishes()``), handed to ``plan_kv_cache``.
     """
 
-    def __init__(self, config: Union[ModelConfig, dict, str, Path], *, weights: Union[str, Path, None] = None,
+    def __init__(self, config: Union[dict, str, Path], *, weights: Union[str, Path, None] = None,
                  seed: int = 0, backend: str = "torch", device: Union[str, torch.device] = "cpu",
                  dtype: Optional[torch.dtype] = None, block_size: int = 16, num_blocks: Optional[int] = None,
                  memory_bytes: Optional[int] = None, max_num_batched_tokens: int = 256, max_num_seqs: int = 64,
@@ -127,7 +126,7 @@ class Engine:
             raise KVLayoutError("give exactly one of num_blocks or memory_bytes for the cache size")
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.model: LlamaModel = build_model(config, weights=weights, seed=seed, dtype=self.dtype,
+        self.model: HFCausalLM = build_model(config, weights=weights, seed=seed, dtype=self.dtype,
                                              block_size=block_size, device=self.device)
         specs = self.model.kv_specs
         self.backend = get_attention_backend(backend, self.device, specs)
@@ -157,7 +156,7 @@ class Engine:
             raise KVLayoutError(f"request id {request_id!r} is already in use")
         if len(prompt) == 0:
             raise KVLayoutError(f"request {request_id!r}: the prompt is empty")
-        vocab = self.model.config.vocab_size
+        vocab = self.model.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise KVLayoutError(f"request {request_id!r}: prompt token ids must be in 0..{vocab - 1}")
         if max_new_tokens < 1:
@@ -188,7 +187,7 @@ class Engine:
         if need > self.allocator.num_free:
             raise KVLayoutError(f"request {request_id!r} needs {need} free blocks for its prompt, "
                                 f"{self.allocator.num_free} are free; retry after requests finish")
-        if not 0 <= int(first_token) < self.model.config.vocab_size:
+        if not 0 <= int(first_token) < self.model.vocab_size:
             raise KVLayoutError(f"first_token {first_token} is not a token id")
         req = Request(request_id, [int(t) for t in prompt], int(max_new_tokens), output=[int(first_token)],
                       num_computed=len(prompt), block_ids=self.allocator.allocate(need))
