@@ -28,6 +28,7 @@ from rich.table import Table
 from ..connectors.nixl_api import nixl_installed
 from ..errors import KVLayoutError
 from ..engine.runner import Engine
+from .demo_worker import engine_threads
 from ..specs import parse_dtype
 
 DEFAULT_MODEL = "tiny-llama"
@@ -96,11 +97,18 @@ def run_single(args, prompts, console: Console) -> tuple[list[list[int]], float,
                  max_num_batched_tokens=args.token_budget, cross_layer=args.cross_layer or None)
     rids = [eng.add_request(p, args.new_tokens) for p in prompts]
     total = sum(len(p) for p in prompts) + len(prompts) * (args.new_tokens - 1)
-    t0 = time.perf_counter()
-    with _progress(console, args) as bar:
-        task = bar.add_task("single process", total=total)
-        eng.run(lambda r: bar.advance(task, r.num_tokens))
-    return [eng.requests[r].output for r in rids], time.perf_counter() - t0, eng
+    threads = torch.get_num_threads()
+    if args.device == "cpu":
+        torch.set_num_threads(engine_threads())          # as many threads as one engine process gets
+    try:
+        t0 = time.perf_counter()
+        with _progress(console, args) as bar:
+            task = bar.add_task("single process", total=total)
+            eng.run(lambda r: bar.advance(task, r.num_tokens))
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return [eng.requests[r].output for r in rids], seconds, eng
 
 
 def _progress(console: Console, args) -> Progress:

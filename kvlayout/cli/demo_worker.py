@@ -51,12 +51,18 @@ def _stdin_lines(out: queue.Queue) -> None:
     out.put(None)
 
 
+def engine_threads() -> int:
+    """Torch threads of one demo engine on the CPU: the prefill and decode engines share the cores, and
+    the single-process reference gets the same count, so the timing line compares like with like."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def serve(cfg: dict) -> None:
     from ..connectors import NixlConnector
 
     role = cfg["role"]
     if cfg["device"] == "cpu":                 # two engines share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        torch.set_num_threads(engine_threads())
     eng = build_engine(cfg)
     conn = NixlConnector(eng.caches, specs=eng.plan.specs, engine_id=f"demo-{role}",
                          load_timeout_s=cfg.get("load_timeout_s", 60.0))
