@@ -7,9 +7,15 @@ The exchange (decode side = client, prefill side = server), each message one ``w
                         "mem_type": "DRAM" | "VRAM", "device_id": int, "regions": [<region>, ...]}
                    or  {"type": "refused", "reason": str, "fields": [str, ...]}
 
+With a shared secret (``auth``), a challenge-response in both directions comes first and every later
+message carries a proof; a peer that cannot prove the secret is answered ``{"type": "refused"}`` alone
+(no reason, fields or values). A third message type, ``confirm``, lets a reader ask whether the hold it
+read from was still valid when its read completed (``NixlConnector``; bound by the hold's token).
+
 Every message is validated against a strict schema (exact keys, types, ranges) before anything reads it; a
 malformed or oversized message raises ``HandshakeError`` and nothing else happens. Both sides compare the
-two records (``record.check_compatible``) and refuse a mismatch, naming the fields.
+two records (``record.check_compatible``) and refuse a mismatch, naming the fields (to an authenticated
+peer, or to any peer when no secret is configured).
 """
 
 from __future__ import annotations
@@ -23,9 +29,14 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from kvlayout.errors import KVLayoutError
 
+import msgpack
+
+from . import auth
 from .record import MAX_LAYERS, CompatRecord, check_compatible, parse_record
 from .schema import MAX_NAME, MAX_U64, HandshakeError, bounded_list, exact_keys, integer, malformed, string
 from .wire import MAX_MESSAGE_BYTES, recv_message, send_message
+
+REFUSED = {"type": "refused", "reason": "refused", "fields": []}      # all an unauthenticated peer learns
 
 MEM_TYPES = ("DRAM", "VRAM")
 MAX_CONCURRENT_HANDSHAKES = 16
@@ -77,6 +88,17 @@ def parse_hello(obj: Any) -> CompatRecord:
     return parse_record(exact_keys(obj, ("type", "record"), "hello")["record"])
 
 
+def _packed(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _nonce_of(obj: Any, kind: str) -> Optional[bytes]:
+    if not isinstance(obj, dict) or obj.get("type") != kind:
+        return None
+    n = obj.get("nonce")
+    return n if isinstance(n, bytes) and len(n) == auth.NONCE_BYTES else None
+
+
 def make_welcome(record: CompatRecord, agent_metadata: bytes, mem_type: str, device_id: int,
                  regions: Sequence[RemoteRegion]) -> dict:
     """The server's answer to a compatible hello."""
@@ -108,8 +130,14 @@ def _parse_region(rw: Any, w: str, name: str, page_bytes: int) -> RemoteRegion:
     return RemoteRegion(name, base, block_len, stride, nb)
 
 
-def parse_reply(obj: Any, max_metadata: int = MAX_MESSAGE_BYTES) -> Welcome:
-    """A welcome, validated; a refusal raises ``HandshakeError`` with the peer's reason and fields."""
+def parse_reply(obj: Any, max_metadata: int = MAX_MESSAGE_BYTES, proof_key: Optional[bytes] = None,
+                proof_parts: tuple = ()) -> Welcome:
+    """A welcome, validated; a refusal raises ``HandshakeError`` with the peer's reason and fields. With
+    ``proof_key``, the welcome must carry ``proof = mac(key, "welcome", *proof_parts, packb(rest))``."""
+    if proof_key is not None and isinstance(obj, dict) and obj.get("type") == "welcome":
+        proof = obj.pop("proof", None)
+        if not auth.verify(proof_key, proof, "welcome", *proof_parts, _packed(obj)):
+            raise HandshakeError("the welcome carries no valid proof of the shared secret")
     if isinstance(obj, dict) and obj.get("type") == "refused":
         exact_keys(obj, ("type", "reason", "fields"), "refusal")
         reason = obj["reason"] if isinstance(obj["reason"], str) else "no reason given"
@@ -135,23 +163,47 @@ def parse_reply(obj: Any, max_metadata: int = MAX_MESSAGE_BYTES) -> Welcome:
 # ------------------------------------------------------------------------------------ the two halves
 
 def reply_to_hello(conn: socket.socket, record: CompatRecord, welcome: dict, deadline: float,
-                   limit: int = MAX_MESSAGE_BYTES) -> tuple[dict, str]:
-    """Server half: read one hello from ``conn`` and choose the reply (``welcome``, or a refusal).
+                   limit: int = MAX_MESSAGE_BYTES, key: Optional[bytes] = None, first: Any = None
+                   ) -> tuple[dict, str]:
+    """Server half: read one hello from ``conn`` (``first``: the message already read) and choose the reply
+    (``welcome``, or a refusal).
 
-    Returns ``(reply, outcome)``, outcome ``"served"``, ``"refused"`` (incompatible: fields named) or
-    ``"malformed"``; the caller sends the reply. Socket errors and timeouts propagate.
+    Returns ``(reply, outcome)``, outcome ``"served"``, ``"refused"`` (incompatible: fields named),
+    ``"malformed"`` or ``"unauthenticated"``; the caller sends the reply. With ``key``, the peer must
+    first prove the shared secret (see ``auth``); a peer that does not is told nothing but "refused".
+    Socket errors and timeouts propagate.
     """
+    parts: tuple = ()
     try:
-        hello = parse_hello(recv_message(conn, deadline, limit))
+        msg = recv_message(conn, deadline, limit) if first is None else first
+        if key is not None:
+            nc = _nonce_of(msg, "auth")
+            if nc is None:
+                return dict(REFUSED), "unauthenticated"
+            ns = auth.nonce()
+            send_message(conn, {"type": "challenge", "nonce": ns, "proof": auth.mac(key, "server", nc, ns)},
+                         deadline, limit)
+            msg = recv_message(conn, deadline, limit)
+            proof = msg.pop("proof", None) if isinstance(msg, dict) else None
+            if not isinstance(msg, dict) or not auth.verify(key, proof, "client", nc, ns, _packed(msg.get("record"))):
+                return dict(REFUSED), "unauthenticated"
+            parts = (nc, ns)
+    except HandshakeError as exc:
+        return (dict(REFUSED), "unauthenticated") if key is not None else (make_refusal(str(exc)), "malformed")
+    try:
+        hello = parse_hello(msg)
         check_compatible(record, hello)
-        return welcome, "served"
     except HandshakeError as exc:
         return make_refusal(str(exc), exc.fields), ("refused" if exc.fields else "malformed")
+    if key is None:
+        return welcome, "served"
+    return {**welcome, "proof": auth.mac(key, "welcome", *parts, _packed(welcome))}, "served"
 
 
-def request_welcome(address: str, record: CompatRecord, timeout_s: float,
-                    limit: int = MAX_MESSAGE_BYTES) -> tuple[Optional[Welcome], Optional[str]]:
-    """Client half: send our hello to ``address`` and read the welcome, all within ``timeout_s``.
+def request_welcome(address: str, record: CompatRecord, timeout_s: float, limit: int = MAX_MESSAGE_BYTES,
+                    key: Optional[bytes] = None) -> tuple[Optional[Welcome], Optional[str]]:
+    """Client half: send our hello to ``address`` and read the welcome, all within ``timeout_s``; with
+    ``key``, after both sides proved the shared secret (the server first, so a fake server learns nothing).
 
     Returns ``(welcome, None)`` for a compatible peer, else ``(None, reason)``; never raises for a peer's
     behaviour (a malformed ``address`` raises ``KVLayoutError``).
@@ -160,8 +212,21 @@ def request_welcome(address: str, record: CompatRecord, timeout_s: float,
     deadline = time.monotonic() + timeout_s
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            send_message(sock, make_hello(record), deadline, limit)
-            welcome = parse_reply(recv_message(sock, deadline, limit), limit)
+            hello, parts = make_hello(record), ()
+            if key is not None:
+                nc = auth.nonce()
+                send_message(sock, {"type": "auth", "nonce": nc}, deadline, limit)
+                challenge = recv_message(sock, deadline, limit)
+                ns = _nonce_of(challenge, "challenge")
+                if ns is None or not auth.verify(key, challenge.get("proof"), "server", nc, ns):
+                    if isinstance(challenge, dict) and challenge.get("type") == "refused":
+                        return None, f"handshake with {address} failed: refused by the remote engine"
+                    return None, (f"handshake with {address} failed: the engine could not prove the shared "
+                                  f"secret (a different secret, or not a kvlayout engine)")
+                parts = (nc, ns)
+                hello["proof"] = auth.mac(key, "client", nc, ns, _packed(hello["record"]))
+            send_message(sock, hello, deadline, limit)
+            welcome = parse_reply(recv_message(sock, deadline, limit), limit, key, parts)
         check_compatible(record, welcome.record)
         return welcome, None
     except HandshakeError as exc:
@@ -175,6 +240,24 @@ def request_welcome(address: str, record: CompatRecord, timeout_s: float,
         return None, f"handshake with {address} failed: {type(exc).__name__}: {exc}"
 
 
+def confirm_read(address: str, message: dict, timeout_s: float, limit: int = MAX_MESSAGE_BYTES
+                 ) -> tuple[bool, str]:
+    """Ask the engine at ``address`` whether the hold a read came from was still valid (a ``confirm``
+    message, see ``NixlConnector``). Returns ``(valid, reason)``; never raises for a peer's behaviour."""
+    host, port = parse_address(address)
+    deadline = time.monotonic() + timeout_s
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            send_message(sock, message, deadline, limit)
+            reply = recv_message(sock, deadline, limit)
+        exact_keys(reply, ("type", "valid", "reason"), "confirmation")
+        if reply["type"] != "confirmed" or not isinstance(reply["valid"], bool) or not isinstance(reply["reason"], str):
+            raise malformed("confirmation", "expected {type: confirmed, valid: bool, reason: str}")
+        return reply["valid"], reply["reason"][:500]
+    except (HandshakeError, OSError, TimeoutError, socket.timeout) as exc:
+        return False, f"the engine at {address} did not confirm the read ({type(exc).__name__}: {exc})"
+
+
 class HandshakeServer:
     """The server half on threads of its own: accepts on ``(host, port)`` and answers every hello with
     ``welcome`` (or a refusal) within ``timeout_s``, at most ``max_concurrent`` at once.
@@ -185,8 +268,10 @@ class HandshakeServer:
 
     def __init__(self, host: str, port: int, record: CompatRecord, welcome: dict, *, timeout_s: float,
                  limit: int, count: Callable[[str], None], name: str = "kvl-handshake",
-                 max_concurrent: int = MAX_CONCURRENT_HANDSHAKES):
+                 max_concurrent: int = MAX_CONCURRENT_HANDSHAKES, key: Optional[bytes] = None,
+                 on_confirm: Optional[Callable[[Any], dict]] = None):
         self.record, self.welcome, self.timeout_s, self.limit, self._count = record, welcome, timeout_s, limit, count
+        self.key, self._on_confirm = key, on_confirm
         self._listener = socket.create_server((host, port), backlog=64)
         self._listener.settimeout(0.1)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
@@ -222,8 +307,20 @@ class HandshakeServer:
         try:
             with conn:
                 deadline = time.monotonic() + self.timeout_s
-                reply, outcome = reply_to_hello(conn, self.record, self.welcome, deadline, self.limit)
-                self._count(f"handshakes_{outcome}")
+                try:
+                    first = recv_message(conn, deadline, self.limit)
+                except HandshakeError as exc:
+                    self._count("handshakes_malformed")
+                    send_message(conn, dict(REFUSED) if self.key is not None else make_refusal(str(exc)),
+                                 deadline, self.limit)
+                    return
+                if isinstance(first, dict) and first.get("type") == "confirm" and self._on_confirm is not None:
+                    reply = self._on_confirm(first)
+                    self._count("confirms_valid" if reply.get("valid") else "confirms_refused")
+                else:
+                    reply, outcome = reply_to_hello(conn, self.record, self.welcome, deadline, self.limit,
+                                                    self.key, first)
+                    self._count(f"handshakes_{outcome}")
                 send_message(conn, reply, deadline, self.limit)
         except Exception:                       # a peer must never take the listener down
             self._count("handshakes_dropped")
@@ -235,8 +332,8 @@ class HandshakeClient:
     """The client half: each handshake runs on a thread of its own; ``results`` hands the finished ones to
     the caller's thread as ``(address, welcome, None)`` or ``(address, None, reason)``."""
 
-    def __init__(self, record: CompatRecord, *, timeout_s: float, limit: int):
-        self.record, self.timeout_s, self.limit = record, timeout_s, limit
+    def __init__(self, record: CompatRecord, *, timeout_s: float, limit: int, key: Optional[bytes] = None):
+        self.record, self.timeout_s, self.limit, self.key = record, timeout_s, limit, key
         self._results: queue.Queue = queue.Queue()
 
     def start(self, address: str) -> None:
@@ -244,7 +341,7 @@ class HandshakeClient:
         threading.Thread(target=self._run, args=(address,), daemon=True).start()
 
     def _run(self, address: str) -> None:
-        welcome, reason = request_welcome(address, self.record, self.timeout_s, self.limit)
+        welcome, reason = request_welcome(address, self.record, self.timeout_s, self.limit, self.key)
         self._results.put((address, welcome, reason))
 
     def results(self) -> Iterator[tuple[str, Optional[Welcome], Optional[str]]]:

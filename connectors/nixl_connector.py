@@ -12,9 +12,16 @@ This class coordinates; the jobs live in their own modules: ``regions`` (where b
 ``handshake`` (the side-channel exchange), ``transfer_state`` (the state machines) and ``block_ids``.
 
 Flow (pull): the prefill engine ``hold_blocks`` a finished request and passes the returned plain dict to the
-decode engine; the decode engine ``start_load``s it into blocks of its own; NIXL READs the remote blocks and
-then notifies the prefill side, which releases the hold (``poll().released``) - or releases it after
-``hold_timeout_s`` if no reader ever reports. Nothing blocks: both engines call ``poll()`` from their
+decode engine (with the request, never over the side channel: it holds the hold's token); the decode engine
+``start_load``s it into blocks of its own; NIXL READs the remote blocks; then the decode engine asks the
+prefill engine, with a proof made from the token, whether the hold was still valid when the read completed
+(*validate after read*). Only a "yes" finishes the load, and it releases the hold (``poll().released``); a
+hold that expired or was cancelled first fails the load with the reason, so bytes another request may have
+written are never reported as a success. A hold no reader confirms is released after ``hold_timeout_s``.
+
+Trust: engines of one deployment share a secret (``secret=``, or ``KVLAYOUT_CONNECTOR_SECRET`` /
+``KVLAYOUT_CONNECTOR_SECRET_FILE``); a peer must prove it before it learns anything (``auth``). Without one
+the connector listens on loopback only (``allow_unauthenticated=True`` to bind elsewhere) and warns once. Nothing blocks: both engines call ``poll()`` from their
 scheduler loop. A peer that dies, stalls or never answers fails the request with a reason after
 ``load_timeout_s``; its in-flight transfers are cancelled, so no block stays in use on either side, and other
 requests keep going. Keep ``load_timeout_s`` below the prefill side's ``hold_timeout_s``.
@@ -54,10 +61,12 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import secrets
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -68,7 +77,9 @@ from kvlayout.errors import BackendUnavailableError, KVLayoutError
 from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check_load_pairs, kind_blocks,
                         plain_block_ids, shared_block)
 from .descriptors import TransferPlan, descriptor_rows
-from .handshake import HandshakeClient, HandshakeServer, RemoteRegion, Welcome, make_welcome, parse_address
+from . import auth
+from .handshake import (HandshakeClient, HandshakeServer, RemoteRegion, Welcome, confirm_read, make_welcome,
+                        parse_address)
 from .nixl_api import load_nixl_agent
 from .record import CompatRecord, build_record
 from .regions import layer_regions
@@ -112,6 +123,11 @@ class NixlConnector:
         max_message_bytes: bound on one side-channel message.
         telemetry: ask NIXL for per-transfer telemetry (descriptor counts in ``transfer_info``).
         backends: NIXL backends to create.
+        secret: the deployment's shared secret (>= 16 bytes; default from the environment, see ``auth``).
+        allow_unauthenticated: bind a non-loopback ``host`` without a secret (anyone who reaches the port
+            can then handshake and read or write the registered cache: only on an isolated network).
+        model_id: what this engine serves (model name, revision, weights fingerprint); engines with
+            different ids refuse each other at the handshake.
     """
 
     NAME = "nixl"
@@ -133,7 +149,8 @@ class NixlConnector:
                  hold_timeout_s: float = DEFAULT_HOLD_TIMEOUT_S,
                  handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, telemetry: bool = False,
-                 backends: Sequence[str] = ("UCX",)):
+                 backends: Sequence[str] = ("UCX",), secret: Union[bytes, str, None] = None,
+                 allow_unauthenticated: bool = False, model_id: str = ""):
         if not isinstance(caches, KVCache):
             raise KVLayoutError("NixlConnector needs the KVCache returned by kvlayout.allocate_kv_cache")
         for name, v in (("load_timeout_s", load_timeout_s), ("hold_timeout_s", hold_timeout_s),
@@ -142,6 +159,13 @@ class NixlConnector:
                 raise KVLayoutError(f"{name} must be a positive number of seconds, got {v!r}")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 4096:
             raise KVLayoutError(f"max_message_bytes must be an integer >= 4096, got {max_message_bytes!r}")
+        self._key = auth.load_secret(secret)
+        if self._key is None:
+            if not auth.is_loopback(host) and not allow_unauthenticated:
+                raise KVLayoutError(f"binding the side channel to {host!r} without a shared secret would let anyone "
+                                    f"who reaches it read and write this engine's cache; give secret= (or "
+                                    f"{auth.SECRET_ENV}), or pass allow_unauthenticated=True on an isolated network")
+            _warn_unauthenticated()
         devices = {b.device for b in caches.buffers}
         if len(devices) != 1:
             raise KVLayoutError(f"the cache's buffers sit on several devices {sorted(map(str, devices))}; "
@@ -169,7 +193,7 @@ class NixlConnector:
         self._telemetry = telemetry
         self._reg = self._agent.register_memory(list(caches.buffers))   # once per allocation
         self.record: CompatRecord = build_record(caches, engine_id=self.engine_id, agent_name=agent_name,
-                                                 tp_rank=tp_rank, tp_size=tp_size, specs=specs)
+                                                 tp_rank=tp_rank, tp_size=tp_size, specs=specs, model_id=model_id)
         regions = [RemoteRegion(r.layers[0], r.base, r.block_len, r.block_stride, r.num_blocks) for r in self._regions]
         self._welcome = make_welcome(self.record, self._agent.get_agent_metadata(), self._mem_type,
                                      self._device_id, regions)
@@ -181,14 +205,18 @@ class NixlConnector:
         self._local_lists: dict[bytes, Any] = {}
         self._loads: dict[str, Load] = {}
         self._holds: dict[str, Hold] = {}
+        self._holds_lock = threading.Lock()     # the side channel's threads confirm reads against the holds
+        self._confirms: queue.Queue = queue.Queue()
         self._pending = PollResult()
         self._info: collections.OrderedDict[str, TransferInfo] = collections.OrderedDict()
         self._stats: collections.Counter = collections.Counter()
         self._stats_lock = threading.Lock()
 
-        self._client = HandshakeClient(self.record, timeout_s=self.handshake_timeout_s, limit=max_message_bytes)
+        self._client = HandshakeClient(self.record, timeout_s=self.handshake_timeout_s, limit=max_message_bytes,
+                                       key=self._key)
         self._server = HandshakeServer(host, port, self.record, self._welcome, timeout_s=self.handshake_timeout_s,
-                                       limit=max_message_bytes, count=self._count, name=f"kvl-nixl-{self.engine_id}")
+                                       limit=max_message_bytes, count=self._count, name=f"kvl-nixl-{self.engine_id}",
+                                       key=self._key, on_confirm=self._on_confirm)
         self.address = self._server.address
 
     # ------------------------------------------------------------------------------------- prefill side
@@ -197,9 +225,11 @@ class NixlConnector:
                     timeout_s: Optional[float] = None) -> dict:
         """Keep ``block_ids`` for ``num_readers`` remote readers (one per decode rank that reads them).
 
-        Returns the plain dict a decode engine needs: ``{"engine", "request_id", "block_ids"}``. The blocks
-        come back in ``poll().released`` once every reader reported, or after ``timeout_s``
-        (default ``hold_timeout_s``); until then the engine must not reuse them.
+        Returns the plain dict a decode engine needs: ``{"engine", "request_id", "block_ids", "hold_token",
+        "expires_in_s"}``; send it with the request (the token lets its holder, and only its holder, confirm
+        or give up the hold). The blocks come back in ``poll().released`` once every reader confirmed or gave
+        up, or after ``timeout_s`` (default ``hold_timeout_s``, 120 s: serving engines under load have seen
+        decode admission delayed by tens of seconds); until then the engine must not reuse them.
         """
         self._check_open()
         _check_request_id(request_id)
@@ -218,15 +248,20 @@ class NixlConnector:
                 raise KVLayoutError(f"hold_blocks: block {b} is still receiving request {load.request_id!r}'s "
                                     f"load; hold it once that load has finished")
         plain = plain_block_ids(ids)
-        self._holds[request_id] = Hold(request_id, plain, num_readers, time.monotonic() + timeout, float(timeout))
-        return {"engine": self.address, "request_id": request_id, "block_ids": plain}
+        token = auth.new_token()
+        with self._holds_lock:
+            self._holds[request_id] = Hold(request_id, plain, num_readers, time.monotonic() + timeout,
+                                           float(timeout), token)
+        return {"engine": self.address, "request_id": request_id, "block_ids": plain, "hold_token": token.hex(),
+                "expires_in_s": float(timeout)}
 
     def cancel_hold(self, request_id: str) -> ReleasedBlocks:
         """Drop a hold now (the engine aborted the request); returns what was held."""
-        hold = self._holds.pop(request_id, None)
-        if hold is None:
-            raise KVLayoutError(f"request {request_id!r} holds no blocks on this engine")
-        hold.move(HoldState.CANCELLED)
+        with self._holds_lock:
+            hold = self._holds.pop(request_id, None)
+            if hold is None:
+                raise KVLayoutError(f"request {request_id!r} holds no blocks on this engine")
+            hold.move(HoldState.CANCELLED)
         return ReleasedBlocks(request_id, hold.block_ids, "cancelled by the engine", False)
 
     # -------------------------------------------------------------------------------------- decode side
@@ -238,13 +273,14 @@ class NixlConnector:
         self._ensure_handshake(remote_engine)
 
     def start_load(self, request_id: str, remote_engine: Union[str, Sequence[str]], remote_block_ids: BlockIds,
-                   local_block_ids: BlockIds, *, remote_request_id: Optional[str] = None,
-                   timeout_s: Optional[float] = None) -> None:
+                   local_block_ids: BlockIds, *, hold_token: Union[str, Sequence[str]],
+                   remote_request_id: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
         """Read the blocks ``remote_block_ids`` of ``remote_engine`` into this engine's ``local_block_ids``.
 
-        ``remote_engine`` is the address the prefill side returned from ``hold_blocks`` (or a list of them,
-        one per prefill rank holding some of this rank's heads). Returns at once; the outcome comes from
-        ``poll()``. Bad arguments raise ``KVLayoutError`` before anything starts.
+        ``remote_engine`` and ``hold_token`` are what the prefill side returned from ``hold_blocks`` (or
+        lists of them, one per prefill rank holding some of this rank's heads). Returns at once; the outcome
+        comes from ``poll()``: finished only once every engine confirmed its hold was still valid when the
+        read completed. Bad arguments raise ``KVLayoutError`` before anything starts.
         """
         self._check_open()
         _check_request_id(request_id)
@@ -257,6 +293,7 @@ class NixlConnector:
             raise KVLayoutError(f"remote_engine must name one engine or distinct engines, got {remote_engine!r}")
         for e in engines:
             parse_address(e)
+        tokens = _hold_tokens(hold_token, len(engines))
         local = as_block_ids(local_block_ids, "start_load local_block_ids")
         remote = as_block_ids(remote_block_ids, "start_load remote_block_ids")
         check_load_pairs(local, remote)
@@ -266,7 +303,7 @@ class NixlConnector:
         if not _positive_seconds(timeout):
             raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         now = time.monotonic()
-        load = Load(request_id, rrid, engines, local, remote, now, now + timeout, float(timeout))
+        load = Load(request_id, rrid, engines, local, remote, now, now + timeout, float(timeout), tokens)
         if self._all_ready(engines):
             problem = self._check_against_peers(load)
             if problem:
@@ -286,6 +323,7 @@ class NixlConnector:
         """Advance handshakes, transfers and holds; return what finished, failed or was released since."""
         self._check_open()
         self._finish_handshakes()
+        self._collect_confirmations()
         now = time.monotonic()
         for load in list(self._loads.values()):
             if self._loads.get(load.request_id) is not load:
@@ -294,6 +332,8 @@ class NixlConnector:
                 self._advance_waiting(load, now)
             elif load.state is LoadState.RUNNING:
                 self._advance_running(load, now)
+            elif load.state is LoadState.CONFIRMING:
+                self._advance_confirming(load, now)
             if load.state is LoadState.ABORTING:
                 self._try_finish_abort(load)
         self._advance_holds(now)
@@ -325,7 +365,8 @@ class NixlConnector:
             for transfer in load.transfers:
                 release_handle(transfer.handle)
         self._loads.clear()
-        self._holds.clear()
+        with self._holds_lock:
+            self._holds.clear()
         for peer in list(self._peers.values()) + list(self._dead.values()):
             self._release_peer(peer)
         self._peers.clear()
@@ -353,7 +394,9 @@ class NixlConnector:
             if b is not None:
                 raise KVLayoutError(f"start_load: local block {b} is already receiving request "
                                     f"{other.request_id!r}'s load; give this request its own blocks")
-        for hold in self._holds.values():
+        with self._holds_lock:
+            holds = list(self._holds.values())
+        for hold in holds:
             b = shared_block(local, as_block_ids(hold.block_ids, "hold"))
             if b is not None:
                 raise KVLayoutError(f"start_load: local block {b} is held for remote readers of request "
@@ -486,7 +529,6 @@ class NixlConnector:
         """Make and post one READ per engine (indices into the prepared lists; one note each)."""
         load.move(LoadState.RUNNING)
         t_index = t_prep = t_post = 0.0
-        note = encode_notif(load.remote_request_id, True)
         for i, address in enumerate(load.engines):
             prep = self._peers[address].prepared[Role.of(i)]
             t0 = time.perf_counter()
@@ -495,7 +537,7 @@ class NixlConnector:
             transfer = Transfer(address)
             load.transfers.append(transfer)
             try:
-                transfer.post(self._agent.make_prepped_xfer("READ", prep.local, li, prep.remote, ri, note))
+                transfer.post(self._agent.make_prepped_xfer("READ", prep.local, li, prep.remote, ri))
                 t2 = time.perf_counter()
                 status = self._agent.transfer(transfer.handle)
                 t3 = time.perf_counter()
@@ -550,14 +592,46 @@ class NixlConnector:
                     self._abort(load, reason)
                 return
         if all(t.done for t in load.transfers):
+            load.move(LoadState.CONFIRMING)
+            for address, token in zip(load.engines, load.tokens):
+                message = {"type": "confirm", "r": load.remote_request_id, "a": self.record.agent_name,
+                           "m": auth.mac(token, "confirm", load.remote_request_id, self.record.agent_name)}
+                threading.Thread(target=self._confirm, args=(load, address, message), daemon=True).start()
+        elif now > load.deadline:
+            slow = [t.address for t in load.transfers if not t.done]
+            self._abort(load, f"timed out after {load.timeout_s:g} s: transfer from {slow} still in progress")
+
+    def _confirm(self, load: Load, address: str, message: dict) -> None:
+        """(A thread of its own.) Ask ``address`` whether its hold was valid; the answer goes to ``poll``."""
+        remaining = max(load.deadline - time.monotonic(), 0.05)
+        valid, reason = confirm_read(address, message, min(remaining, self.handshake_timeout_s),
+                                     self.max_message_bytes)
+        self._confirms.put((load, address, valid, reason))
+
+    def _collect_confirmations(self) -> None:
+        while True:
+            try:
+                load, address, valid, reason = self._confirms.get_nowait()
+            except queue.Empty:
+                return
+            if self._loads.get(load.request_id) is not load or load.state is not LoadState.CONFIRMING:
+                continue
+            if valid:
+                load.confirmed.add(address)
+            else:
+                self._abort(load, f"the read from {address} is not valid: {reason}; the blocks may hold another "
+                                  f"request's bytes, so the load failed (recompute it)")
+
+    def _advance_confirming(self, load: Load, now: float) -> None:
+        if len(load.confirmed) == len(load.engines):
             load.move(LoadState.FINISHED)
             del self._loads[load.request_id]
             self._pending.finished.append(load.request_id)
             self._count("loads_finished")
             self._record_info(load, now)
         elif now > load.deadline:
-            slow = [t.address for t in load.transfers if not t.done]
-            self._abort(load, f"timed out after {load.timeout_s:g} s: transfer from {slow} still in progress")
+            waiting = [e for e in load.engines if e not in load.confirmed]
+            self._abort(load, f"timed out after {load.timeout_s:g} s waiting for {waiting} to confirm the read")
 
     def _abort(self, load: Load, reason: str, dead: Optional[str] = None) -> None:
         """Cancel the load's transfers and tell its live engines (not ``dead``) that this reader gave up,
@@ -565,11 +639,11 @@ class NixlConnector:
         load.abort(reason)
         for transfer in load.transfers:
             transfer.cancel()
-        note = encode_notif(load.remote_request_id, False)
-        done = {t.address for t in load.transfers if t.done}   # those already got the note of a finished read
-        for address in load.engines:
+        for address, token in zip(load.engines, load.tokens):
             peer = self._peers.get(address)
-            if address != dead and address not in done and peer is not None and peer.ready:
+            if address != dead and address not in load.confirmed and peer is not None and peer.ready:
+                note = encode_notif(load.remote_request_id, False,
+                                    auth.mac(token, "note", load.remote_request_id, "0"))
                 try:
                     self._agent.send_notif(peer.agent_name, note)
                 except Exception:
@@ -606,28 +680,83 @@ class NixlConnector:
 
     # holds
 
+    def _on_confirm(self, message) -> dict:
+        """(A side-channel thread.) A reader asks whether the hold it read from is still valid: it is when
+        the hold exists, is held, has not passed its deadline and the proof matches its token; the reader
+        then counts as done (the hold is released by the next ``poll`` once every reader is)."""
+        def answer(valid: bool, reason: str) -> dict:
+            return {"type": "confirmed", "valid": valid, "reason": reason}
+        if not isinstance(message, dict) or set(message) != {"type", "r", "a", "m"} or \
+                not all(isinstance(message[k], str) and 0 < len(message[k]) <= 256 for k in ("r", "a")):
+            return answer(False, "malformed confirmation")
+        rid, reader = message["r"], message["a"]
+        with self._holds_lock:
+            hold = self._holds.get(rid)
+            if hold is None or not auth.verify(hold.token, message["m"], "confirm", rid, reader):
+                return answer(False, f"no hold of request {rid[:80]!r} with that token (released, expired, "
+                                     f"cancelled, or never held)")
+            if hold.state is not HoldState.HELD or time.monotonic() > hold.deadline:
+                return answer(False, f"the hold of request {rid[:80]!r} expired after {hold.timeout_s:g} s before "
+                                     f"the read was confirmed")
+            hold.note(reader, True)
+        return answer(True, "")
+
     def _advance_holds(self, now: float) -> None:
         try:
             notes = self._agent.get_new_notifs()
         except Exception:
             notes = {}
-        for sender, msgs in notes.items():
-            sender = sender.decode() if isinstance(sender, bytes) else str(sender)
-            for msg in msgs:
-                parsed = decode_notif(msg)
-                hold = self._holds.get(parsed[0]) if parsed else None
-                if hold is None:
-                    self._count("stray_notes")
+        with self._holds_lock:
+            for sender, msgs in notes.items():
+                sender = sender.decode() if isinstance(sender, bytes) else str(sender)
+                for msg in msgs:
+                    parsed = decode_notif(msg)
+                    hold = self._holds.get(parsed[0]) if parsed else None
+                    if hold is None:
+                        self._count("stray_notes")
+                        continue
+                    rid, ok, proof = parsed
+                    if not auth.verify(hold.token, proof, "note", rid, "1" if ok else "0") or ok:
+                        self._count("forged_notes")      # only a reader holding the token can give up a hold
+                        continue
+                    hold.note(sender, False)
+            for rid, hold in list(self._holds.items()):
+                outcome = hold.settle(now)
+                if outcome is None:
                     continue
-                hold.note(sender, parsed[1])
-        for rid, hold in list(self._holds.items()):
-            outcome = hold.settle(now)
-            if outcome is None:
-                continue
-            reason, ok = outcome
-            del self._holds[rid]
-            self._pending.released.append(ReleasedBlocks(rid, hold.block_ids, reason, ok))
-            self._count("holds_released" if ok else "holds_expired")
+                reason, ok = outcome
+                del self._holds[rid]
+                self._pending.released.append(ReleasedBlocks(rid, hold.block_ids, reason, ok))
+                self._count("holds_released" if ok else "holds_expired")
+
+
+_warned = False
+
+
+def _warn_unauthenticated() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn("kvlayout NixlConnector runs without a shared secret: any local process that reaches its "
+                      f"side channel can read and write the registered cache; set {auth.SECRET_ENV} (or pass "
+                      f"secret=) in production", UserWarning, stacklevel=3)
+
+
+def _hold_tokens(hold_token, n: int) -> tuple[bytes, ...]:
+    tokens = (hold_token,) if isinstance(hold_token, str) else tuple(hold_token) if hold_token is not None else ()
+    if len(tokens) != n:
+        raise KVLayoutError(f"give one hold_token per remote engine ({n}), as hold_blocks returned it, got "
+                            f"{hold_token!r}"[:300])
+    out = []
+    for t in tokens:
+        try:
+            b = bytes.fromhex(t) if isinstance(t, str) else None
+        except ValueError:
+            b = None
+        if b is None or len(b) != auth.TOKEN_BYTES:
+            raise KVLayoutError(f"hold_token must be the hex string hold_blocks returned, got {t!r}"[:300])
+        out.append(b)
+    return tuple(out)
 
 
 def _check_request_id(request_id: Any) -> None:

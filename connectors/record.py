@@ -15,10 +15,10 @@ from kvlayout.allocation import KVCache
 from kvlayout.errors import KVLayoutError
 from kvlayout.specs import MambaSpec, dtype_name
 
-from .schema import (HandshakeError, bounded_list, boolean, exact_keys, integer, malformed, optional_integer,
+from .schema import (MAX_NAME, HandshakeError, bounded_list, boolean, exact_keys, integer, malformed, optional_integer,
                      string)
 
-CONNECTOR_VERSION = 1
+CONNECTOR_VERSION = 2                # 2: model identity in the record, authenticated handshake
 LAYOUT_ID = "kvlayout/packed-hnd-blocks-first/1"
 MAX_LAYERS = 4096
 KINDS = ("attention", "mla", "mamba")
@@ -26,7 +26,7 @@ KINDS = ("attention", "mla", "mamba")
 _LAYER_KEYS = ("name", "kind", "dtype", "block_size", "num_heads", "head_start", "total_heads", "content",
                "page_bytes", "states")
 _RECORD_KEYS = ("connector_version", "layout", "engine_id", "agent_name", "tp_rank", "tp_size", "cross_layer",
-                "layers")
+                "model_id", "layers")
 _DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8")
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1,
              "float64": 8, "int32": 4, "int64": 8, "int16": 2, "uint8": 1}
@@ -80,6 +80,7 @@ class CompatRecord:
     layers: tuple[LayerRecord, ...]
     connector_version: int = CONNECTOR_VERSION
     layout: str = LAYOUT_ID
+    model_id: str = ""              # what the engine serves (name, revision, weights fingerprint); "" unknown
 
     def layer(self, name: str) -> LayerRecord:
         """The record of layer ``name``."""
@@ -93,7 +94,7 @@ class CompatRecord:
         return {
             "connector_version": self.connector_version, "layout": self.layout, "engine_id": self.engine_id,
             "agent_name": self.agent_name, "tp_rank": self.tp_rank, "tp_size": self.tp_size,
-            "cross_layer": self.cross_layer,
+            "cross_layer": self.cross_layer, "model_id": self.model_id,
             "layers": [{
                 "name": l.name, "kind": l.kind, "dtype": l.dtype, "block_size": l.block_size,
                 "num_heads": l.num_heads, "head_start": l.head_start, "total_heads": l.total_heads,
@@ -104,9 +105,12 @@ class CompatRecord:
 
 
 def build_record(caches: KVCache, *, engine_id: str, agent_name: str, tp_rank: int = 0, tp_size: int = 1,
-                 specs: Optional[Mapping[str, Any]] = None) -> CompatRecord:
+                 specs: Optional[Mapping[str, Any]] = None, model_id: str = "") -> CompatRecord:
     """The record of a local cache. ``specs`` (``plan.specs``) adds the Mamba state layouts, which lets
-    two engines with differently padded Mamba pages exchange the states."""
+    two engines with differently padded Mamba pages exchange the states. ``model_id`` names the model
+    (and its weights) the engine serves; engines with different ids refuse each other."""
+    if not isinstance(model_id, str) or len(model_id) > MAX_NAME:
+        raise KVLayoutError(f"model_id must be a string of at most {MAX_NAME} characters, got {model_id!r}"[:300])
     if not (isinstance(tp_size, int) and isinstance(tp_rank, int) and 0 <= tp_rank < tp_size):
         raise KVLayoutError(f"tp_rank must be in [0, tp_size), got tp_rank={tp_rank!r}, tp_size={tp_size!r}")
     layers = []
@@ -125,7 +129,8 @@ def build_record(caches: KVCache, *, engine_id: str, agent_name: str, tp_rank: i
             states = tuple((s.name, tuple(s.shape), dtype_name(s.dtype), s.byte_offset) for s in spec.slices())
         layers.append(LayerRecord(lay.name, lay.kind, dtype_name(lay.dtype), block_size, num_heads, head_start,
                                   total, c, page, states))
-    return CompatRecord(engine_id, agent_name, tp_rank, tp_size, caches.layout.cross_layer, tuple(layers))
+    return CompatRecord(engine_id, agent_name, tp_rank, tp_size, caches.layout.cross_layer, tuple(layers),
+                        model_id=model_id)
 
 
 # ---------------------------------------------------------------------------------------- comparison
@@ -146,7 +151,7 @@ def compare_records(local: CompatRecord, remote: CompatRecord) -> list[Differenc
     per-layer allocation (regions pair layer by layer); head size, dtype, block size, total head count,
     layer names and kinds, and Mamba state layouts must agree.
     """
-    diffs = [Difference(f, getattr(local, f), getattr(remote, f)) for f in ("connector_version", "layout")
+    diffs = [Difference(f, getattr(local, f), getattr(remote, f)) for f in ("connector_version", "layout", "model_id")
              if getattr(local, f) != getattr(remote, f)]
     if diffs:
         return diffs
@@ -255,4 +260,11 @@ def parse_record(obj: Any, where: str = "record") -> CompatRecord:
         agent_name=string(obj["agent_name"], f"{where}.agent_name"),
         tp_rank=tp_rank, tp_size=tp_size, cross_layer=boolean(obj["cross_layer"], f"{where}.cross_layer"),
         layers=tuple(layers), connector_version=CONNECTOR_VERSION,
-        layout=string(obj["layout"], f"{where}.layout", (LAYOUT_ID,)))
+        layout=string(obj["layout"], f"{where}.layout", (LAYOUT_ID,)),
+        model_id=_model_id(obj["model_id"], f"{where}.model_id"))
+
+
+def _model_id(v: Any, where: str) -> str:
+    if not isinstance(v, str) or len(v) > MAX_NAME:
+        raise malformed(where, f"expected a string of at most {MAX_NAME} characters")
+    return v

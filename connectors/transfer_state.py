@@ -29,6 +29,7 @@ class PeerState(enum.Enum):
 class LoadState(enum.Enum):
     WAITING = "waiting"         # for the handshakes with its engines
     RUNNING = "running"         # its transfers are posted
+    CONFIRMING = "confirming"   # every transfer done; asking each engine whether its hold was still valid
     ABORTING = "aborting"       # failed; waits until no transfer can still write into its blocks
     FINISHED = "finished"       # every transfer done (reported in poll().finished)
     FAILED = "failed"           # reported in poll().failed
@@ -53,7 +54,8 @@ TRANSITIONS: dict[enum.Enum, frozenset] = {
     PeerState.READY: frozenset({PeerState.FAILED}),
     PeerState.FAILED: frozenset(),
     LoadState.WAITING: frozenset({LoadState.RUNNING, LoadState.ABORTING}),
-    LoadState.RUNNING: frozenset({LoadState.FINISHED, LoadState.ABORTING}),
+    LoadState.RUNNING: frozenset({LoadState.CONFIRMING, LoadState.ABORTING}),
+    LoadState.CONFIRMING: frozenset({LoadState.FINISHED, LoadState.ABORTING}),
     LoadState.ABORTING: frozenset({LoadState.FAILED}),
     LoadState.FINISHED: frozenset(),
     LoadState.FAILED: frozenset(),
@@ -168,7 +170,9 @@ class Load(_StateMachine):
     started: float
     deadline: float
     timeout_s: float
+    tokens: tuple = ()                               # the hold token of each engine (from its hold_blocks)
     transfers: list[Transfer] = field(default_factory=list)
+    confirmed: set = field(default_factory=set)      # engines that confirmed their hold was valid
     state: LoadState = LoadState.WAITING
     reason: str = ""
     costs: tuple = (0.0, 0.0, 0.0)
@@ -195,6 +199,7 @@ class Hold(_StateMachine):
     num_readers: int
     deadline: float
     timeout_s: float
+    token: bytes = b""                               # binds notes and confirmations to this hold
     readers: set = field(default_factory=set)
     failures: list = field(default_factory=list)
     state: HoldState = HoldState.HELD

@@ -2,7 +2,8 @@
 
 Side-channel messages are msgpack maps (never pickle) in frames ``b"KVL1" + 4-byte big-endian length +
 payload``; a frame's length is checked against the limit before its payload is read. The note a reader sends
-a block owner over NIXL when it is done with a request is a small msgpack map ``{"r": request id, "ok": bool}``.
+a block owner over NIXL when it gives up on a request is a small msgpack map ``{"r": request id, "ok": bool,
+"m": proof}`` (``auth``: a MAC with the hold's token).
 Nothing here knows what the messages mean (``handshake`` and ``record`` do).
 """
 
@@ -82,18 +83,20 @@ def recv_message(sock: socket.socket, deadline: float, limit: int = MAX_MESSAGE_
 
 # --------------------------------------------------------------------------------------- notifications
 
-def encode_notif(request_id: str, ok: bool) -> bytes:
-    """The note a reader sends the block owner when it is done with a request's blocks."""
-    return msgpack.packb({"r": request_id, "ok": bool(ok)}, use_bin_type=True)
+def encode_notif(request_id: str, ok: bool, proof: bytes) -> bytes:
+    """The note a reader sends the block owner about a request's blocks (``proof``: see ``auth``)."""
+    return msgpack.packb({"r": request_id, "ok": bool(ok), "m": bytes(proof)}, use_bin_type=True)
 
 
-def decode_notif(data: bytes) -> Optional[tuple[str, bool]]:
-    """``(request id, ok)``, or None for anything that is not a well-formed note (ignored by the caller)."""
+def decode_notif(data: bytes) -> Optional[tuple[str, bool, bytes]]:
+    """``(request id, ok, proof)``, or None for anything that is not a well-formed note (ignored)."""
     if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_NOTIF_BYTES:
         return None
     try:
         obj = decode_payload(bytes(data), MAX_NOTIF_BYTES)
-        exact_keys(obj, ("r", "ok"), "note")
-        return string(obj["r"], "note.r"), boolean(obj["ok"], "note.ok")
+        exact_keys(obj, ("r", "ok", "m"), "note")
+        if not isinstance(obj["m"], bytes):
+            return None
+        return string(obj["r"], "note.r"), boolean(obj["ok"], "note.ok"), obj["m"]
     except HandshakeError:
         return None

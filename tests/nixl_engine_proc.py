@@ -81,13 +81,14 @@ def main() -> None:
             op = cmd["cmd"]
             try:
                 if op == "hold":
+                    tokens = {}
                     for rid, ids in cmd["holds"]:
-                        conn.hold_blocks(rid, ids, num_readers=cmd.get("num_readers", 1),
-                                         timeout_s=cmd.get("timeout_s"))
-                    _reply({"ok": True})
+                        tokens[rid] = conn.hold_blocks(rid, ids, num_readers=cmd.get("num_readers", 1),
+                                                       timeout_s=cmd.get("timeout_s"))["hold_token"]
+                    _reply({"ok": True, "tokens": tokens})
                 elif op == "load":
-                    for rid, engines, rids, lids in cmd["loads"]:
-                        conn.start_load(rid, engines, rids, lids)
+                    for rid, engines, rids, lids, tokens in cmd["loads"]:
+                        conn.start_load(rid, engines, rids, lids, hold_token=tokens)
                     _reply({"ok": True})
                 elif op == "wait":
                     want, deadline = set(cmd["request_ids"]), time.monotonic() + cmd["timeout_s"]

@@ -89,6 +89,9 @@ class Engine:
             self.kill()
 
 
+NO_TOKEN = "00" * 16                  # a well-formed hold token no engine gave out
+
+
 def run_until(conn, request_ids, timeout=30.0):
     """Poll ``conn`` until every id finished or failed; returns (finished set, failed dict)."""
     want, finished, failed = set(request_ids), set(), {}
@@ -321,7 +324,7 @@ def test_malformed_messages_are_rejected_cleanly():
     with pytest.raises(HandshakeError):
         wire.decode_payload(msgpack.packb([1] * 10) + b"extra")
     assert wire.decode_notif(b"\xff\x00") is None and wire.decode_notif(msgpack.packb({"r": "x"})) is None
-    assert wire.decode_notif(wire.encode_notif("req", True)) == ("req", True)
+    assert wire.decode_notif(wire.encode_notif("req", True, b"p" * 32)) == ("req", True, b"p" * 32)
 
     a, b = socket.socketpair()
     with a, b:
@@ -471,10 +474,10 @@ def test_nixl_layout_wishes_reach_the_plan():
 def test_transfer_bytes_equal_and_other_blocks_untouched(prefill, decode, expected):
     remote = {"attention": [5, 6, 7, 20], "mamba": [100]}
     local = {"attention": [30, 31, 32, 90], "mamba": [7]}
-    prefill.call(cmd="hold", holds=[["t1", remote]])
+    tok = prefill.call(cmd="hold", holds=[["t1", remote]])["tokens"]
     mine = pages(decode.caches)
     before = mine.clone()
-    decode.start_load("t1", prefill.address, remote, local)
+    decode.start_load("t1", prefill.address, remote, local, hold_token=tok["t1"])
     finished, failed = run_until(decode, ["t1"])
     assert finished == {"t1"}, failed
     written = torch.zeros(mine.shape[:2], dtype=torch.bool)
@@ -499,10 +502,10 @@ def test_200_concurrent_requests_all_complete(prefill, decode, expected):
     remote = rng.integers(0, 256, size=200).tolist()
     local = rng.permutation(256)[:200].tolist()
     ids = [f"c{i}" for i in range(200)]
-    prefill.call(cmd="hold", holds=[[rid, [r]] for rid, r in zip(ids, remote)])
+    tok = prefill.call(cmd="hold", holds=[[rid, [r]] for rid, r in zip(ids, remote)])["tokens"]
     mine = pages(decode.caches)
     for rid, r, l in zip(ids, remote, local):
-        decode.start_load(rid, prefill.address, [r], [l])
+        decode.start_load(rid, prefill.address, [r], [l], hold_token=tok[rid])
     finished, failed = run_until(decode, ids, timeout=40)
     assert finished == set(ids), list(failed.items())[:3]
     assert torch.equal(mine[:, local], expected[:, remote])
@@ -516,7 +519,7 @@ def test_handshake_mismatch_is_refused_naming_the_field(prefill):
     from kvlayout.connectors import NixlConnector
     plan, caches = build_cache(4, 16, 0, dtype=torch.bfloat16)
     with NixlConnector(caches, specs=plan.specs, engine_id="Dbf16", handshake_timeout_s=2) as other:
-        other.start_load("m1", prefill.address, [1], [1])
+        other.start_load("m1", prefill.address, [1], [1], hold_token=NO_TOKEN)
         finished, failed = run_until(other, ["m1"], timeout=10)
         assert "layers[l0.attn].dtype" in failed["m1"] and "bfloat16" in failed["m1"], failed
         assert other.stats["loads_in_flight"] == 0 and other.stats["peers"] == 0
@@ -529,7 +532,7 @@ def test_malformed_handshake_bytes_do_not_hurt_the_engine(prefill, decode, expec
     before = prefill.call(cmd="stats").get("handshakes_malformed", 0)
     garbage = [b"GET / HT", wire.MAGIC + struct.pack(">I", 1 << 30),
                wire.MAGIC + struct.pack(">I", 3) + b"\xc1\xc1\xc1",
-               wire.encode_frame({"type": "hello", "record": {"connector_version": 1, "x": [1] * 100}}),
+               wire.encode_frame({"type": "hello", "record": {"connector_version": record.CONNECTOR_VERSION, "x": [1] * 100}}),
                wire.encode_frame({"type": "welcome"}), b"", wire.MAGIC]
     for data in garbage:
         with socket.create_connection((host, int(port)), timeout=5) as s:
@@ -540,8 +543,8 @@ def test_malformed_handshake_bytes_do_not_hurt_the_engine(prefill, decode, expec
             assert reply[:4] == wire.MAGIC
             assert wire.decode_payload(reply[8:])["type"] == "refused"
     assert prefill.call(cmd="stats")["handshakes_malformed"] >= before + 5
-    prefill.call(cmd="hold", holds=[["after-garbage", [3]]])      # still serving
-    decode.start_load("after-garbage", prefill.address, [3], [200])
+    tok = prefill.call(cmd="hold", holds=[["after-garbage", [3]]])["tokens"]      # still serving
+    decode.start_load("after-garbage", prefill.address, [3], [200], hold_token=tok["after-garbage"])
     assert run_until(decode, ["after-garbage"])[0] == {"after-garbage"}
     assert torch.equal(pages(decode.caches)[:, 200], expected[:, 3])
 
@@ -549,9 +552,9 @@ def test_malformed_handshake_bytes_do_not_hurt_the_engine(prefill, decode, expec
 @needs_nixl
 def test_heterogeneous_tp_each_decode_rank_gets_its_heads(prefill, tp2, expected, tmp_path):
     remote, local = [40, 41, 42, 77], [3, 4, 5, 9]
-    prefill.call(cmd="hold", holds=[["h1", remote]], num_readers=2)
+    tok = prefill.call(cmd="hold", holds=[["h1", remote]], num_readers=2)["tokens"]
     for e in tp2:
-        e.call(cmd="load", loads=[["h1", prefill.address, remote, local]])
+        e.call(cmd="load", loads=[["h1", prefill.address, remote, local, tok["h1"]]])
     for e in tp2:
         out = e.call(cmd="wait", what="loads", request_ids=["h1"], timeout_s=20)
         assert out["finished"] == ["h1"], out
@@ -578,11 +581,10 @@ def test_killed_prefill_rank_fails_requests_and_leaks_nothing(prefill, tp2, deco
     killed with loads in flight."""
     ids = [f"k{i}" for i in range(21)]
     src = list(range(20, 28))                                       # blocks the TP2 ranks never wrote
-    for e in tp2:
-        e.call(cmd="hold", holds=[[rid, src] for rid in ids])
+    toks = [e.call(cmd="hold", holds=[[rid, src] for rid in ids])["tokens"] for e in tp2]
     engines = [e.address for e in tp2]
     before = pages(decode.caches).clone()
-    decode.start_load("k0", engines, src, list(range(100, 108)))
+    decode.start_load("k0", engines, src, list(range(100, 108)), hold_token=[t["k0"] for t in toks])
     assert run_until(decode, ["k0"])[0] == {"k0"}
     mine = pages(decode.caches)
     theirs = [pages(build_cache(2, 256, seed)[1]) for seed in TP2_SEEDS]
@@ -593,11 +595,13 @@ def test_killed_prefill_rank_fails_requests_and_leaks_nothing(prefill, tp2, deco
         assert torch.equal(mine[li, 100:108, 1216:], before[li, 100:108, 1216:])
 
     for i in range(1, 11):                                          # in flight when rank 1 dies
-        decode.start_load(ids[i], engines, src, list(range(100 + 8 * i, 108 + 8 * i)))
+        decode.start_load(ids[i], engines, src, list(range(100 + 8 * i, 108 + 8 * i)),
+                          hold_token=[t[ids[i]] for t in toks])
     os.kill(tp2[1].proc.pid, signal.SIGKILL)
     tp2[1].proc.wait(10)
     for i in range(11, 21):                                         # started before anyone noticed
-        decode.start_load(ids[i], engines, src, list(range(8 * (i - 11), 8 * (i - 10))))
+        decode.start_load(ids[i], engines, src, list(range(8 * (i - 11), 8 * (i - 10))),
+                          hold_token=[t[ids[i]] for t in toks])
     finished, failed = run_until(decode, ids[1:], timeout=20)
     assert set(ids[11:]) <= set(failed), (finished, failed)
     assert all(tp2[1].address in reason for reason in failed.values()), failed
@@ -607,11 +611,11 @@ def test_killed_prefill_rank_fails_requests_and_leaks_nothing(prefill, tp2, deco
     assert set(out["released"]) == set(ids)
     assert all(out["released"][rid][1] for rid in finished | {"k0"})   # failed loads: ok if rank 0's part was read
     assert tp2[0].call(cmd="stats")["holds"] == 0
-    decode.start_load("k-again", engines, [0], [0])                 # the dead address is forgotten
+    decode.start_load("k-again", engines, [0], [0], hold_token=[NO_TOKEN] * 2)   # the dead address is forgotten
     finished, failed = run_until(decode, ["k-again"], timeout=10)
     assert "connection refused" in failed["k-again"]
-    prefill.call(cmd="hold", holds=[["alive", [9]]])                 # the connector keeps serving others
-    decode.start_load("alive", prefill.address, [9], [250])
+    tok = prefill.call(cmd="hold", holds=[["alive", [9]]])["tokens"]    # the connector keeps serving others
+    decode.start_load("alive", prefill.address, [9], [250], hold_token=tok["alive"])
     assert run_until(decode, ["alive"])[0] == {"alive"}
     assert torch.equal(pages(decode.caches)[:, 250], expected[:, 9])
     assert decode.stats["loads_in_flight"] == 0
@@ -623,7 +627,7 @@ def test_silent_peer_times_out_with_a_reason(decode):
     with server:
         address = f"127.0.0.1:{server.getsockname()[1]}"
         t0 = time.monotonic()
-        decode.start_load("silent", address, [1], [1])
+        decode.start_load("silent", address, [1], [1], hold_token=NO_TOKEN)
         finished, failed = run_until(decode, ["silent"], timeout=10)
         assert "timed out" in failed["silent"] and address in failed["silent"]
         assert time.monotonic() - t0 < 6
@@ -632,15 +636,9 @@ def test_silent_peer_times_out_with_a_reason(decode):
 
 @needs_nixl
 def test_stalled_transfer_times_out_and_the_owner_is_told(prefill, decode, monkeypatch):
-    prefill.call(cmd="hold", holds=[["stall", [12, 13]]])
+    tok = prefill.call(cmd="hold", holds=[["stall", [12, 13]]])["tokens"]
     monkeypatch.setattr(decode._agent, "check_xfer_state", lambda handle: "PROC")   # NIXL never finishes it
-    # On CPU, UCX moves the bytes inside transfer() and NIXL then delivers the READ's own "done" note; a
-    # transfer that really stalls never does. Keep that note from naming this request, or the owner may
-    # (correctly) see a finished read before the reader's "gave up".
-    from kvlayout.connectors import nixl_connector
-    real_note = nixl_connector.encode_notif
-    monkeypatch.setattr(nixl_connector, "encode_notif", lambda rid, ok: real_note(rid if not ok else "x" + rid, ok))
-    decode.start_load("stall", prefill.address, [12, 13], [60, 61], timeout_s=0.3)
+    decode.start_load("stall", prefill.address, [12, 13], [60, 61], timeout_s=0.3, hold_token=tok["stall"])
     finished, failed = run_until(decode, ["stall"], timeout=10)
     assert "timed out after 0.3 s" in failed["stall"] and "still in progress" in failed["stall"]
     assert decode.stats["loads_in_flight"] == 0
@@ -656,7 +654,8 @@ def test_hold_is_released_on_timeout_when_no_reader_reports():
     with NixlConnector(caches, specs=plan.specs, engine_id="P3") as conn:
         params = conn.hold_blocks("lonely", {"attention": [1, 2], "mamba": [3]}, timeout_s=0.2)
         assert params == {"engine": conn.address, "request_id": "lonely",
-                          "block_ids": {"attention": [1, 2], "mamba": [3]}}
+                          "block_ids": {"attention": [1, 2], "mamba": [3]}, "hold_token": params["hold_token"],
+                          "expires_in_s": 0.2}
         assert conn.stats["holds"] == 1
         deadline = time.monotonic() + 5
         released = []
@@ -679,17 +678,17 @@ def test_load_targets_are_exclusive():
     with NixlConnector(caches, specs=plan.specs, engine_id="X", handshake_timeout_s=0.5) as conn:
         nowhere = "127.0.0.1:1"                                   # nothing listens: the load waits, then fails
         conn.hold_blocks("served", {"attention": [1, 2], "mamba": [3]})
-        conn.start_load("a", nowhere, [9, 10], [4, 5])
+        conn.start_load("a", nowhere, [9, 10], [4, 5], hold_token=NO_TOKEN)
         for local, match in (([5, 6], "receiving request 'a'"), ([2], "held for remote readers"),
                              ({"mamba": [3]}, "held for remote readers"), ({"attention": [4]}, "receiving")):
             with pytest.raises(KVLayoutError, match=match):
-                conn.start_load("b", nowhere, _same_shape(local, 12), local)
+                conn.start_load("b", nowhere, _same_shape(local, 12), local, hold_token=NO_TOKEN)
         with pytest.raises(KVLayoutError, match="still receiving"):
             conn.hold_blocks("c", [5])
         assert set(conn._loads) == {"a"} and set(conn._holds) == {"served"}
-        conn.start_load("b", nowhere, [12], [6])                  # disjoint blocks are fine
+        conn.start_load("b", nowhere, [12], [6], hold_token=NO_TOKEN)     # disjoint blocks are fine
         conn.cancel_hold("served")
-        conn.start_load("d", nowhere, [13], [2])                  # the hold is gone
+        conn.start_load("d", nowhere, [13], [2], hold_token=NO_TOKEN)     # the hold is gone
 
 
 def _same_shape(ids, first):
@@ -700,8 +699,8 @@ def _same_shape(ids, first):
 
 @needs_nixl
 def test_bad_arguments_are_refused_before_anything_starts(prefill, decode):
-    prefill.call(cmd="hold", holds=[["v0", [1]]])
-    decode.start_load("v0", prefill.address, [1], [1])              # makes the peer ready
+    tok = prefill.call(cmd="hold", holds=[["v0", [1]]])["tokens"]
+    decode.start_load("v0", prefill.address, [1], [1], hold_token=tok["v0"])   # makes the peer ready
     run_until(decode, ["v0"])
     started = decode.stats.get("loads_started", 0)
     bad = [
@@ -718,7 +717,7 @@ def test_bad_arguments_are_refused_before_anything_starts(prefill, decode):
     ]
     for kw in bad:
         with pytest.raises(KVLayoutError):
-            decode.start_load(**kw)
+            decode.start_load(**kw, hold_token=NO_TOKEN)
     with pytest.raises(KVLayoutError, match="out of range"):
         decode.hold_blocks("y", [999])
     assert decode.stats.get("loads_started", 0) == started and decode.stats["loads_in_flight"] == 0
@@ -738,7 +737,7 @@ def test_vram_transfer_between_two_agents():
         before = pages(dst).clone()
         remote, local = [4, 5, 6, 30], [10, 11, 12, 50]
         params = p.hold_blocks("g1", remote)
-        d.start_load("g1", params["engine"], params["block_ids"], local)
+        d.start_load("g1", params["engine"], params["block_ids"], local, hold_token=params["hold_token"])
         finished, failed = run_until(d, ["g1"], timeout=60)
         assert finished == {"g1"}, failed
         torch.cuda.synchronize()

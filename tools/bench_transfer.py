@@ -176,9 +176,8 @@ def serve(cfg: dict) -> None:
     for buf in caches.buffers:                                   # real bytes, resident pages
         buf.copy_(torch.randint(-128, 128, buf.shape, dtype=torch.int8, generator=gen))
     conn = NixlConnector(caches, specs=plan.specs, engine_id="bench-prefill", hold_timeout_s=3600)
-    for i in range(cfg["requests"]):
-        conn.hold_blocks(f"r{i}", cfg["block_ids"])
-    print("@@" + json.dumps({"address": conn.address}), flush=True)
+    tokens = {f"r{i}": conn.hold_blocks(f"r{i}", cfg["block_ids"])["hold_token"] for i in range(cfg["requests"])}
+    print("@@" + json.dumps({"address": conn.address, "tokens": tokens}), flush=True)
     import select
     while not select.select([sys.stdin], [], [], 0.001)[0]:
         conn.poll()
@@ -203,14 +202,15 @@ def transfer_table(layers: int, device: str, iters: int) -> dict:
             line = child.stdout.readline()
             if not line:
                 raise RuntimeError("the prefill child exited before it was ready")
-        address = json.loads(line[2:])["address"]
+        ready = json.loads(line[2:])
+        address, tokens = ready["address"], ready["tokens"]
         caches = kvl.allocate_kv_cache(plan, device)
         conn = NixlConnector(caches, specs=plan.specs, engine_id="bench-decode", telemetry=True)
         results, polls = [], []
         for i in range(iters + 1):                               # the first one includes the handshake
             rid = f"r{i}"
             t0 = time.perf_counter()
-            conn.start_load(rid, address, remote_ids, local_ids)
+            conn.start_load(rid, address, remote_ids, local_ids, hold_token=tokens[rid])
             t1 = time.perf_counter()
             while True:
                 tp = time.perf_counter()

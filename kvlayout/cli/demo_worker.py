@@ -91,7 +91,8 @@ def serve(cfg: dict) -> None:
                 elif cmd["cmd"] == "load":
                     rid, params = cmd["id"], cmd["params"]
                     local = eng.add_remote_request(cmd["prompt"], cmd["first_token"], cmd["max_new_tokens"], rid)
-                    conn.start_load(rid, params["engine"], params["block_ids"], local)
+                    conn.start_load(rid, params["engine"], params["block_ids"], local,
+                                    hold_token=params["hold_token"])
                     started[rid] = time.perf_counter()
             events = conn.poll()
             for rel in events.released:                  # prefill side: the decode engine has read them

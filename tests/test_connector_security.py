@@ -1,0 +1,180 @@
+"""The connector faces a network: each attack is refused. Unauthenticated peers learn nothing, notes and
+read confirmations are bound to the hold's token, a read that outlived its hold is never a success, and
+engines serving different models refuse each other."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+
+from kvlayout.connectors import handshake as hs
+from kvlayout.connectors import wire
+from kvlayout.connectors.auth import mac
+from kvlayout.connectors.nixl_api import nixl_installed
+from kvlayout.errors import KVLayoutError
+from nixl_engine_proc import build_cache
+from test_nixl_connector import pages, run_until
+
+pytestmark = pytest.mark.skipif(not nixl_installed(), reason="needs nixl")
+SECRET = b"s" * 32
+
+
+def connector(seed: int, **kw):
+    from kvlayout.connectors import NixlConnector
+    plan, caches = build_cache(4, 32, seed)
+    kw.setdefault("handshake_timeout_s", 2.0)
+    return NixlConnector(caches, specs=plan.specs, engine_id=f"e{seed}", **kw), caches
+
+
+def drain(conn, seconds=2.0):
+    """Poll ``conn`` for a while; returns the holds it released."""
+    out, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out += conn.poll().released
+        if out:
+            return out
+        time.sleep(0.005)
+    return out
+
+
+def raw_exchange(address: str, *messages) -> list:
+    host, port = address.rsplit(":", 1)
+    replies = []
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        for m in messages:
+            hs.send_message(s, m, time.monotonic() + 5)
+            replies.append(hs.recv_message(s, time.monotonic() + 5))
+    return replies
+
+
+def test_authenticated_engines_move_bytes_and_release_the_hold():
+    p, src = connector(1, secret=SECRET)
+    d, dst = connector(2, secret=SECRET)
+    with p, d:
+        params = p.hold_blocks("a1", [3, 4, 9])
+        d.start_load("a1", params["engine"], params["block_ids"], [10, 11, 12], hold_token=params["hold_token"])
+        finished, failed = run_until(d, ["a1"], timeout=20)
+        assert finished == {"a1"}, failed
+        assert torch.equal(pages(dst)[:, [10, 11, 12]], pages(src)[:, [3, 4, 9]])
+        (rel,) = drain(p)
+        assert rel.ok and rel.request_id == "a1"
+        assert p.stats["confirms_valid"] == 1 and p.stats["handshakes_served"] == 1
+
+
+def test_an_unauthenticated_peer_learns_nothing():
+    """No secret, a wrong secret, or a forged hello: the answer is "refused" and nothing else: no record,
+    no NIXL metadata, no field names or values."""
+    p, _ = connector(1, secret=SECRET)
+    with p:
+        hello = hs.make_hello(p.record)
+        (reply,) = raw_exchange(p.address, hello)                     # skips the challenge
+        assert reply == hs.REFUSED
+        challenge, reply = raw_exchange(p.address, {"type": "auth", "nonce": b"n" * 32},
+                                        {**hello, "proof": b"x" * 32})   # answers it without the key
+        assert set(challenge) == {"type", "nonce", "proof"} and reply == hs.REFUSED
+        welcome, reason = hs.request_welcome(p.address, p.record, 2.0, key=b"w" * 32)
+        assert welcome is None and "could not prove the shared secret" in reason
+        welcome, reason = hs.request_welcome(p.address, p.record, 2.0)    # no secret at all
+        assert welcome is None and reason.endswith("refused by the remote engine: refused")
+        deadline = time.monotonic() + 3     # the wrong-key client hangs up after the challenge: "dropped"
+        while p.stats.get("handshakes_dropped", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        st = p.stats
+        assert st["handshakes_unauthenticated"] == 3 and st["handshakes_dropped"] == 1 and "handshakes_served" not in st
+        d, _ = connector(2)                                            # a decode engine without the secret
+        with d:
+            d.start_load("x", p.address, [1], [1], hold_token="00" * 16)
+            finished, failed = run_until(d, ["x"], timeout=10)
+            assert "refused" in failed["x"] and "dtype" not in failed["x"]
+
+
+def test_a_fake_server_cannot_harvest_the_clients_record():
+    """The server proves the secret first: a listener without it gets no hello from a client with one."""
+    server = socket.create_server(("127.0.0.1", 0))
+    got = []
+
+    def fake():
+        conn, _ = server.accept()
+        with conn:
+            got.append(hs.recv_message(conn, time.monotonic() + 5))
+            hs.send_message(conn, {"type": "challenge", "nonce": b"n" * 32, "proof": b"p" * 32}, time.monotonic() + 5)
+            try:
+                got.append(hs.recv_message(conn, time.monotonic() + 2))
+            except Exception:                                        # noqa: BLE001: the client hung up
+                pass
+    import threading
+    t = threading.Thread(target=fake)
+    t.start()
+    p, _ = connector(1, secret=SECRET)
+    with p, server:
+        welcome, reason = hs.request_welcome(f"127.0.0.1:{server.getsockname()[1]}", p.record, 3.0, key=SECRET)
+        t.join(5)
+    assert welcome is None and "could not prove" in reason
+    assert [m["type"] for m in got] == ["auth"]                      # the record never left the client
+
+
+def test_notes_and_confirmations_need_the_holds_token(monkeypatch):
+    """A forged "gave up" note, a note claiming success, and confirmations with a wrong token or for a
+    request never held leave the hold in place; only the token holder's confirmation releases it."""
+    p, _ = connector(1, secret=SECRET)
+    with p:
+        params = p.hold_blocks("h", [5], timeout_s=30)
+        forged = {"agent-x": [wire.encode_notif("h", False, b"f" * 32),
+                              wire.encode_notif("h", True, mac(bytes.fromhex(params["hold_token"]), "note", "h", "1"))]}
+        monkeypatch.setattr(p._agent, "get_new_notifs", lambda: forged)
+        assert p.poll().released == [] and p.stats["forged_notes"] == 2 and p.stats["holds"] == 1
+        monkeypatch.setattr(p._agent, "get_new_notifs", lambda: {})
+        wrong = {"type": "confirm", "r": "h", "a": "me", "m": mac(b"t" * 16, "confirm", "h", "me")}
+        never = {"type": "confirm", "r": "nope", "a": "me", "m": mac(b"t" * 16, "confirm", "nope", "me")}
+        assert [hs.confirm_read(p.address, m, 2.0)[0] for m in (wrong, never)] == [False, False]
+        assert p.poll().released == [] and p.stats["holds"] == 1
+        token = bytes.fromhex(params["hold_token"])
+        good = {"type": "confirm", "r": "h", "a": "me", "m": mac(token, "confirm", "h", "me")}
+        assert hs.confirm_read(p.address, good, 2.0) == (True, "")
+        (rel,) = p.poll().released
+        assert rel.ok and p.stats["holds"] == 0
+        assert hs.confirm_read(p.address, good, 2.0)[0] is False     # once released, never again
+
+
+def test_a_read_that_outlives_its_hold_fails(monkeypatch):
+    """The decode engine stalls past the prefill's hold timeout; the prefill releases the blocks; the
+    read then completes: the load fails with the reason, it is never reported finished."""
+    p, _ = connector(1, secret=SECRET)
+    d, _ = connector(2, secret=SECRET)
+    with p, d:
+        params = p.hold_blocks("late", [7, 8], timeout_s=0.5)
+        real = d._agent.check_xfer_state
+        resume = time.monotonic() + 1.0
+        monkeypatch.setattr(d._agent, "check_xfer_state",
+                            lambda h: "PROC" if time.monotonic() < resume else real(h))
+        d.start_load("late", params["engine"], params["block_ids"], [1, 2], hold_token=params["hold_token"])
+        (rel,) = drain(p, 3.0)                                         # the prefill gives the blocks back
+        assert not rel.ok and "timed out" in rel.reason
+        finished, failed = run_until(d, ["late"], timeout=10)
+        assert not finished and "not valid" in failed["late"] and "another request" in failed["late"]
+        assert p.stats["confirms_refused"] == 1
+
+
+def test_engines_serving_different_models_refuse_each_other():
+    p, _ = connector(1, secret=SECRET, model_id="llama-3.1-8b@abc")
+    d, _ = connector(2, secret=SECRET, model_id="llama-3.1-8b@def")
+    with p, d:
+        d.start_load("m", p.address, [1], [1], hold_token="00" * 16)
+        finished, failed = run_until(d, ["m"], timeout=10)
+        assert "model_id" in failed["m"] and "@abc" in failed["m"]    # the peer proved the secret: details ok
+
+
+def test_binding_beyond_loopback_needs_a_secret(monkeypatch):
+    with pytest.raises(KVLayoutError, match="without a shared secret"):
+        connector(1, host="0.0.0.0")
+    c, _ = connector(1, host="0.0.0.0", allow_unauthenticated=True)
+    c.close()
+    monkeypatch.setenv("KVLAYOUT_CONNECTOR_SECRET", "e" * 32)
+    c, _ = connector(1, host="0.0.0.0")                                # the secret from the environment
+    with c:
+        assert c._key == b"e" * 32
+    with pytest.raises(KVLayoutError, match="at least 16 bytes"):
+        connector(1, secret=b"short")
