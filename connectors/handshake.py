@@ -39,7 +39,10 @@ from .wire import MAX_MESSAGE_BYTES, recv_message, send_message
 REFUSED = {"type": "refused", "reason": "refused", "fields": []}      # all an unauthenticated peer learns
 
 MEM_TYPES = ("DRAM", "VRAM")
-MAX_CONCURRENT_HANDSHAKES = 16
+# A thread per connection, many of them: idle or trickling clients cannot fill a small pool (each is cut off
+# by FIRST_FRAME_S for its first frame and by the handshake timeout for the whole exchange).
+MAX_CONCURRENT_HANDSHAKES = 1024
+FIRST_FRAME_S = 1.0
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -307,8 +310,8 @@ class HandshakeServer:
         try:
             with conn:
                 deadline = time.monotonic() + self.timeout_s
-                try:
-                    first = recv_message(conn, deadline, self.limit)
+                try:      # a real peer sends its first frame at once; an idle connection is dropped early
+                    first = recv_message(conn, min(deadline, time.monotonic() + FIRST_FRAME_S), self.limit)
                 except HandshakeError as exc:
                     self._count("handshakes_malformed")
                     send_message(conn, dict(REFUSED) if self.key is not None else make_refusal(str(exc)),

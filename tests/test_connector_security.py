@@ -178,3 +178,42 @@ def test_binding_beyond_loopback_needs_a_secret(monkeypatch):
         assert c._key == b"e" * 32
     with pytest.raises(KVLayoutError, match="at least 16 bytes"):
         connector(1, secret=b"short")
+
+
+def test_idle_and_trickling_connections_do_not_starve_handshakes():
+    """300 idle connections and 16 that trickle one byte a second are held open while 30 legitimate
+    handshakes run: at least 99% of them (here: all) succeed."""
+    import threading
+    p, _ = connector(1, secret=SECRET)
+    host, port = p.address.rsplit(":", 1)
+    stop = threading.Event()
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(300)]
+
+    def trickle():
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            while not stop.is_set():
+                try:
+                    s.send(b"K")
+                except OSError:
+                    return
+                stop.wait(1.0)
+    tricklers = [threading.Thread(target=trickle, daemon=True) for _ in range(16)]
+    for t in tricklers:
+        t.start()
+    results = []
+
+    def legit():
+        w, reason = hs.request_welcome(p.address, p.record, 5.0, key=SECRET)
+        results.append(w is not None or reason)
+    try:
+        with p:
+            workers = [threading.Thread(target=legit) for _ in range(30)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(15)
+    finally:
+        stop.set()
+        for s in idle:
+            s.close()
+    assert sum(r is True for r in results) >= 0.99 * 30 and len(results) == 30, (p.stats, results[:2])
