@@ -55,6 +55,11 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """``host:port``, IPv6 hosts in brackets (``[::1]:5000``); ``parse_address`` reads it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 # --------------------------------------------------------------------------------------------- messages
 
 @dataclass(frozen=True)
@@ -275,9 +280,14 @@ class HandshakeServer:
                  on_confirm: Optional[Callable[[Any], dict]] = None):
         self.record, self.welcome, self.timeout_s, self.limit, self._count = record, welcome, timeout_s, limit, count
         self.key, self._on_confirm = key, on_confirm
-        self._listener = socket.create_server((host, port), backlog=64)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            self._listener = socket.create_server((host, port), family=family, backlog=64)
+        except OSError as e:
+            raise KVLayoutError(f"cannot listen on {format_address(host, port)}: {e}") from None
         self._listener.settimeout(0.1)
-        self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self.port = self._listener.getsockname()[1]
+        self.address = format_address(host, self.port)
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)

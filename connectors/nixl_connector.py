@@ -70,6 +70,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import msgpack
+import numpy as np
+
 from kvlayout.allocation import KVCache
 from kvlayout.capabilities import ConnectorWishes
 from kvlayout.errors import BackendUnavailableError, KVLayoutError
@@ -78,8 +81,8 @@ from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check
                         plain_block_ids, shared_block)
 from .descriptors import TransferPlan, descriptor_rows
 from . import auth
-from .handshake import (HandshakeClient, HandshakeServer, RemoteRegion, Welcome, confirm_read, make_welcome,
-                        parse_address)
+from .handshake import (HandshakeClient, HandshakeServer, RemoteRegion, Welcome, confirm_read, format_address,
+                        make_welcome, parse_address)
 from .nixl_api import load_nixl_agent
 from .record import CompatRecord, build_record
 from .regions import layer_regions
@@ -116,7 +119,9 @@ class NixlConnector:
         engine_id: a name for logs and records (default: host-pid-random).
         tp_rank, tp_size: this engine's tensor-parallel position; attention blocks hold heads
             ``[tp_rank*H, (tp_rank+1)*H)`` of ``H*tp_size``.
-        host, port: where the side channel listens (default 127.0.0.1 and a free port; see ``address``).
+        host, port: where the side channel listens (default 127.0.0.1 and a free port; IPv6 works).
+        advertise_host: the host peers are told to connect to (``address``), when it differs from the bound
+            one (binding 0.0.0.0 or a container address); a name is resolved once, here.
         load_timeout_s: a load that has not finished by then fails (handshake included).
         hold_timeout_s: held blocks are released by then even if no reader reported.
         handshake_timeout_s: bound on one side-channel exchange, either side.
@@ -150,7 +155,7 @@ class NixlConnector:
                  handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, telemetry: bool = False,
                  backends: Sequence[str] = ("UCX",), secret: Union[bytes, str, None] = None,
-                 allow_unauthenticated: bool = False, model_id: str = ""):
+                 allow_unauthenticated: bool = False, model_id: str = "", advertise_host: Optional[str] = None):
         if not isinstance(caches, KVCache):
             raise KVLayoutError("NixlConnector needs the KVCache returned by kvlayout.allocate_kv_cache")
         for name, v in (("load_timeout_s", load_timeout_s), ("hold_timeout_s", hold_timeout_s),
@@ -218,6 +223,8 @@ class NixlConnector:
                                        limit=max_message_bytes, count=self._count, name=f"kvl-nixl-{self.engine_id}",
                                        key=self._key, on_confirm=self._on_confirm)
         self.address = self._server.address
+        if advertise_host is not None or host in ("0.0.0.0", "::"):
+            self.address = format_address(_resolve_once(advertise_host or socket.gethostname()), self._server.port)
 
     # ------------------------------------------------------------------------------------- prefill side
 
@@ -594,8 +601,10 @@ class NixlConnector:
         if all(t.done for t in load.transfers):
             load.move(LoadState.CONFIRMING)
             for address, token in zip(load.engines, load.tokens):
-                message = {"type": "confirm", "r": load.remote_request_id, "a": self.record.agent_name,
-                           "m": auth.mac(token, "confirm", load.remote_request_id, self.record.agent_name)}
+                read = plain_block_ids(load.remote_ids)
+                message = {"type": "confirm", "r": load.remote_request_id, "a": self.record.agent_name, "b": read,
+                           "m": auth.mac(token, "confirm", load.remote_request_id, self.record.agent_name,
+                                         msgpack.packb(read, use_bin_type=True))}
                 threading.Thread(target=self._confirm, args=(load, address, message), daemon=True).start()
         elif now > load.deadline:
             slow = [t.address for t in load.transfers if not t.done]
@@ -686,15 +695,19 @@ class NixlConnector:
         then counts as done (the hold is released by the next ``poll`` once every reader is)."""
         def answer(valid: bool, reason: str) -> dict:
             return {"type": "confirmed", "valid": valid, "reason": reason}
-        if not isinstance(message, dict) or set(message) != {"type", "r", "a", "m"} or \
+        if not isinstance(message, dict) or set(message) != {"type", "r", "a", "b", "m"} or \
                 not all(isinstance(message[k], str) and 0 < len(message[k]) <= 256 for k in ("r", "a")):
             return answer(False, "malformed confirmation")
         rid, reader = message["r"], message["a"]
         with self._holds_lock:
             hold = self._holds.get(rid)
-            if hold is None or not auth.verify(hold.token, message["m"], "confirm", rid, reader):
+            if hold is None or not auth.verify(hold.token, message["m"], "confirm", rid, reader,
+                                               msgpack.packb(message["b"], use_bin_type=True)):
                 return answer(False, f"no hold of request {rid[:80]!r} with that token (released, expired, "
                                      f"cancelled, or never held)")
+            stray = _unheld_block(message["b"], hold.block_ids)
+            if stray is not None:
+                return answer(False, f"block {stray} was read but request {rid[:80]!r} never held it here")
             if hold.state is not HoldState.HELD or time.monotonic() > hold.deadline:
                 return answer(False, f"the hold of request {rid[:80]!r} expired after {hold.timeout_s:g} s before "
                                      f"the read was confirmed")
@@ -740,6 +753,31 @@ def _warn_unauthenticated() -> None:
         warnings.warn("kvlayout NixlConnector runs without a shared secret: any local process that reaches its "
                       f"side channel can read and write the registered cache; set {auth.SECRET_ENV} (or pass "
                       f"secret=) in production", UserWarning, stacklevel=3)
+
+
+def _unheld_block(read, held) -> Optional[int]:
+    """A block id in ``read`` that ``held`` (both as ``hold_blocks`` takes them) does not hold, or None."""
+    try:
+        read_ids, held_ids = as_block_ids(read, "confirm"), as_block_ids(held, "hold")
+    except KVLayoutError:
+        return -1
+    for kind, ids in read_ids.items():
+        have = held_ids.get(kind, held_ids.get(ALL_KINDS))
+        if have is None and kind == ALL_KINDS and held_ids:
+            have = np.unique(np.concatenate(list(held_ids.values())))
+        missing = ids if have is None else ids[~np.isin(ids, have)]
+        if missing.size:
+            return int(missing[0])
+    return None
+
+
+def _resolve_once(host: str) -> str:
+    """A host name resolved to one address now (peers then never depend on their own resolver)."""
+    try:
+        info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise KVLayoutError(f"advertise_host {host!r} does not resolve: {e}") from None
+    return info[0][4][0]
 
 
 def _hold_tokens(hold_token, n: int) -> tuple[bytes, ...]:

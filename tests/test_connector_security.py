@@ -116,6 +116,12 @@ def test_a_fake_server_cannot_harvest_the_clients_record():
     assert [m["type"] for m in got] == ["auth"]                      # the record never left the client
 
 
+def confirmation(rid: str, token: bytes, blocks) -> dict:
+    import msgpack
+    return {"type": "confirm", "r": rid, "a": "me", "b": blocks,
+            "m": mac(token, "confirm", rid, "me", msgpack.packb(blocks, use_bin_type=True))}
+
+
 def test_notes_and_confirmations_need_the_holds_token(monkeypatch):
     """A forged "gave up" note, a note claiming success, and confirmations with a wrong token or for a
     request never held leave the hold in place; only the token holder's confirmation releases it."""
@@ -127,12 +133,14 @@ def test_notes_and_confirmations_need_the_holds_token(monkeypatch):
         monkeypatch.setattr(p._agent, "get_new_notifs", lambda: forged)
         assert p.poll().released == [] and p.stats["forged_notes"] == 2 and p.stats["holds"] == 1
         monkeypatch.setattr(p._agent, "get_new_notifs", lambda: {})
-        wrong = {"type": "confirm", "r": "h", "a": "me", "m": mac(b"t" * 16, "confirm", "h", "me")}
-        never = {"type": "confirm", "r": "nope", "a": "me", "m": mac(b"t" * 16, "confirm", "nope", "me")}
-        assert [hs.confirm_read(p.address, m, 2.0)[0] for m in (wrong, never)] == [False, False]
-        assert p.poll().released == [] and p.stats["holds"] == 1
         token = bytes.fromhex(params["hold_token"])
-        good = {"type": "confirm", "r": "h", "a": "me", "m": mac(token, "confirm", "h", "me")}
+        wrong = confirmation("h", b"t" * 16, [5])
+        never = confirmation("nope", token, [5])
+        unheld = confirmation("h", token, [5, 6])                      # read a block the hold never had
+        assert [hs.confirm_read(p.address, m, 2.0) for m in (wrong, never, unheld)][2] == \
+            (False, "block 6 was read but request 'h' never held it here")
+        assert p.poll().released == [] and p.stats["holds"] == 1 and p.stats["confirms_refused"] == 3
+        good = confirmation("h", token, [5])
         assert hs.confirm_read(p.address, good, 2.0) == (True, "")
         (rel,) = p.poll().released
         assert rel.ok and p.stats["holds"] == 0
@@ -217,3 +225,16 @@ def test_idle_and_trickling_connections_do_not_starve_handshakes():
         for s in idle:
             s.close()
     assert sum(r is True for r in results) >= 0.99 * 30 and len(results) == 30, (p.stats, results[:2])
+
+
+def test_ipv6_and_an_advertised_address():
+    c, _ = connector(1, host="::1")
+    with c:
+        assert c.address.startswith("[::1]:")
+        welcome, reason = hs.request_welcome(c.address, c.record, 2.0)
+        assert welcome is not None, reason
+    c, _ = connector(1, host="0.0.0.0", secret=SECRET, advertise_host="127.0.0.1")
+    with c:                                                           # bound everywhere, advertised as asked
+        assert c.address == f"127.0.0.1:{c._server.port}"
+        assert c.hold_blocks("x", [1])["engine"] == c.address
+        assert hs.request_welcome(c.address, c.record, 2.0, key=SECRET)[0] is not None
