@@ -104,10 +104,10 @@ def check_schedule(cached: np.ndarray, new: np.ndarray, table: np.ndarray, num_b
         r, c = (int(x[0]) for x in np.nonzero(used & ((table < 0) | (table >= num_blocks))))
         raise KVLayoutError(f"request {r}: block id {int(table[r, c])} is out of range; the cache has blocks "
                             f"0..{num_blocks - 1}")
-    written = used & (np.arange(width) >= (cached // block_size)[:, None]) & (new > 0)[:, None]
-    written_ids = table[written]                             # blocks receiving new tokens, row by row
     shared = _shared_ids(shared_block_ids, num_blocks)
     if shared.size:
+        written = used & (np.arange(width) >= (cached // block_size)[:, None]) & (new > 0)[:, None]
+        written_ids = table[written]                         # blocks receiving new tokens, row by row
         is_shared = np.zeros(num_blocks, dtype=bool)
         is_shared[shared] = True
         hit = np.nonzero(is_shared[written_ids])[0]

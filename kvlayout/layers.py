@@ -131,6 +131,9 @@ class MLALayer:
         """Write ``latent [T, L+R]`` into its slots (-1 skipped; each slot at most once). The slots are
         read on the host unless ``trusted_slots`` (validated metadata's slots)."""
         self._check_latent(latent, slot_mapping, trusted_slots)
+        self._store_latent(latent, slot_mapping)
+
+    def _store_latent(self, latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         n = self.latent_cache.shape[2]
         slots = slot_mapping[: latent.shape[0]]
         keep = torch.nonzero(slots >= 0).squeeze(1)
@@ -166,7 +169,7 @@ class MLALayer:
         if latent is not None:
             _check_step_rows(meta, latent=latent)
             self._check_latent(latent, meta.slot_mapping, trusted_slots=True)
-            self.write_latent(latent, meta.slot_mapping, trusted_slots=True)
+            self._store_latent(latent, meta.slot_mapping)
         return backend.forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank, self.scale,
                                    return_lse=return_lse)
 
