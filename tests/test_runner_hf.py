@@ -245,7 +245,9 @@ def test_bf16_matches_transformers(hf_dir, rng, device, backend):
         ref16 = torch.cat([hf16(torch.tensor([p], device=device)).logits[0] for p in ps]).float()
     err, hf_err = rel_err(ours, ref32), rel_err(ref16, ref32)
     assert err < 1.5 * hf_err + 1e-3, f"bf16 logits error {err:.4f}, transformers' own bf16: {hf_err:.4f}"
-    tol = 5 * float((ours - ref32).pow(2).mean().sqrt())
+    # A greedy pick can flip only where the chosen logit and the best one both move: a gap up to twice the
+    # largest bf16 logit error is a near tie, not a wrong token.
+    tol = 2 * float((ours - ref32).abs().max())
     rids = [eng.add_request(p, NEW_TOKENS) for p in ps]
     eng.run()
     gaps = []
