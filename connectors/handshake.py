@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from kvlayout.errors import KVLayoutError
 
@@ -249,21 +249,31 @@ def request_welcome(address: str, record: CompatRecord, timeout_s: float, limit:
 
 
 def confirm_read(address: str, message: dict, timeout_s: float, limit: int = MAX_MESSAGE_BYTES
-                 ) -> tuple[bool, str]:
+                 ) -> tuple[bool, str, list, bytes]:
     """Ask the engine at ``address`` whether the hold a read came from was still valid (a ``confirm``
-    message, see ``NixlConnector``). Returns ``(valid, reason)``; never raises for a peer's behaviour."""
+    message, see ``NixlConnector``). Returns ``(valid, reason, digests, proof)``: the digests of the blocks
+    read (one bytes per digest group, empty without digests) and the hold owner's MAC over the answer,
+    which the caller checks. Never raises for a peer's behaviour."""
+    try:
+        reply = side_request(address, message, timeout_s, limit)
+        exact_keys(reply, ("type", "valid", "reason", "d", "m"), "confirmation")
+        if reply["type"] != "confirmed" or not isinstance(reply["valid"], bool) or not isinstance(reply["reason"], str) \
+                or not isinstance(reply["d"], list) or not all(isinstance(x, bytes) for x in reply["d"]) \
+                or not isinstance(reply["m"], bytes):
+            raise malformed("confirmation", "expected {type: confirmed, valid: bool, reason: str, d: [bytes], m: bytes}")
+        return reply["valid"], reply["reason"][:500], reply["d"], reply["m"]
+    except (HandshakeError, OSError, TimeoutError, socket.timeout) as exc:
+        return False, f"the engine at {address} did not confirm the read ({type(exc).__name__}: {exc})", [], b""
+
+
+def side_request(address: str, message: dict, timeout_s: float, limit: int = MAX_MESSAGE_BYTES) -> Any:
+    """Send one request on the side channel of ``address`` and return its one reply (raises ``OSError``,
+    ``TimeoutError`` or ``HandshakeError``; ``ConnectionRefusedError`` when nothing listens there)."""
     host, port = parse_address(address)
     deadline = time.monotonic() + timeout_s
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            send_message(sock, message, deadline, limit)
-            reply = recv_message(sock, deadline, limit)
-        exact_keys(reply, ("type", "valid", "reason"), "confirmation")
-        if reply["type"] != "confirmed" or not isinstance(reply["valid"], bool) or not isinstance(reply["reason"], str):
-            raise malformed("confirmation", "expected {type: confirmed, valid: bool, reason: str}")
-        return reply["valid"], reply["reason"][:500]
-    except (HandshakeError, OSError, TimeoutError, socket.timeout) as exc:
-        return False, f"the engine at {address} did not confirm the read ({type(exc).__name__}: {exc})"
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        send_message(sock, message, deadline, limit)
+        return recv_message(sock, deadline, limit)
 
 
 class HandshakeServer:
@@ -272,14 +282,16 @@ class HandshakeServer:
 
     It touches nothing but its sockets; ``count(key)`` is told each outcome (``handshakes_served``,
     ``_refused``, ``_malformed``, ``_dropped`` for a peer that broke off, ``_busy`` for one turned away).
+    ``requests``: handlers of the other one-message requests by their ``type`` (``confirm``, ``revoke``); each
+    answers with the dict it returns (``{type}s_valid`` / ``_refused`` counted by its ``valid`` key).
     """
 
     def __init__(self, host: str, port: int, record: CompatRecord, welcome: dict, *, timeout_s: float,
                  limit: int, count: Callable[[str], None], name: str = "kvl-handshake",
                  max_concurrent: int = MAX_CONCURRENT_HANDSHAKES, key: Optional[bytes] = None,
-                 on_confirm: Optional[Callable[[Any], dict]] = None):
+                 requests: Optional[Mapping[str, Callable[[Any], dict]]] = None):
         self.record, self.welcome, self.timeout_s, self.limit, self._count = record, welcome, timeout_s, limit, count
-        self.key, self._on_confirm = key, on_confirm
+        self.key, self._requests = key, dict(requests or {})
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             self._listener = socket.create_server((host, port), family=family, backlog=64)
@@ -327,9 +339,10 @@ class HandshakeServer:
                     send_message(conn, dict(REFUSED) if self.key is not None else make_refusal(str(exc)),
                                  deadline, self.limit)
                     return
-                if isinstance(first, dict) and first.get("type") == "confirm" and self._on_confirm is not None:
-                    reply = self._on_confirm(first)
-                    self._count("confirms_valid" if reply.get("valid") else "confirms_refused")
+                kind = first.get("type") if isinstance(first, dict) else None
+                if isinstance(kind, str) and kind in self._requests:
+                    reply = self._requests[kind](first)
+                    self._count(f"{kind}s_{'valid' if reply.get('valid') else 'refused'}")
                 else:
                     reply, outcome = reply_to_hello(conn, self.record, self.welcome, deadline, self.limit,
                                                     self.key, first)

@@ -80,17 +80,20 @@ from kvlayout.errors import BackendUnavailableError, KVLayoutError
 from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check_load_pairs, kind_blocks,
                         plain_block_ids, shared_block)
 from .descriptors import TransferPlan, descriptor_rows
+from .digests import (Digester, digest_groups, held_digests, read_digests as _read_digests, start_digest_check,
+                      written_digest)
 from . import auth
 from .handshake import (HandshakeClient, HandshakeServer, RemoteRegion, Welcome, confirm_read, format_address,
-                        make_welcome, parse_address)
+                        make_welcome, parse_address, side_request)
 from .nixl_api import load_nixl_agent
 from .record import CompatRecord, build_record
 from .regions import layer_regions
 from .results import PollResult, ReleasedBlocks, TransferInfo
 from .schema import HandshakeError
 from .topology import Role, head_coverage_problem, peer_pairs, tp_group_problem
-from .transfer_state import Hold, HoldState, Load, LoadState, Peer, PeerState, Transfer, release_handle
-from .wire import MAX_MESSAGE_BYTES, decode_notif, encode_frame, encode_notif
+from .transfer_state import (Grant, GrantState, Hold, HoldState, Load, LoadState, Peer, PeerState, Push, PushState,
+                             Transfer, release_handle)
+from .wire import MAX_MESSAGE_BYTES, decode_notif, decode_push_note, encode_frame, encode_notif, encode_push_note
 
 __all__ = ["NixlConnector", "PollResult", "ReleasedBlocks", "TransferInfo"]
 
@@ -133,6 +136,11 @@ class NixlConnector:
             can then handshake and read or write the registered cache: only on an isolated network).
         model_id: what this engine serves (model name, revision, weights fingerprint); engines with
             different ids refuse each other at the handshake.
+        digests: end-to-end integrity (``digests``). A prefill engine digests the blocks it holds (a
+            checksum kernel over them, and a device sync, in ``hold_blocks``) and sends the digests with its
+            confirmation; a decode engine digests its blocks after the read and fails a load whose bytes
+            differ. Turn it on on both sides; a decode engine that asks for digests fails loads from an
+            engine that sends none.
     """
 
     NAME = "nixl"
@@ -155,7 +163,8 @@ class NixlConnector:
                  handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, telemetry: bool = False,
                  backends: Sequence[str] = ("UCX",), secret: Union[bytes, str, None] = None,
-                 allow_unauthenticated: bool = False, model_id: str = "", advertise_host: Optional[str] = None):
+                 allow_unauthenticated: bool = False, model_id: str = "", advertise_host: Optional[str] = None,
+                 digests: bool = False):
         if not isinstance(caches, KVCache):
             raise KVLayoutError("NixlConnector needs the KVCache returned by kvlayout.allocate_kv_cache")
         for name, v in (("load_timeout_s", load_timeout_s), ("hold_timeout_s", hold_timeout_s),
@@ -199,6 +208,10 @@ class NixlConnector:
         self._reg = self._agent.register_memory(list(caches.buffers))   # once per allocation
         self.record: CompatRecord = build_record(caches, engine_id=self.engine_id, agent_name=agent_name,
                                                  tp_rank=tp_rank, tp_size=tp_size, specs=specs, model_id=model_id)
+        if not isinstance(digests, bool):
+            raise KVLayoutError(f"digests must be True or False, got {digests!r}")
+        self._digester = Digester(caches, self._regions, self.record) if digests else None
+        self._digest_groups = digest_groups(self.record)
         regions = [RemoteRegion(r.layers[0], r.base, r.block_len, r.block_stride, r.num_blocks) for r in self._regions]
         self._welcome = make_welcome(self.record, self._agent.get_agent_metadata(), self._mem_type,
                                      self._device_id, regions)
@@ -212,6 +225,11 @@ class NixlConnector:
         self._holds: dict[str, Hold] = {}
         self._holds_lock = threading.Lock()     # the side channel's threads confirm reads against the holds
         self._confirms: queue.Queue = queue.Queue()
+        self._grants: dict[str, Grant] = {}             # push mode, receiving side
+        self._revokes: queue.Queue = queue.Queue()
+        self._pushes: dict[str, Push] = {}              # push mode, writing side
+        self._pushes_lock = threading.Lock()    # the side channel's threads revoke pushes
+        self._revoked: collections.OrderedDict = collections.OrderedDict()   # (engine, grant id) revoked early
         self._pending = PollResult()
         self._info: collections.OrderedDict[str, TransferInfo] = collections.OrderedDict()
         self._stats: collections.Counter = collections.Counter()
@@ -221,7 +239,8 @@ class NixlConnector:
                                        key=self._key)
         self._server = HandshakeServer(host, port, self.record, self._welcome, timeout_s=self.handshake_timeout_s,
                                        limit=max_message_bytes, count=self._count, name=f"kvl-nixl-{self.engine_id}",
-                                       key=self._key, on_confirm=self._on_confirm)
+                                       key=self._key,
+                                       requests={"confirm": self._on_confirm, "revoke": self._on_revoke})
         self.address = self._server.address
         if advertise_host is not None or host in ("0.0.0.0", "::"):
             self.address = format_address(_resolve_once(advertise_host or socket.gethostname()), self._server.port)
@@ -249,16 +268,13 @@ class NixlConnector:
             raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         ids = as_block_ids(block_ids, "hold_blocks")
         check_in_range(ids, self._kind_blocks, "hold_blocks", "this engine")
-        for load in self._loads.values():
-            b = shared_block(ids, load.local_ids)
-            if b is not None:
-                raise KVLayoutError(f"hold_blocks: block {b} is still receiving request {load.request_id!r}'s "
-                                    f"load; hold it once that load has finished")
+        self._check_not_receiving(ids, "hold_blocks")
         plain = plain_block_ids(ids)
         token = auth.new_token()
+        digests = self._hold_digests(ids) if self._digester is not None else None
         with self._holds_lock:
             self._holds[request_id] = Hold(request_id, plain, num_readers, time.monotonic() + timeout,
-                                           float(timeout), token)
+                                           float(timeout), token, digests=digests)
         return {"engine": self.address, "request_id": request_id, "block_ids": plain, "hold_token": token.hex(),
                 "expires_in_s": float(timeout)}
 
@@ -271,7 +287,72 @@ class NixlConnector:
             hold.move(HoldState.CANCELLED)
         return ReleasedBlocks(request_id, hold.block_ids, "cancelled by the engine", False)
 
+    def start_push(self, request_id: str, grant: Mapping[str, Any], block_ids: BlockIds) -> None:
+        """(Push mode.) WRITE this engine's ``block_ids`` into the blocks ``grant`` names: the dict a decode
+        engine's ``grant_blocks`` returned, sent here with the request. Returns at once; the outcome comes
+        from ``poll()``: ``pushed`` once the write completed (the note announcing it rides on the write, so the
+        decode engine sees it after the bytes), ``push_failed`` with the reason once the write can no longer
+        land (the grant expired or was revoked, the engine died, a transfer error). Either way the source
+        blocks may then be freed. Bad arguments raise ``KVLayoutError`` before anything starts.
+        """
+        self._check_open()
+        _check_request_id(request_id)
+        if request_id in self._pushes:
+            raise KVLayoutError(f"request {request_id!r} is already being pushed")
+        engine, grant_id, remote, token, expires = _parse_grant(grant)
+        local = as_block_ids(block_ids, "start_push block_ids")
+        check_load_pairs(remote, local)
+        check_in_range(local, self._kind_blocks, "start_push", "this engine")
+        self._check_not_receiving(local, "start_push")
+        with self._pushes_lock:
+            if (engine, grant_id) in self._revoked:
+                raise KVLayoutError(f"start_push: engine {engine} already revoked its grant {grant_id!r} (it expired "
+                                    f"there); the request must be granted again")
+            now = time.monotonic()
+            self._pushes[request_id] = Push(request_id, grant_id, engine, local, remote, now, now + expires, token)
+        self._count("pushes_started")
+        self._ensure_handshake(engine)
+
     # -------------------------------------------------------------------------------------- decode side
+
+    def grant_blocks(self, request_id: str, block_ids: BlockIds, writers: Union[str, Sequence[str]], *,
+                     timeout_s: Optional[float] = None) -> dict:
+        """(Push mode.) Let ``writers`` (the prefill engine's address, or the addresses of its ranks that hold
+        this rank's heads) WRITE request ``request_id``'s blocks into ``block_ids`` here.
+
+        Returns the dict each writer's ``start_push`` takes: ``{"engine", "request_id", "block_ids",
+        "grant_token", "expires_in_s"}``; send it with the request. The outcome comes from ``poll()``:
+        ``finished`` once every writer's note arrived (NIXL delivers it after the bytes; with digests, once they
+        agree), ``failed`` with the reason once no write can land any more: after ``timeout_s`` (default
+        ``load_timeout_s``) or a writer giving up, every writer that has not written is asked to revoke, and
+        the blocks stay reserved until it confirmed (or nothing listens at its address any more).
+        """
+        self._check_open()
+        _check_request_id(request_id)
+        if request_id in self._grants or request_id in self._loads:
+            raise KVLayoutError(f"request {request_id!r} is already receiving blocks on this engine")
+        names = (writers,) if isinstance(writers, str) else tuple(writers)
+        if not names or len(set(names)) != len(names):
+            raise KVLayoutError(f"writers must name one engine or distinct engines, got {writers!r}"[:300])
+        for w in names:
+            parse_address(w)
+        ids = as_block_ids(block_ids, "grant_blocks")
+        if sum(v.size for v in ids.values()) == 0:
+            raise KVLayoutError("grant_blocks: no block ids given")
+        for k, v in ids.items():
+            if np.unique(v).size != v.size:
+                raise KVLayoutError("grant_blocks: block ids repeat a block; each block can receive once")
+        check_in_range(ids, self._kind_blocks, "grant_blocks", "this engine")
+        self._check_local_targets(ids)
+        timeout = self.load_timeout_s if timeout_s is None else timeout_s
+        if not _positive_seconds(timeout):
+            raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        token = auth.new_token()
+        self._grants[request_id] = Grant(request_id, ids, names, time.monotonic() + timeout, float(timeout), token)
+        self._count("grants_started")
+        return {"engine": self.address, "request_id": request_id, "block_ids": plain_block_ids(ids),
+                "grant_token": token.hex(), "expires_in_s": float(timeout)}
+
 
     def connect(self, remote_engine: str) -> None:
         """Start the handshake with ``remote_engine`` in the background (``start_load`` does it when needed)."""
@@ -343,7 +424,10 @@ class NixlConnector:
                 self._advance_confirming(load, now)
             if load.state is LoadState.ABORTING:
                 self._try_finish_abort(load)
-        self._advance_holds(now)
+        notes = self._new_notes()
+        self._advance_holds(now, notes.get("hold", ()))
+        self._advance_pushes(now)
+        self._advance_grants(now, notes.get("push", ()))
         out, self._pending = self._pending, PollResult()
         return out
 
@@ -358,8 +442,8 @@ class NixlConnector:
         """Counters (handshakes served/refused/malformed, loads, holds, stray notes) and current gauges."""
         with self._stats_lock:
             out = dict(self._stats)
-        out.update(loads_in_flight=len(self._loads), holds=len(self._holds),
-                   peers=sum(p.ready for p in self._peers.values()))
+        out.update(loads_in_flight=len(self._loads), holds=len(self._holds), grants=len(self._grants),
+                   pushes_in_flight=len(self._pushes), peers=sum(p.ready for p in self._peers.values()))
         return out
 
     def close(self) -> None:
@@ -372,6 +456,11 @@ class NixlConnector:
             for transfer in load.transfers:
                 release_handle(transfer.handle)
         self._loads.clear()
+        for push in self._pushes.values():
+            if push.transfer is not None:
+                release_handle(push.transfer.handle)
+        self._pushes.clear()
+        self._grants.clear()
         with self._holds_lock:
             self._holds.clear()
         for peer in list(self._peers.values()) + list(self._dead.values()):
@@ -394,20 +483,31 @@ class NixlConnector:
 
     # ---------------------------------------------------------------------------------------- internals
 
-    def _check_local_targets(self, local) -> None:
-        """Refuse a load into blocks another load is still writing, or that remote readers hold."""
-        for other in self._loads.values():
-            b = shared_block(local, other.local_ids)
+    def _check_not_receiving(self, ids, what: str) -> None:
+        """Refuse to read out blocks a load or a grant may still be writing."""
+        for rid, other in [(l.request_id, l.local_ids) for l in self._loads.values()] + \
+                [(g.request_id, g.block_ids) for g in self._grants.values()]:
+            b = shared_block(ids, other)
             if b is not None:
-                raise KVLayoutError(f"start_load: local block {b} is already receiving request "
-                                    f"{other.request_id!r}'s load; give this request its own blocks")
+                raise KVLayoutError(f"{what}: block {b} is still receiving request {rid!r}'s blocks; "
+                                    f"give this request its own blocks, or wait until that one finished")
+
+    def _check_local_targets(self, local) -> None:
+        """Refuse to receive into blocks a load or grant is still writing, that remote readers hold, or
+        that a push is still reading."""
+        self._check_not_receiving(local, "receiving")
+        for push in self._pushes.values():
+            b = shared_block(local, push.local_ids)
+            if b is not None:
+                raise KVLayoutError(f"receiving: block {b} is being pushed for request {push.request_id!r}; "
+                                    f"writing into it would change what is pushed")
         with self._holds_lock:
             holds = list(self._holds.values())
         for hold in holds:
             b = shared_block(local, as_block_ids(hold.block_ids, "hold"))
             if b is not None:
-                raise KVLayoutError(f"start_load: local block {b} is held for remote readers of request "
-                                    f"{hold.request_id!r}; loading into it would change what they read")
+                raise KVLayoutError(f"receiving: block {b} is held for remote readers of request "
+                                    f"{hold.request_id!r}; writing into it would change what they read")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -491,11 +591,15 @@ class NixlConnector:
         for load in list(self._loads.values()):
             if address in load.engines and load.state is not LoadState.ABORTING:
                 self._abort(load, reason, dead=address)
+        for push in list(self._pushes.values()):
+            if push.address == address and push.state is not PushState.ABORTING:
+                self._abort_push(push, reason)
         self._release_dead_peers()
 
     def _release_dead_peers(self) -> None:
         """Release failed peers once none of their transfers is left."""
         busy = {t.address for l in self._loads.values() for t in l.transfers if t.live}
+        busy |= {p.address for p in self._pushes.values() if p.live}
         for address in [a for a in self._dead if a not in busy]:
             self._release_peer(self._dead.pop(address))
 
@@ -605,33 +709,51 @@ class NixlConnector:
                 message = {"type": "confirm", "r": load.remote_request_id, "a": self.record.agent_name, "b": read,
                            "m": auth.mac(token, "confirm", load.remote_request_id, self.record.agent_name,
                                          msgpack.packb(read, use_bin_type=True))}
-                threading.Thread(target=self._confirm, args=(load, address, message), daemon=True).start()
+                threading.Thread(target=self._confirm, args=(load, address, message, token), daemon=True).start()
         elif now > load.deadline:
             slow = [t.address for t in load.transfers if not t.done]
             self._abort(load, f"timed out after {load.timeout_s:g} s: transfer from {slow} still in progress")
 
-    def _confirm(self, load: Load, address: str, message: dict) -> None:
+    def _confirm(self, load: Load, address: str, message: dict, token: bytes) -> None:
         """(A thread of its own.) Ask ``address`` whether its hold was valid; the answer goes to ``poll``."""
         remaining = max(load.deadline - time.monotonic(), 0.05)
-        valid, reason = confirm_read(address, message, min(remaining, self.handshake_timeout_s),
-                                     self.max_message_bytes)
-        self._confirms.put((load, address, valid, reason))
+        valid, reason, digests, proof = confirm_read(address, message, min(remaining, self.handshake_timeout_s),
+                                                     self.max_message_bytes)
+        if valid and not auth.verify(token, proof, "confirmed", load.remote_request_id, self.record.agent_name,
+                                     msgpack.packb(digests, use_bin_type=True)):
+            valid, reason = False, "its answer does not carry the hold's proof (not the engine that holds the blocks)"
+        self._confirms.put((load, address, valid, reason, digests))
 
     def _collect_confirmations(self) -> None:
         while True:
             try:
-                load, address, valid, reason = self._confirms.get_nowait()
+                load, address, valid, reason, digests = self._confirms.get_nowait()
             except queue.Empty:
                 return
             if self._loads.get(load.request_id) is not load or load.state is not LoadState.CONFIRMING:
                 continue
             if valid:
                 load.confirmed.add(address)
+                load.remote_digests[address] = digests
             else:
                 self._abort(load, f"the read from {address} is not valid: {reason}; the blocks may hold another "
                                   f"request's bytes, so the load failed (recompute it)")
 
     def _advance_confirming(self, load: Load, now: float) -> None:
+        if len(load.confirmed) == len(load.engines) and self._digester is not None:
+            if load.digest_check is None:
+                load.digest_check = self._start_digest_check(load)
+            if isinstance(load.digest_check, str):
+                self._abort(load, load.digest_check)
+                return
+            problem = load.digest_check.result()
+            if problem:
+                self._abort(load, problem)
+                return
+            if not load.digest_check.done:
+                if now > load.deadline:
+                    self._abort(load, f"timed out after {load.timeout_s:g} s checking the digests")
+                return
         if len(load.confirmed) == len(load.engines):
             load.move(LoadState.FINISHED)
             del self._loads[load.request_id]
@@ -641,6 +763,14 @@ class NixlConnector:
         elif now > load.deadline:
             waiting = [e for e in load.engines if e not in load.confirmed]
             self._abort(load, f"timed out after {load.timeout_s:g} s waiting for {waiting} to confirm the read")
+
+    def _hold_digests(self, ids) -> list:
+        return held_digests(self._digester, self._digest_groups, ids)
+
+    def _start_digest_check(self, load: Load):
+        records = [self._peers[e].welcome.record for e in load.engines]
+        return start_digest_check(self._digester, self.record, load, records,
+                                  [Role.of(i) is not Role.PRIMARY for i in range(len(load.engines))])
 
     def _abort(self, load: Load, reason: str, dead: Optional[str] = None) -> None:
         """Cancel the load's transfers and tell its live engines (not ``dead``) that this reader gave up,
@@ -687,14 +817,252 @@ class NixlConnector:
         while len(self._info) > _INFO_KEEP:
             self._info.popitem(last=False)
 
+    # pushes (writing side)
+
+    def _push_role(self, welcome: Welcome) -> tuple[Role, tuple[int, int]]:
+        """Whether this engine writes the replicated layers into the granting engine (it holds the first of
+        that engine's heads, or neither has heads), and the global heads ``(start, count)`` both hold."""
+        mine = next((l for l in self.record.layers if l.kind == "attention"), None)
+        theirs = next((l for l in welcome.record.layers if l.kind == "attention"), None)
+        if mine is None or theirs is None:
+            return (Role.PRIMARY if self.record.tp_rank == 0 else Role.HEADS_ONLY), (0, 0)
+        h0 = max(mine.head_start, theirs.head_start)
+        h1 = min(mine.head_start + mine.num_heads, theirs.head_start + theirs.num_heads)
+        first = mine.head_start <= theirs.head_start < mine.head_start + mine.num_heads
+        return (Role.PRIMARY if first else Role.HEADS_ONLY), (h0, max(h1 - h0, 0))
+
+    def _advance_pushes(self, now: float) -> None:
+        for push in list(self._pushes.values()):
+            if push.state is PushState.WAITING:
+                peer = self._peers.get(push.address)
+                if push.revoked or now > push.deadline:
+                    self._abort_push(push, "the grant was revoked by the engine that made it" if push.revoked else
+                                     "the grant expired before the handshake with its engine finished")
+                elif peer is None:
+                    self._ensure_handshake(push.address)
+                elif peer.ready:
+                    self._launch_push(push, peer)
+            elif push.state is PushState.RUNNING:
+                try:
+                    status = self._agent.check_xfer_state(push.transfer.handle)
+                except Exception as exc:
+                    status = f"ERR {type(exc).__name__}: {exc}"
+                if status == "DONE":
+                    push.transfer.finish()
+                    push.move(PushState.FINISHED)
+                    with self._pushes_lock:
+                        del self._pushes[push.request_id]
+                    self._pending.pushed.append(push.request_id)
+                    self._count("pushes_finished")
+                elif status.startswith("ERR"):
+                    self._abort_push(push, f"the write to {push.address} failed: {status[4:] or 'NIXL reported an error'}")
+                elif push.revoked:
+                    self._abort_push(push, "the engine that granted the blocks revoked the grant mid-write")
+                elif now > push.deadline:
+                    self._abort_push(push, f"the grant of {push.address} expired mid-write")
+            if push.state is PushState.ABORTING:
+                self._try_finish_push_abort(push)
+
+    def _launch_push(self, push: Push, peer: Peer) -> None:
+        role, heads = self._push_role(peer.welcome)
+        prep = peer.prepared.get(role)
+        problem = None
+        if prep is None:
+            problem = f"this engine holds none of the blocks engine {push.address} granted"
+        else:
+            try:
+                check_in_range(push.remote_ids, peer.kind_blocks, "start_push", f"engine {push.address}")
+            except KVLayoutError as exc:
+                problem = str(exc)
+        if problem:
+            self._abort_push(push, problem)
+            return
+        digest = b""
+        if self._digester is not None:
+            digest = written_digest(self._digester, self.record, digest_groups(peer.welcome.record), push.local_ids,
+                                    heads, role is Role.PRIMARY)
+        primary = role is Role.PRIMARY
+        proof = auth.mac(push.token, "pushed", push.grant_id, self.address, "1", str(heads), str(primary), digest)
+        note = encode_push_note(push.grant_id, self.address, True, heads, primary, digest, proof)
+        li, ri = prep.plan.indices(push.local_ids, push.remote_ids)
+        with self._pushes_lock:
+            revoked = push.revoked
+            if not revoked:
+                push.move(PushState.RUNNING)
+                push.transfer = Transfer(push.address)
+                try:
+                    push.transfer.post(self._agent.make_prepped_xfer("WRITE", prep.local, li, prep.remote, ri,
+                                                                     notif_msg=note))
+                    status = self._agent.transfer(push.transfer.handle, notif_msg=note)
+                except Exception as exc:
+                    status = f"ERR {type(exc).__name__}: {exc}"
+        if revoked:
+            self._abort_push(push, "the grant was revoked by the engine that made it")
+        elif status.startswith("ERR"):
+            self._abort_push(push, f"could not start the write to {push.address}: {status[4:] or 'NIXL refused it'}")
+
+    def _abort_push(self, push: Push, reason: str) -> None:
+        if push.state is not PushState.ABORTING:
+            push.move(PushState.ABORTING)
+            push.reason = reason
+        self._try_finish_push_abort(push)
+
+    def _try_finish_push_abort(self, push: Push) -> None:
+        """Report the failure once the write can no longer land, and tell the granting engine."""
+        if push.transfer is not None:
+            push.transfer.cancel()
+        if push.live:
+            return
+        with self._pushes_lock:
+            self._pushes.pop(push.request_id, None)
+        push.move(PushState.FAILED)
+        self._pending.push_failed[push.request_id] = push.reason
+        self._count("pushes_failed")
+        peer = self._peers.get(push.address)
+        if peer is not None and peer.ready:
+            proof = auth.mac(push.token, "pushed", push.grant_id, self.address, "0", "(0, 0)", "False", b"")
+            try:
+                self._agent.send_notif(peer.agent_name, encode_push_note(push.grant_id, self.address, False, (0, 0),
+                                                                         False, b"", proof))
+            except Exception:
+                pass
+
+    def _on_revoke(self, message) -> dict:
+        """(A side-channel thread.) The engine that granted blocks revokes its grant: no write may start after
+        this answer, and the answer is "revoked" only once no write can still land ("pending" until then)."""
+        if not isinstance(message, dict) or set(message) != {"type", "r", "a", "m", "k"} or \
+                not all(isinstance(message[k], str) and 0 < len(message[k]) <= 256 for k in ("r", "a")):
+            return {"type": "revoked", "valid": False, "state": "malformed", "m": b""}
+        rid, engine = message["r"], message["a"]
+        with self._pushes_lock:
+            push = next((p for p in self._pushes.values() if p.grant_id == rid and p.address == engine), None)
+            if push is not None:
+                if not auth.verify(push.token, message["m"], "revoke", rid, engine):
+                    return {"type": "revoked", "valid": False, "state": "refused", "m": b""}
+                push.revoked = True
+                state = "pending" if push.live else "revoked"
+                return {"type": "revoked", "valid": True, "state": state,
+                        "m": auth.mac(push.token, "revoked", rid, self.address, state)}
+            if self._key is not None and not auth.verify(self._key, message["k"], "revoke", rid, engine):
+                return {"type": "revoked", "valid": False, "state": "refused", "m": b""}
+            self._revoked[(engine, rid)] = True          # a grant that arrives later is refused
+            while len(self._revoked) > _INFO_KEEP * 4:
+                self._revoked.popitem(last=False)
+        proof = b"" if self._key is None else auth.mac(self._key, "revoked", rid, self.address, "revoked")
+        return {"type": "revoked", "valid": True, "state": "revoked", "m": proof}
+
+    # grants (receiving side)
+
+    def _advance_grants(self, now: float, notes) -> None:
+        for note in notes:
+            grant = self._grants.get(note["r"])
+            fields = (note["r"], note["w"], "1" if note["ok"] else "0", str((note["s"], note["n"])), str(note["p"]),
+                      note["h"])
+            if grant is None or note["w"] not in grant.writers or note["w"] in grant.settled:
+                self._count("stray_notes")
+                continue
+            if not auth.verify(grant.token, note["m"], "pushed", *fields):
+                self._count("forged_notes")
+                continue
+            if note["ok"]:
+                grant.settled[note["w"]] = "wrote"
+                grant.notes[note["w"]] = ((note["s"], note["n"]), note["p"], note["h"])
+            else:
+                grant.settled[note["w"]] = "gave up"
+                if grant.state is GrantState.OPEN:
+                    self._fail_grant(grant, f"writer {note['w']} gave up")
+        self._collect_revokes()
+        for grant in list(self._grants.values()):
+            if grant.state is GrantState.OPEN:
+                if len(grant.settled) == len(grant.writers):
+                    problem = self._grant_digest_problem(grant)
+                    if problem is None:
+                        grant.move(GrantState.FINISHED)
+                        del self._grants[grant.request_id]
+                        self._pending.finished.append(grant.request_id)
+                        self._count("grants_finished")
+                        continue
+                    self._fail_grant(grant, problem)
+                elif now > grant.deadline:
+                    waiting = [w for w in grant.writers if w not in grant.settled]
+                    self._fail_grant(grant, f"timed out after {grant.timeout_s:g} s waiting for {waiting} to write")
+            if grant.state is GrantState.REVOKING:
+                self._advance_revoking(grant, now)
+
+    def _grant_digest_problem(self, grant: Grant) -> Optional[str]:
+        """Why the bytes written differ from what the writers sent (digests on), or None."""
+        if self._digester is None:
+            return None
+        for writer, (heads, primary, sent) in grant.notes.items():
+            if not sent:
+                return f"writer {writer} sent no digests: create its connector with digests=True too"
+            here = written_digest(self._digester, self.record, self._digest_groups, grant.block_ids, heads, primary)
+            if here != sent:
+                return (f"digest mismatch: the blocks written by {writer} differ from what it sent; the bytes were "
+                        f"corrupted in transit or the layouts differ, so the request failed (recompute it)")
+        return None
+
+    def _fail_grant(self, grant: Grant, reason: str) -> None:
+        grant.reason = reason
+        grant.move(GrantState.REVOKING)
+
+    def _advance_revoking(self, grant: Grant, now: float) -> None:
+        """Ask every writer not yet settled to revoke (retrying every 0.5 s); fail once all are settled."""
+        if len(grant.settled) == len(grant.writers):
+            grant.move(GrantState.FAILED)
+            del self._grants[grant.request_id]
+            self._pending.failed[grant.request_id] = f"{grant.reason}; no write can land any more"
+            self._count("grants_failed")
+            return
+        if now < grant.next_revoke:
+            return
+        grant.next_revoke = now + 0.5
+        for writer in grant.writers:
+            if writer not in grant.settled and writer not in grant.revoking:
+                grant.revoking.add(writer)
+                message = {"type": "revoke", "r": grant.request_id, "a": self.address,
+                           "m": auth.mac(grant.token, "revoke", grant.request_id, self.address),
+                           "k": b"" if self._key is None else auth.mac(self._key, "revoke", grant.request_id,
+                                                                      self.address)}
+                threading.Thread(target=self._revoke, args=(grant, writer, message), daemon=True).start()
+
+    def _revoke(self, grant: Grant, writer: str, message: dict) -> None:
+        """(A thread of its own.) One revoke request; the outcome (why the writer can no longer write, or None
+        to ask again) goes to ``poll``."""
+        outcome = None
+        try:
+            reply = side_request(writer, message, self.handshake_timeout_s, self.max_message_bytes)
+            if isinstance(reply, dict) and set(reply) == {"type", "valid", "state", "m"} and reply["valid"] is True \
+                    and reply["state"] == "revoked" and isinstance(reply["m"], bytes):
+                if auth.verify(grant.token, reply["m"], "revoked", grant.request_id, writer, "revoked") or \
+                        (self._key is None and reply["m"] == b"") or \
+                        (self._key is not None and auth.verify(self._key, reply["m"], "revoked", grant.request_id,
+                                                               writer, "revoked")):
+                    outcome = "revoked"
+        except ConnectionRefusedError:
+            outcome = "nothing listens at its address (a closed connector writes nothing)"
+        except Exception:
+            pass
+        self._revokes.put((grant, writer, outcome))
+
+    def _collect_revokes(self) -> None:
+        while True:
+            try:
+                grant, writer, outcome = self._revokes.get_nowait()
+            except queue.Empty:
+                return
+            grant.revoking.discard(writer)
+            if outcome is not None and writer not in grant.settled:
+                grant.settled[writer] = outcome
+
     # holds
 
     def _on_confirm(self, message) -> dict:
         """(A side-channel thread.) A reader asks whether the hold it read from is still valid: it is when
         the hold exists, is held, has not passed its deadline and the proof matches its token; the reader
         then counts as done (the hold is released by the next ``poll`` once every reader is)."""
-        def answer(valid: bool, reason: str) -> dict:
-            return {"type": "confirmed", "valid": valid, "reason": reason}
+        def answer(valid: bool, reason: str, digests: Sequence[bytes] = (), proof: bytes = b"") -> dict:
+            return {"type": "confirmed", "valid": valid, "reason": reason, "d": list(digests), "m": proof}
         if not isinstance(message, dict) or set(message) != {"type", "r", "a", "b", "m"} or \
                 not all(isinstance(message[k], str) and 0 < len(message[k]) <= 256 for k in ("r", "a")):
             return answer(False, "malformed confirmation")
@@ -712,27 +1080,43 @@ class NixlConnector:
                 return answer(False, f"the hold of request {rid[:80]!r} expired after {hold.timeout_s:g} s before "
                                      f"the read was confirmed")
             hold.note(reader, True)
-        return answer(True, "")
+            digests = _read_digests(hold.digests, message["b"])
+        return answer(True, "", digests, auth.mac(hold.token, "confirmed", rid, reader,
+                                                  msgpack.packb(digests, use_bin_type=True)))
 
-    def _advance_holds(self, now: float) -> None:
+    def _new_notes(self) -> dict:
+        """NIXL notes since the last poll, parsed: ``{"hold": [(sender, (rid, ok, proof))], "push": [dict]}``;
+        anything else is counted as a stray note and dropped."""
         try:
             notes = self._agent.get_new_notifs()
         except Exception:
-            notes = {}
+            return {}
+        out: dict = {"hold": [], "push": []}
+        for sender, msgs in notes.items():
+            sender = sender.decode() if isinstance(sender, bytes) else str(sender)
+            for msg in msgs:
+                hold_note = decode_notif(msg)
+                if hold_note is not None:
+                    out["hold"].append((sender, hold_note))
+                    continue
+                push_note = decode_push_note(msg)
+                if push_note is not None:
+                    out["push"].append(push_note)
+                else:
+                    self._count("stray_notes")
+        return out
+
+    def _advance_holds(self, now: float, notes) -> None:
         with self._holds_lock:
-            for sender, msgs in notes.items():
-                sender = sender.decode() if isinstance(sender, bytes) else str(sender)
-                for msg in msgs:
-                    parsed = decode_notif(msg)
-                    hold = self._holds.get(parsed[0]) if parsed else None
-                    if hold is None:
-                        self._count("stray_notes")
-                        continue
-                    rid, ok, proof = parsed
-                    if not auth.verify(hold.token, proof, "note", rid, "1" if ok else "0") or ok:
-                        self._count("forged_notes")      # only a reader holding the token can give up a hold
-                        continue
-                    hold.note(sender, False)
+            for sender, (rid, ok, proof) in notes:
+                hold = self._holds.get(rid)
+                if hold is None:
+                    self._count("stray_notes")
+                    continue
+                if not auth.verify(hold.token, proof, "note", rid, "1" if ok else "0") or ok:
+                    self._count("forged_notes")      # only a reader holding the token can give up a hold
+                    continue
+                hold.note(sender, False)
             for rid, hold in list(self._holds.items()):
                 outcome = hold.settle(now)
                 if outcome is None:
@@ -780,10 +1164,28 @@ def _resolve_once(host: str) -> str:
     return info[0][4][0]
 
 
-def _hold_tokens(hold_token, n: int) -> tuple[bytes, ...]:
+def _parse_grant(grant: Any) -> tuple[str, str, dict, bytes, float]:
+    """``(engine, request id, block ids, token, expires_in_s)`` from what ``grant_blocks`` returned."""
+    keys = {"engine", "request_id", "block_ids", "grant_token", "expires_in_s"}
+    if not isinstance(grant, Mapping) or set(grant) != keys:
+        raise KVLayoutError(f"start_push takes the dict grant_blocks returned (keys {sorted(keys)}), got "
+                            f"{grant!r}"[:300])
+    engine = grant["engine"]
+    if not isinstance(engine, str):
+        raise KVLayoutError(f"grant['engine'] must be an address string, got {engine!r}"[:300])
+    parse_address(engine)
+    _check_request_id(grant["request_id"])
+    (token,) = _hold_tokens(grant["grant_token"], 1, "grant_token")
+    if not _positive_seconds(grant["expires_in_s"]):
+        raise KVLayoutError(f"grant['expires_in_s'] must be a positive number, got {grant['expires_in_s']!r}")
+    return engine, grant["request_id"], as_block_ids(grant["block_ids"], "grant block_ids"), token, \
+        float(grant["expires_in_s"])
+
+
+def _hold_tokens(hold_token, n: int, what: str = "hold_token") -> tuple[bytes, ...]:
     tokens = (hold_token,) if isinstance(hold_token, str) else tuple(hold_token) if hold_token is not None else ()
     if len(tokens) != n:
-        raise KVLayoutError(f"give one hold_token per remote engine ({n}), as hold_blocks returned it, got "
+        raise KVLayoutError(f"give one {what} per remote engine ({n}), as it was returned, got "
                             f"{hold_token!r}"[:300])
     out = []
     for t in tokens:
@@ -792,7 +1194,7 @@ def _hold_tokens(hold_token, n: int) -> tuple[bytes, ...]:
         except ValueError:
             b = None
         if b is None or len(b) != auth.TOKEN_BYTES:
-            raise KVLayoutError(f"hold_token must be the hex string hold_blocks returned, got {t!r}"[:300])
+            raise KVLayoutError(f"{what} must be the hex string it was returned as, got {t!r}"[:300])
         out.append(b)
     return tuple(out)
 

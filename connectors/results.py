@@ -18,14 +18,21 @@ class ReleasedBlocks:
 
 @dataclass
 class PollResult:
-    """What happened since the last poll: loads finished / failed (with reasons), holds released."""
+    """What happened since the last poll.
+
+    ``finished`` / ``failed`` (with reasons): requests whose blocks arrived here, or will not (pulled by a
+    load, or pushed into a grant); a failed request's blocks are free again, no transfer can write them.
+    ``released``: holds over (their blocks may be freed). ``pushed`` / ``push_failed``: this engine's pushes
+    written, or given up (their source blocks may be freed either way)."""
 
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     released: list[ReleasedBlocks] = field(default_factory=list)
+    pushed: list[str] = field(default_factory=list)
+    push_failed: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.finished or self.failed or self.released)
+        return bool(self.finished or self.failed or self.released or self.pushed or self.push_failed)
 
 
 @dataclass(frozen=True)

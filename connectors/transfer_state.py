@@ -35,6 +35,21 @@ class LoadState(enum.Enum):
     FAILED = "failed"           # reported in poll().failed
 
 
+class PushState(enum.Enum):
+    WAITING = "waiting"         # for the handshake with the engine that granted the blocks
+    RUNNING = "running"         # its WRITE is posted (the note rides on it)
+    ABORTING = "aborting"       # failed; waits until the WRITE can no longer land
+    FINISHED = "finished"       # written (reported in poll().pushed); the source blocks are free
+    FAILED = "failed"           # reported in poll().push_failed
+
+
+class GrantState(enum.Enum):
+    OPEN = "open"               # blocks kept for the writers; their notes are awaited
+    REVOKING = "revoking"       # failed; each writer not yet settled is asked to revoke (no write may land after)
+    FINISHED = "finished"       # every writer wrote (reported in poll().finished)
+    FAILED = "failed"           # reported in poll().failed once no write can land
+
+
 class TransferState(enum.Enum):
     NEW = "new"                 # no NIXL handle yet
     POSTED = "posted"           # NIXL holds a live handle
@@ -59,6 +74,15 @@ TRANSITIONS: dict[enum.Enum, frozenset] = {
     LoadState.ABORTING: frozenset({LoadState.FAILED}),
     LoadState.FINISHED: frozenset(),
     LoadState.FAILED: frozenset(),
+    PushState.WAITING: frozenset({PushState.RUNNING, PushState.ABORTING}),
+    PushState.RUNNING: frozenset({PushState.FINISHED, PushState.ABORTING}),
+    PushState.ABORTING: frozenset({PushState.FAILED}),
+    PushState.FINISHED: frozenset(),
+    PushState.FAILED: frozenset(),
+    GrantState.OPEN: frozenset({GrantState.FINISHED, GrantState.REVOKING}),
+    GrantState.REVOKING: frozenset({GrantState.FAILED}),
+    GrantState.FINISHED: frozenset(),
+    GrantState.FAILED: frozenset(),
     TransferState.NEW: frozenset({TransferState.POSTED, TransferState.CANCELLED}),
     TransferState.POSTED: frozenset({TransferState.DONE, TransferState.CANCELLED}),
     TransferState.DONE: frozenset(),
@@ -176,6 +200,8 @@ class Load(_StateMachine):
     state: LoadState = LoadState.WAITING
     reason: str = ""
     costs: tuple = (0.0, 0.0, 0.0)
+    remote_digests: dict = field(default_factory=dict)   # engine -> the digests its confirmation carried
+    digest_check: Any = None                         # digests.DigestCheck once every engine confirmed
 
     @property
     def live(self) -> bool:
@@ -200,6 +226,7 @@ class Hold(_StateMachine):
     deadline: float
     timeout_s: float
     token: bytes = b""                               # binds notes and confirmations to this hold
+    digests: Any = None                              # per digest group (``digests.held_digests``), or None
     readers: set = field(default_factory=set)
     failures: list = field(default_factory=list)
     state: HoldState = HoldState.HELD
@@ -222,6 +249,52 @@ class Hold(_StateMachine):
             return (f"timed out after {self.timeout_s:g} s with {len(self.readers)} of {self.num_readers} "
                     f"reader(s) done"), False
         return None
+
+    def _label(self) -> str:
+        return self.request_id
+
+
+@dataclass
+class Push(_StateMachine):
+    """(Prefill side.) One request's WRITE of local blocks into blocks a remote engine granted."""
+
+    request_id: str
+    grant_id: str                                    # the request id the granting engine named
+    address: str                                     # the granting engine
+    local_ids: dict
+    remote_ids: dict
+    started: float
+    deadline: float                                  # the grant's expiry, on this engine's clock
+    token: bytes
+    transfer: Optional[Transfer] = None
+    revoked: bool = False                            # the granting engine revoked it: never post, cancel
+    state: PushState = PushState.WAITING
+    reason: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.transfer is not None and self.transfer.live
+
+    def _label(self) -> str:
+        return self.request_id
+
+
+@dataclass
+class Grant(_StateMachine):
+    """(Decode side.) Blocks kept for remote writers until each wrote (its note arrived) or revoked."""
+
+    request_id: str
+    block_ids: dict                                  # normalized {kind: ids}
+    writers: tuple[str, ...]                         # the addresses allowed to write
+    deadline: float
+    timeout_s: float
+    token: bytes
+    notes: dict = field(default_factory=dict)        # writer -> (head_start, num_heads, primary, digest hash)
+    settled: dict = field(default_factory=dict)      # writer -> why it can no longer write ("wrote", ...)
+    revoking: set = field(default_factory=set)       # writers a revoke request is under way to
+    next_revoke: float = 0.0
+    state: GrantState = GrantState.OPEN
+    reason: str = ""
 
     def _label(self) -> str:
         return self.request_id

@@ -100,3 +100,30 @@ def decode_notif(data: bytes) -> Optional[tuple[str, bool, bytes]]:
         return string(obj["r"], "note.r"), boolean(obj["ok"], "note.ok"), obj["m"]
     except HandshakeError:
         return None
+
+
+def encode_push_note(request_id: str, writer: str, ok: bool, heads: tuple[int, int], primary: bool,
+                     digest: bytes, proof: bytes) -> bytes:
+    """The note a writer's WRITE carries to the granting engine (it arrives after the bytes): the grant's
+    request id, the writer's address, whether it wrote, the global heads ``(start, count)`` it wrote,
+    whether it wrote the replicated layers, its digest hash (``b""`` without digests) and the proof."""
+    return msgpack.packb({"t": "push", "r": request_id, "w": writer, "ok": bool(ok), "s": int(heads[0]),
+                          "n": int(heads[1]), "p": bool(primary), "h": bytes(digest), "m": bytes(proof)},
+                         use_bin_type=True)
+
+
+def decode_push_note(data: bytes) -> Optional[dict]:
+    """A push note as a dict, or None for anything that is not a well-formed one (ignored)."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_NOTIF_BYTES:
+        return None
+    try:
+        obj = decode_payload(bytes(data), MAX_NOTIF_BYTES)
+        exact_keys(obj, ("t", "r", "w", "ok", "s", "n", "p", "h", "m"), "push note")
+        if obj["t"] != "push" or not all(isinstance(obj[k], bytes) for k in ("h", "m")) or \
+                not all(isinstance(obj[k], int) and not isinstance(obj[k], bool) and 0 <= obj[k] < 1 << 20
+                        for k in ("s", "n")):
+            return None
+        string(obj["r"], "note.r"), string(obj["w"], "note.w"), boolean(obj["ok"], "note.ok"), boolean(obj["p"], "note.p")
+        return obj
+    except HandshakeError:
+        return None

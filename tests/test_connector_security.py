@@ -137,11 +137,11 @@ def test_notes_and_confirmations_need_the_holds_token(monkeypatch):
         wrong = confirmation("h", b"t" * 16, [5])
         never = confirmation("nope", token, [5])
         unheld = confirmation("h", token, [5, 6])                      # read a block the hold never had
-        assert [hs.confirm_read(p.address, m, 2.0) for m in (wrong, never, unheld)][2] == \
+        assert [hs.confirm_read(p.address, m, 2.0) for m in (wrong, never, unheld)][2][:2] == \
             (False, "block 6 was read but request 'h' never held it here")
         assert p.poll().released == [] and p.stats["holds"] == 1 and p.stats["confirms_refused"] == 3
         good = confirmation("h", token, [5])
-        assert hs.confirm_read(p.address, good, 2.0) == (True, "")
+        assert hs.confirm_read(p.address, good, 2.0)[:2] == (True, "")
         (rel,) = p.poll().released
         assert rel.ok and p.stats["holds"] == 0
         assert hs.confirm_read(p.address, good, 2.0)[0] is False     # once released, never again
@@ -238,3 +238,69 @@ def test_ipv6_and_an_advertised_address():
         assert c.address == f"127.0.0.1:{c._server.port}"
         assert c.hold_blocks("x", [1])["engine"] == c.address
         assert hs.request_welcome(c.address, c.record, 2.0, key=SECRET)[0] is not None
+
+
+# ---- end-to-end integrity: digests -------------------------------------------------------------------------
+
+def load_one(p, d, rid, remote, local, engines=None, tokens=None):
+    if engines is None:
+        params = p.hold_blocks(rid, remote)
+        engines, tokens = params["engine"], params["hold_token"]
+    d.start_load(rid, engines, remote, local, hold_token=tokens)
+    return run_until(d, [rid], timeout=20)
+
+
+def test_digests_pass_equal_bytes_and_fail_a_corrupted_block():
+    p, src = connector(1, secret=SECRET, digests=True)
+    d, dst = connector(2, secret=SECRET, digests=True)
+    with p, d:
+        finished, failed = load_one(p, d, "ok", [3, 4, 9], [10, 11, 12])
+        assert finished == {"ok"}, failed
+        assert torch.equal(pages(dst)[:, [10, 11, 12]], pages(src)[:, [3, 4, 9]])
+        params = p.hold_blocks("bad", [5, 6])
+        pages(src)[2, 6, 1100] ^= 0x10                    # block 6 of layer 2 changes after it was digested
+        d.start_load("bad", params["engine"], [5, 6], [20, 21], hold_token=params["hold_token"])
+        finished, failed = run_until(d, ["bad"], timeout=20)
+        assert not finished and "digest mismatch in head slot 1 of local block 21" in failed["bad"], failed
+        params = p.hold_blocks("mamba", {"attention": [7], "mamba": [8]})
+        pages(src)[3, 8, 100] ^= 0x01                     # a Mamba state byte
+        finished, failed = load_one(p, d, "mamba", {"attention": [7], "mamba": [8]},
+                                    {"attention": [30], "mamba": [31]}, params["engine"], params["hold_token"])
+        assert "local block 31 (mamba layers)" in failed["mamba"], failed
+        pages(src)[1, 14, 1300] ^= 0x01                  # Mamba page padding: copied, but only the state is digested
+        finished, failed = load_one(p, d, "pad", {"mamba": [14]}, {"mamba": [15]})
+        assert finished == {"pad"}, failed
+
+
+def test_digests_follow_head_slices_between_tp_sizes():
+    """TP2 -> TP1: each prefill rank digests its 2 heads; the decode engine compares each half with the rank
+    it came from, and a corrupted head on rank 1 is named by its local head slot."""
+    from kvlayout.connectors import NixlConnector
+    ranks = []
+    for r in (0, 1):
+        plan, caches = build_cache(2, 32, 10 + r)
+        ranks.append((NixlConnector(caches, specs=plan.specs, engine_id=f"t{r}", tp_rank=r, tp_size=2,
+                                    secret=SECRET, digests=True, handshake_timeout_s=2.0), caches))
+    d, dst = connector(2, secret=SECRET, digests=True)
+    try:
+        holds = [c.hold_blocks("h", [1, 2]) for c, _ in ranks]
+        engines, tokens = [h["engine"] for h in holds], [h["hold_token"] for h in holds]
+        finished, failed = load_one(None, d, "h", [1, 2], [5, 6], engines, tokens)
+        assert finished == {"h"}, failed
+        holds = [c.hold_blocks("x", [3]) for c, _ in ranks]
+        pages(ranks[1][1])[0, 3, 1500] ^= 0x04            # rank 1's second head (global head 3)
+        finished, failed = load_one(None, d, "x", [3], [7], [h["engine"] for h in holds],
+                                    [h["hold_token"] for h in holds])
+        assert "head slot 3 of local block 7" in failed["x"], failed
+    finally:
+        d.close()
+        for c, _ in ranks:
+            c.close()
+
+
+def test_a_decode_engine_that_wants_digests_fails_loads_without_them():
+    p, _ = connector(1, secret=SECRET)
+    d, _ = connector(2, secret=SECRET, digests=True)
+    with p, d:
+        finished, failed = load_one(p, d, "n", [3], [4])
+        assert "digests=True" in failed["n"], failed
