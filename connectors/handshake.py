@@ -82,6 +82,7 @@ class Welcome:
     mem_type: str
     device_id: int
     regions: tuple[RemoteRegion, ...]
+    canary: Optional[tuple[int, int]] = None        # (block id, seed) of the engine's geometry canary
 
 
 def make_hello(record: CompatRecord) -> dict:
@@ -108,11 +109,12 @@ def _nonce_of(obj: Any, kind: str) -> Optional[bytes]:
 
 
 def make_welcome(record: CompatRecord, agent_metadata: bytes, mem_type: str, device_id: int,
-                 regions: Sequence[RemoteRegion]) -> dict:
-    """The server's answer to a compatible hello."""
+                 regions: Sequence[RemoteRegion], canary: Optional[tuple[int, int]] = None) -> dict:
+    """The server's answer to a compatible hello (``canary``: see ``connectors.canary``)."""
     return {"type": "welcome", "record": record.to_wire(), "agent_metadata": bytes(agent_metadata),
             "mem_type": mem_type, "device_id": device_id,
-            "regions": [[r.name, r.base, r.block_len, r.block_stride, r.num_blocks] for r in regions]}
+            "regions": [[r.name, r.base, r.block_len, r.block_stride, r.num_blocks] for r in regions],
+            "canary": None if canary is None else list(canary)}
 
 
 def make_refusal(reason: str, fields: Sequence[str] = ()) -> dict:
@@ -153,7 +155,7 @@ def parse_reply(obj: Any, max_metadata: int = MAX_MESSAGE_BYTES, proof_key: Opti
         raise HandshakeError(f"refused by the remote engine: {reason[:2000]}", [f[:MAX_NAME] for f in fields])
     if isinstance(obj, dict) and obj.get("type") != "welcome":
         raise malformed("message", f"expected a welcome or refusal, got type {str(obj.get('type'))[:40]!r}")
-    exact_keys(obj, ("type", "record", "agent_metadata", "mem_type", "device_id", "regions"), "welcome")
+    exact_keys(obj, ("type", "record", "agent_metadata", "mem_type", "device_id", "regions", "canary"), "welcome")
     record = parse_record(obj["record"])
     md = obj["agent_metadata"]
     if not isinstance(md, bytes) or not 0 < len(md) <= max_metadata:
@@ -165,7 +167,13 @@ def parse_reply(obj: Any, max_metadata: int = MAX_MESSAGE_BYTES, proof_key: Opti
         raise malformed("welcome.regions", f"{len(raw)} regions for {len(record.layers)} layers")
     regions = tuple(_parse_region(rw, f"welcome.regions[{i}]", lay.name, lay.page_bytes)
                     for i, (rw, lay) in enumerate(zip(raw, record.layers)))
-    return Welcome(record, md, mem_type, device_id, regions)
+    canary = obj["canary"]
+    if canary is not None:
+        if not isinstance(canary, list) or len(canary) != 2:
+            raise malformed("welcome.canary", "expected null or [block id, seed]")
+        canary = (integer(canary[0], "welcome.canary.block", 0, min(r.num_blocks for r in regions) - 1),
+                  integer(canary[1], "welcome.canary.seed", 0, (1 << 32) - 1))
+    return Welcome(record, md, mem_type, device_id, regions, canary)
 
 
 # ------------------------------------------------------------------------------------ the two halves

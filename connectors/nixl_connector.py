@@ -72,11 +72,13 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import msgpack
 import numpy as np
+import torch
 
 from kvlayout.allocation import KVCache
 from kvlayout.capabilities import ConnectorWishes
 from kvlayout.errors import BackendUnavailableError, KVLayoutError
 
+from .canary import check_canary, scratch_regions, transfer_rows as canary_rows, write_canary
 from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check_load_pairs, kind_blocks,
                         plain_block_ids, shared_block)
 from .descriptors import TransferPlan, descriptor_rows
@@ -141,6 +143,10 @@ class NixlConnector:
             confirmation; a decode engine digests its blocks after the read and fails a load whose bytes
             differ. Turn it on on both sides; a decode engine that asks for digests fails loads from an
             engine that sends none.
+        canary_block: a block id the engine never uses for requests (e.g. its last one). The connector fills
+            that block of every layer with a pattern of its addresses, and every peer reads it back through
+            NIXL at the handshake (``canary``): a layout or address mismatch fails the handshake, never a
+            request. This engine checks the canaries of the peers that serve one either way.
     """
 
     NAME = "nixl"
@@ -164,7 +170,7 @@ class NixlConnector:
                  max_message_bytes: int = MAX_MESSAGE_BYTES, telemetry: bool = False,
                  backends: Sequence[str] = ("UCX",), secret: Union[bytes, str, None] = None,
                  allow_unauthenticated: bool = False, model_id: str = "", advertise_host: Optional[str] = None,
-                 digests: bool = False):
+                 digests: bool = False, canary_block: Optional[int] = None):
         if not isinstance(caches, KVCache):
             raise KVLayoutError("NixlConnector needs the KVCache returned by kvlayout.allocate_kv_cache")
         for name, v in (("load_timeout_s", load_timeout_s), ("hold_timeout_s", hold_timeout_s),
@@ -212,9 +218,18 @@ class NixlConnector:
             raise KVLayoutError(f"digests must be True or False, got {digests!r}")
         self._digester = Digester(caches, self._regions, self.record) if digests else None
         self._digest_groups = digest_groups(self.record)
+        canary = None
+        if canary_block is not None:
+            if isinstance(canary_block, bool) or not isinstance(canary_block, int) or \
+                    not 0 <= canary_block < self._kind_blocks[ALL_KINDS]:
+                raise KVLayoutError(f"canary_block must be a block id in [0, {self._kind_blocks[ALL_KINDS]}), "
+                                    f"got {canary_block!r}")
+            canary = (canary_block, secrets.randbits(32))
+            write_canary(caches, self._regions, *canary)
+        self._canary = canary
         regions = [RemoteRegion(r.layers[0], r.base, r.block_len, r.block_stride, r.num_blocks) for r in self._regions]
         self._welcome = make_welcome(self.record, self._agent.get_agent_metadata(), self._mem_type,
-                                     self._device_id, regions)
+                                     self._device_id, regions, canary)
         encode_frame(self._welcome, max_message_bytes)               # fail now, not in a peer's handshake
 
         self._peers: dict[str, Peer] = {}
@@ -411,6 +426,7 @@ class NixlConnector:
         """Advance handshakes, transfers and holds; return what finished, failed or was released since."""
         self._check_open()
         self._finish_handshakes()
+        self._advance_canaries()
         self._collect_confirmations()
         now = time.monotonic()
         for load in list(self._loads.values()):
@@ -484,7 +500,10 @@ class NixlConnector:
     # ---------------------------------------------------------------------------------------- internals
 
     def _check_not_receiving(self, ids, what: str) -> None:
-        """Refuse to read out blocks a load or a grant may still be writing."""
+        """Refuse to read out blocks a load or a grant may still be writing (or the canary block)."""
+        if self._canary is not None and shared_block(ids, {ALL_KINDS: np.array([self._canary[0]])}) is not None:
+            raise KVLayoutError(f"{what}: block {self._canary[0]} is this connector's canary block; the engine must "
+                                f"never use it for requests")
         for rid, other in [(l.request_id, l.local_ids) for l in self._loads.values()] + \
                 [(g.request_id, g.block_ids) for g in self._grants.values()]:
             b = shared_block(ids, other)
@@ -567,11 +586,81 @@ class NixlConnector:
             rhandle = self._agent.prep_xfer_dlist(name, descriptor_rows([p[1] for p in pairs], welcome.device_id),
                                                   welcome.mem_type)
             peer.prepared[role] = _Prepared(TransferPlan(pairs), self._local_lists[key], rhandle)
+        if welcome.canary is not None and self._start_canary(peer):
+            return
+        self._ready(peer)
+
+    def _ready(self, peer: Peer) -> None:
         peer.move(PeerState.READY)
         self._engine_sets.clear()
         self._count("handshakes_ok")
 
+    def _start_canary(self, peer: Peer) -> bool:
+        """Read the peer's canary block of every region this engine may transfer into a scratch block; True
+        when a read was posted (the peer is then VERIFYING until ``_advance_canaries``)."""
+        scratch = torch.zeros(sum(r.block_len for r in self._regions), dtype=torch.int8,
+                              device=self.caches.buffers[0].device)        # one per handshake: they may overlap
+        pairs = peer_pairs(scratch_regions(self._regions, scratch), self.record, peer.welcome, Role.PRIMARY)
+        if not pairs:
+            return False
+        reg = self._agent.register_memory([scratch])
+        block, _ = peer.welcome.canary
+        lrows, rrows = canary_rows(pairs, block, self._device_id, peer.welcome.device_id)
+        handle = None
+        try:
+            handle = self._agent.initialize_xfer("READ", self._agent.get_xfer_descs(lrows, self._mem_type),
+                                                 self._agent.get_xfer_descs(rrows, peer.welcome.mem_type),
+                                                 peer.agent_name)
+            status = self._agent.transfer(handle)
+        except Exception as exc:
+            status = f"ERR {type(exc).__name__}: {exc}"
+        peer.canary = (handle, pairs, time.monotonic() + self.handshake_timeout_s, scratch, reg)
+        if status.startswith("ERR"):
+            raise HandshakeError(f"NIXL refused to read the engine's geometry canary ({status[4:]})")
+        peer.move(PeerState.VERIFYING)
+        return True
+
+    def _release_canary(self, peer: Peer) -> bool:
+        """Release the canary read's handle and scratch memory; False while NIXL cannot let go yet."""
+        if peer.canary is None:
+            return True
+        if not release_handle(peer.canary[0]):
+            return False
+        try:
+            self._agent.deregister_memory(peer.canary[4])
+        except Exception:
+            pass
+        peer.canary = None
+        return True
+
+    def _advance_canaries(self) -> None:
+        for address, peer in list(self._peers.items()):
+            if peer.state is not PeerState.VERIFYING:
+                continue
+            handle, pairs, deadline, scratch, _ = peer.canary
+            try:
+                status = self._agent.check_xfer_state(handle)
+            except Exception as exc:
+                status = f"ERR {type(exc).__name__}: {exc}"
+            if status == "DONE":
+                problem = check_canary(scratch, pairs, *peer.welcome.canary)
+                self._release_canary(peer)
+                if problem is None:
+                    self._count("canaries_ok")
+                    self._ready(peer)
+                    continue
+                self._count("canaries_failed")
+                reason = f"handshake with {address} failed: {problem}"
+            elif status.startswith("ERR") or time.monotonic() > deadline:
+                reason = (f"handshake with {address} failed: reading its geometry canary "
+                          + ("timed out" if not status.startswith("ERR") else f"failed ({status[4:]})"))
+            else:
+                continue
+            self._count("handshakes_failed")
+            self._fail_peer(address, reason)
+
     def _release_peer(self, peer: Peer) -> None:
+        self._release_canary(peer)
         for prep in peer.prepared.values():
             if prep is not None:
                 release_handle(prep.remote)

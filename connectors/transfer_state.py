@@ -22,6 +22,7 @@ from kvlayout.errors import KVLayoutError
 
 class PeerState(enum.Enum):
     CONNECTING = "connecting"   # handshake under way
+    VERIFYING = "verifying"     # reading its geometry canary back through NIXL
     READY = "ready"             # descriptor lists prepared: loads may use it
     FAILED = "failed"           # forgotten; released once none of its transfers is left
 
@@ -65,7 +66,8 @@ class HoldState(enum.Enum):
 
 
 TRANSITIONS: dict[enum.Enum, frozenset] = {
-    PeerState.CONNECTING: frozenset({PeerState.READY, PeerState.FAILED}),
+    PeerState.CONNECTING: frozenset({PeerState.VERIFYING, PeerState.READY, PeerState.FAILED}),
+    PeerState.VERIFYING: frozenset({PeerState.READY, PeerState.FAILED}),
     PeerState.READY: frozenset({PeerState.FAILED}),
     PeerState.FAILED: frozenset(),
     LoadState.WAITING: frozenset({LoadState.RUNNING, LoadState.ABORTING}),
@@ -133,6 +135,7 @@ class Peer(_StateMachine):
     agent_name: str = ""
     prepared: dict = field(default_factory=dict)    # topology.Role -> prepared lists, or None (serves nothing)
     kind_blocks: dict = field(default_factory=dict)
+    canary: Any = None                               # (NIXL handle, pairs, deadline) while VERIFYING
 
     @property
     def ready(self) -> bool:

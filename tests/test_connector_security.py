@@ -304,3 +304,25 @@ def test_a_decode_engine_that_wants_digests_fails_loads_without_them():
     with p, d:
         finished, failed = load_one(p, d, "n", [3], [4])
         assert "digests=True" in failed["n"], failed
+
+
+# ---- the geometry canary ---------------------------------------------------------------------------------
+
+def test_the_canary_passes_a_true_layout_and_fails_a_mismatched_one():
+    p, src = connector(1, secret=SECRET, canary_block=31)
+    d, dst = connector(2, secret=SECRET, canary_block=31)
+    with p, d:
+        finished, failed = load_one(p, d, "ok", [3, 4], [5, 6])
+        assert finished == {"ok"} and d.stats["canaries_ok"] == 1, failed
+        assert torch.equal(pages(dst)[:, [5, 6]], pages(src)[:, [3, 4]])
+        with pytest.raises(KVLayoutError, match="canary block"):
+            p.hold_blocks("c", [31])
+        with pytest.raises(KVLayoutError, match="canary block"):
+            d.start_load("c", p.address, [1], [31], hold_token="00" * 16)
+    p, _ = connector(3, secret=SECRET, canary_block=20)
+    d, _ = connector(4, secret=SECRET)
+    with p, d:
+        p._server.welcome["regions"][2][3] += 4096      # layer 2's block stride announced wrong
+        finished, failed = load_one(p, d, "bad", [3], [5])
+        assert "geometry canary mismatch in layer(s) ['l2.attn']" in failed["bad"], failed
+        assert d.stats["canaries_failed"] == 1 and d.stats.get("loads_finished", 0) == 0
