@@ -25,7 +25,6 @@ import torch
 
 from kvlayout.allocation import KVCache
 from kvlayout.errors import KVLayoutError
-from kvlayout.kernels import interpreting
 
 from .block_ids import ALL_KINDS, as_block_ids
 from .record import CompatRecord
@@ -40,8 +39,8 @@ _TORCH_CHUNK_WORDS = 1 << 22        # bound on the CPU path's temporaries (32 Mi
 def unit_digests(words: torch.Tensor, offsets: torch.Tensor, unit_words: int) -> torch.Tensor:
     """Digest (int64) of each unit ``words[offsets[u] : offsets[u] + unit_words]`` of an int32 word view.
 
-    CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton kernel, other CPU tensors
-    this function's PyTorch loop; both compute ``sum((w + 1) * (2*i + 1)) mod 2**64`` over the unsigned words.
+    CUDA tensors run the Triton kernel, CPU tensors the PyTorch twin (``unit_digests_torch``, also under
+    ``TRITON_INTERPRET=1``: the interpreter is for testing the kernel, not for serving); both compute ``sum((w + 1) * (2*i + 1)) mod 2**64`` over the unsigned words.
     """
     if words.dtype != torch.int32 or words.dim() != 1 or offsets.dtype != torch.int64:
         raise KVLayoutError("unit_digests takes a 1-D int32 word view and int64 word offsets")
@@ -49,7 +48,7 @@ def unit_digests(words: torch.Tensor, offsets: torch.Tensor, unit_words: int) ->
         raise KVLayoutError(f"a digest unit needs at least one word, got {unit_words}")
     if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) + unit_words > words.numel()):
         raise KVLayoutError("a digest unit reaches outside the buffer")
-    if words.is_cuda or interpreting():
+    if words.is_cuda:
         from kvlayout.kernels.checksum import unit_digests_triton
         return unit_digests_triton(words, offsets, unit_words)
     return unit_digests_torch(words, offsets, unit_words)

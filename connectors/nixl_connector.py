@@ -48,6 +48,17 @@ Usage::
     for rid in events.finished: scheduler.resume(rid)          # blocks are in place
     for rid, reason in events.failed.items(): scheduler.recompute(rid, reason)  # free my blocks, recompute
 
+Flow (push; on hosts where WRITEs take a faster path than READs): the decode engine ``grant_blocks`` its
+blocks to the prefill engine's address and sends the returned dict (it holds the grant's token) with the
+request; the prefill engine ``start_push``es its blocks into them. The WRITE carries a MAC'd note that NIXL
+delivers after the bytes; the decode engine reports the request in ``poll().finished`` when every writer's note
+arrived, the prefill engine in ``poll().pushed`` when its write completed. A grant that expires is revoked (see
+``grant_blocks``) before its blocks are reported free::
+
+    grant = decode.grant_blocks("req-7", my_block_ids, prefill.address)     # decode engine
+    prefill.start_push("req-7", grant, block_ids)                            # prefill engine
+    # prefill: poll().pushed / push_failed -> free block_ids; decode: poll().finished / failed
+
 Block ids are one sequence for every layer, or ``{"attention": ids, "mamba": ids}`` when layer kinds use
 different blocks (hybrid models: many attention blocks, one Mamba state block); kinds left out of the
 mapping are not transferred.

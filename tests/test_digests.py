@@ -48,3 +48,12 @@ def test_bad_arguments_are_refused():
         unit_digests(words.view(torch.int64), torch.tensor([0]), 2)
     with pytest.raises(KVLayoutError, match="at least one word"):
         unit_digests(words, torch.tensor([0]), 0)
+
+
+@pytest.mark.gpu
+def test_triton_equals_torch_on_the_gpu():
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for unit_words in (3, 2048, 70000):
+        words = torch.randint(-2 ** 31, 2 ** 31 - 1, (unit_words * 9,), generator=g, dtype=torch.int32, device="cuda")
+        offsets = (torch.randperm(8, device="cuda") * unit_words).to(torch.int64)
+        assert torch.equal(unit_digests(words, offsets, unit_words), unit_digests_torch(words, offsets, unit_words))

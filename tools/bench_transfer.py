@@ -31,6 +31,7 @@ import sys
 import time
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
+os.environ.setdefault("KVLAYOUT_CONNECTOR_SECRET", __import__("secrets").token_hex(16))   # child inherits it
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -168,23 +169,54 @@ def nixl_prepare_table(layers: int, device: str, reps: int) -> list[dict]:
 # ------------------------------------------------------------------------------------ 3. the transfer
 
 def serve(cfg: dict) -> None:
-    """Child process: a prefill engine holding ``cfg['requests']`` requests on the same blocks."""
+    """Child process: a prefill engine. Pull: holds ``cfg['requests']`` requests on the same blocks up front.
+    Push: pushes each grant it reads from stdin (one JSON line each). Reports its own connector CPU time."""
     from kvlayout.connectors import NixlConnector
     plan = kvl.plan_kv_cache(model_specs(cfg["layers"]), cfg["num_blocks"] * page_bytes() * cfg["layers"])
     caches = kvl.allocate_kv_cache(plan, cfg["device"], zero=False)
     gen = torch.Generator().manual_seed(5)
     for buf in caches.buffers:                                   # real bytes, resident pages
         buf.copy_(torch.randint(-128, 128, buf.shape, dtype=torch.int8, generator=gen))
-    conn = NixlConnector(caches, specs=plan.specs, engine_id="bench-prefill", hold_timeout_s=3600)
-    tokens = {f"r{i}": conn.hold_blocks(f"r{i}", cfg["block_ids"])["hold_token"] for i in range(cfg["requests"])}
+    conn = NixlConnector(caches, specs=plan.specs, engine_id="bench-prefill", hold_timeout_s=3600,
+                         digests=cfg["digests"])
+    tokens, call_us = {}, []
+    if cfg["mode"] == "pull":
+        for i in range(cfg["requests"]):
+            t0 = time.perf_counter()
+            tokens[f"r{i}"] = conn.hold_blocks(f"r{i}", cfg["block_ids"])["hold_token"]
+            call_us.append((time.perf_counter() - t0) * 1e6)
     print("@@" + json.dumps({"address": conn.address, "tokens": tokens}), flush=True)
     import select
-    while not select.select([sys.stdin], [], [], 0.001)[0]:
-        conn.poll()
+    while True:
+        if select.select([sys.stdin], [], [], 0.0005)[0]:
+            line = sys.stdin.readline()
+            if not line or line.strip() == "quit":
+                break
+            grant = json.loads(line)
+            t0 = time.perf_counter()
+            conn.start_push(grant["request_id"], grant, cfg["block_ids"])
+            call_us.append((time.perf_counter() - t0) * 1e6)
+        t0 = time.perf_counter()
+        ev = conn.poll()
+        if ev.push_failed:
+            print(f"push failed: {ev.push_failed}", file=sys.stderr, flush=True)
+        if ev.pushed or ev.push_failed or ev.released:
+            call_us.append((time.perf_counter() - t0) * 1e6)      # the poll that launched / finished work
+    print("@@" + json.dumps({"prefill_call_us": statistics.median(call_us[1:] or call_us or [0.0])}), flush=True)
     conn.close()
 
 
-def transfer_table(layers: int, device: str, iters: int) -> dict:
+def _read_ready(child) -> dict:
+    line = ""
+    while not line.startswith("@@"):
+        line = child.stdout.readline()
+        if not line:
+            raise RuntimeError("the prefill child exited before it answered")
+    return json.loads(line[2:])
+
+
+def transfer_table(layers: int, device: str, iters: int, mode: str = "pull", digests: bool = False) -> dict:
+    """One request of ``TOKENS`` tokens moved ``iters`` times (after one that includes the handshake)."""
     from kvlayout.connectors import NixlConnector
     n = TOKENS // BLOCK
     num_blocks = 2 * n
@@ -195,51 +227,64 @@ def transfer_table(layers: int, device: str, iters: int) -> dict:
     local_ids = rng.permutation(nb)[:n].tolist()
     child = subprocess.Popen([sys.executable, __file__, "--serve", json.dumps(
         {"layers": layers, "num_blocks": num_blocks, "device": device, "requests": iters + 1,
-         "block_ids": remote_ids})], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+         "block_ids": remote_ids, "mode": mode, "digests": digests})],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        line = ""
-        while not line.startswith("@@"):
-            line = child.stdout.readline()
-            if not line:
-                raise RuntimeError("the prefill child exited before it was ready")
-        ready = json.loads(line[2:])
+        ready = _read_ready(child)
         address, tokens = ready["address"], ready["tokens"]
         caches = kvl.allocate_kv_cache(plan, device)
-        conn = NixlConnector(caches, specs=plan.specs, engine_id="bench-decode", telemetry=True)
+        conn = NixlConnector(caches, specs=plan.specs, engine_id="bench-decode", telemetry=True, digests=digests)
         results, polls = [], []
         for i in range(iters + 1):                               # the first one includes the handshake
             rid = f"r{i}"
             t0 = time.perf_counter()
-            conn.start_load(rid, address, remote_ids, local_ids, hold_token=tokens[rid])
+            if mode == "pull":
+                conn.start_load(rid, address, remote_ids, local_ids, hold_token=tokens[rid])
+            else:
+                grant = conn.grant_blocks(rid, local_ids, address)
             t1 = time.perf_counter()
+            if mode == "push":
+                child.stdin.write(json.dumps(grant) + "\n")
+                child.stdin.flush()
             while True:
                 tp = time.perf_counter()
                 ev = conn.poll()
                 polls.append(time.perf_counter() - tp)
                 if ev.failed:
-                    raise RuntimeError(f"load failed: {ev.failed}")
+                    raise RuntimeError(f"{mode} failed: {ev.failed}")
                 if rid in ev.finished:
                     break
             t2 = time.perf_counter()
             if i:
-                info = conn.transfer_info(rid)
-                results.append((t1 - t0, t2 - t0, info))
-        nbytes = results[0][2].nbytes
+                results.append((t1 - t0, t2 - t0, conn.transfer_info(rid) if mode == "pull" else None))
         conn.close()
+        child.stdin.write("quit\n")
+        child.stdin.flush()
+        prefill_us = _read_ready(child)["prefill_call_us"]
     finally:
-        child.stdin.close()
+        if not child.stdin.closed:
+            child.stdin.close()
         child.wait(30)
 
     def med(xs):
         return statistics.median(xs)
 
+    nbytes = layers * n * page_bytes()
     total_s = med([r[1] for r in results])
-    index_us = med([r[2].index_us for r in results])
-    prep_us = med([r[2].nixl_prepare_us for r in results])
-    post_us = med([r[2].post_us for r in results])
-    other_us = med([r[0] * 1e6 - r[2].index_us - r[2].nixl_prepare_us - r[2].post_us for r in results])
-    poll_us = med(polls) * 1e6
-    transport_s = med([r[2].post_us * 1e-6 + r[1] - r[0] for r in results])     # post -> seen done
+    pulled = mode == "pull"
+    out = {"layers": layers, "device": device, "mode": mode, "digests": digests, "bytes": nbytes, "blocks": n,
+           "total_s": total_s, "GBps_total": nbytes / total_s / 1e9, "connector_start_us": med([r[0] for r in results]) * 1e6,
+           "connector_poll_us": med(polls) * 1e6, "prefill_call_us": prefill_us}
+    if pulled:
+        info = results[0][2]
+        transport_s = med([r[2].post_us * 1e-6 + r[1] - r[0] for r in results])     # post -> seen done
+        out.update(indices=info.num_indices, descriptors=info.num_descriptors, nixl_descriptors=info.nixl_descriptors,
+                   connector_index_us=med([r[2].index_us for r in results]),
+                   nixl_prepare_us=med([r[2].nixl_prepare_us for r in results]),
+                   post_us=med([r[2].post_us for r in results]), transport_s=transport_s,
+                   connector_start_other_us=med([r[0] * 1e6 - r[2].index_us - r[2].nixl_prepare_us - r[2].post_us
+                                                 for r in results]),
+                   GBps_transport=nbytes / transport_s / 1e9)
     # plain copies of the same bytes in one process
     src = torch.empty(nbytes, dtype=torch.int8, device=device).random_(-128, 127)
     dst = torch.empty_like(src)
@@ -251,15 +296,30 @@ def transfer_table(layers: int, device: str, iters: int) -> dict:
     li = torch.tensor(local_ids, device=device)
     ri = torch.tensor(remote_ids, device=device)
     gather_us = median_us(lambda: (va.index_copy_(1, li, vb.index_select(1, ri)), sync()), 5)
-    return {
-        "layers": layers, "device": device, "bytes": nbytes, "blocks": n, "indices": results[0][2].num_indices,
-        "descriptors": results[0][2].num_descriptors, "nixl_descriptors": results[0][2].nixl_descriptors,
-        "total_s": total_s, "GBps_total": nbytes / total_s / 1e9,
-        "connector_index_us": index_us, "connector_start_other_us": other_us,
-        "connector_poll_us": poll_us, "nixl_prepare_us": prep_us, "post_us": post_us,
-        "transport_s": transport_s, "GBps_transport": nbytes / transport_s / 1e9,
-        "torch_copy_GBps": nbytes / copy_us * 1e-3, "torch_block_gather_GBps": nbytes / gather_us * 1e-3,
-    }
+    out.update(torch_copy_GBps=nbytes / copy_us * 1e-3, torch_block_gather_GBps=nbytes / gather_us * 1e-3)
+    return out
+
+
+def digest_table(layers: int, device: str) -> dict:
+    """The digests of one request (``TOKENS`` tokens, every layer): what ``hold_blocks`` and the decode side
+    each add with ``digests=True``. GB/s of cache bytes digested, next to a device copy of the same bytes."""
+    from kvlayout.connectors.digests import Digester, digest_groups
+    from kvlayout.connectors.record import build_record
+    n = TOKENS // BLOCK
+    plan = kvl.plan_kv_cache(model_specs(layers), 2 * n * page_bytes() * layers)
+    caches = kvl.allocate_kv_cache(plan, device)
+    rec = build_record(caches, engine_id="bench", agent_name="bench", specs=plan.specs)
+    dig = Digester(caches, layer_regions(caches), rec)
+    groups = digest_groups(rec)
+    ids = np.random.default_rng(3).permutation(plan.groups[0].num_blocks)[:n]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    us = median_us(lambda: ([dig.combined(g.layers, ids) for g in groups], sync()), 5)
+    nbytes = layers * n * page_bytes()
+    src = torch.empty(nbytes, dtype=torch.int8, device=device)
+    dst = torch.empty_like(src)
+    copy_us = median_us(lambda: (dst.copy_(src), sync()), 5)
+    return {"layers": layers, "bytes": nbytes, "us": us, "GBps": nbytes / us * 1e-3,
+            "copy_GBps": 2 * nbytes / copy_us * 1e-3}
 
 
 def collect(quick: bool, device: str) -> dict:
@@ -269,7 +329,10 @@ def collect(quick: bool, device: str) -> dict:
     return {"model": f"{LAYERS} layers, {HEADS} KV heads, D={HEAD_SIZE}, bf16, block {BLOCK}, {TOKENS}-token request",
             "device": device, "descriptors": descriptor_table(reps),
             "nixl_prepare": nixl_prepare_table(layers, device, reps // 5),
-            "transfer": transfer_table(layers, device, 3 if quick else 8)}
+            "digests": digest_table(layers, device),
+            "transfer": transfer_table(layers, device, 3 if quick else 8),
+            "modes": [transfer_table(layers, device, 3 if quick else 8, mode, dig)
+                      for mode in ("push", "pull") for dig in (False, True) if (mode, dig) != ("pull", False)]}
 
 
 def print_report(out: dict) -> None:
@@ -293,6 +356,14 @@ def print_report(out: dict) -> None:
           f"end to end {t['GBps_total']:.2f} GB/s")
     print(f"   torch copy of the same bytes: contiguous {t['torch_copy_GBps']:.2f} GB/s, "
           f"block gather {t['torch_block_gather_GBps']:.2f} GB/s")
+    g = out["digests"]
+    print(f"\n5. digests of one request ({g['layers']} layers, {g['bytes'] / 2**20:.0f} MiB): {g['us']:.0f} us = "
+          f"{g['GBps']:.1f} GB/s read (device copy of the same bytes: {g['copy_GBps']:.1f} GB/s read + written)")
+    print(f"\n4. pull and push, without and with digests (same request; medians; prefill = its connector's CPU per call)")
+    print(f"{'mode':5} {'digests':7} {'GB/s':>7} {'ms':>8} {'decode start us':>15} {'poll us':>8} {'prefill us':>10}")
+    for m in [t] + out["modes"]:
+        print(f"{m['mode']:5} {str(m['digests']):7} {m['GBps_total']:7.2f} {m['total_s'] * 1e3:8.2f} "
+              f"{m['connector_start_us']:15.0f} {m['connector_poll_us']:8.1f} {m['prefill_call_us']:10.0f}")
 
 
 def run(quick: bool, device: str = "cpu") -> list[dict]:
@@ -321,6 +392,10 @@ def run(quick: bool, device: str = "cpu") -> list[dict]:
         {"name": name, "backend": "NIXL transport", "seconds": t["transport_s"], "achieved": t["GBps_transport"],
          **ceiling, "note": f"post -> done, {what}; NIXL prepare {t['nixl_prepare_us']:.0f} us, "
                             f"post {t['post_us']:.0f} us, {t['nixl_descriptors']} descriptors"},
+        *[{"name": f"{m['mode']} {t['bytes'] / 2**20:.0f} MiB ({device})" + (", digests" if m["digests"] else ""),
+           "backend": "NixlConnector", "seconds": m["total_s"], "achieved": m["GBps_total"], **ceiling,
+           "note": f"end to end; decode start {m['connector_start_us']:.0f} us, prefill connector "
+                   f"{m['prefill_call_us']:.0f} us per call"} for m in out["modes"]],
         {"name": name, "backend": "torch gather", "seconds": t["bytes"] / t["torch_block_gather_GBps"] / 1e9,
          "achieved": t["torch_block_gather_GBps"], **ceiling,
          "note": f"index_select + index_copy_ in one process, {what}"},
