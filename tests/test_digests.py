@@ -19,10 +19,13 @@ def test_worked_example():
 
 @pytest.mark.parametrize("unit_words", [1, 5, 256, 1500])
 def test_triton_equals_torch(rng, unit_words):
+    """On CPU tensors under the interpreter (the CPU suite), on CUDA tensors compiled (a GPU machine)."""
     n = 6
     words = torch.randint(-2 ** 31, 2 ** 31 - 1, (unit_words * n + 7,), generator=rng, dtype=torch.int32)
     offsets = torch.randperm(n, generator=rng) * unit_words + torch.randint(0, 8, (n,), generator=rng)
     offsets = offsets.clamp(max=words.numel() - unit_words).to(torch.int64)
+    if torch.cuda.is_available():
+        words, offsets = words.cuda(), offsets.cuda()
     assert torch.equal(unit_digests_triton(words, offsets, unit_words), unit_digests_torch(words, offsets, unit_words))
 
 

@@ -203,6 +203,7 @@ def serve(cfg: dict) -> None:
         if ev.pushed or ev.push_failed or ev.released:
             call_us.append((time.perf_counter() - t0) * 1e6)      # the poll that launched / finished work
     print("@@" + json.dumps({"prefill_call_us": statistics.median(call_us[1:] or call_us or [0.0])}), flush=True)
+    print(f"prefill connector stats: {conn.stats}", file=sys.stderr, flush=True)
     conn.close()
 
 
