@@ -289,9 +289,7 @@ class NixlConnector:
             raise KVLayoutError(f"request {request_id!r} already holds blocks on this engine")
         if isinstance(num_readers, bool) or not isinstance(num_readers, int) or num_readers < 1:
             raise KVLayoutError(f"num_readers must be a positive integer, got {num_readers!r}")
-        timeout = self.hold_timeout_s if timeout_s is None else timeout_s
-        if not _positive_seconds(timeout):
-            raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        timeout = _timeout(timeout_s, self.hold_timeout_s)
         ids = as_block_ids(block_ids, "hold_blocks")
         check_in_range(ids, self._kind_blocks, "hold_blocks", "this engine")
         self._check_not_receiving(ids, "hold_blocks")
@@ -357,11 +355,7 @@ class NixlConnector:
         _check_request_id(request_id)
         if request_id in self._grants or request_id in self._loads:
             raise KVLayoutError(f"request {request_id!r} is already receiving blocks on this engine")
-        names = (writers,) if isinstance(writers, str) else tuple(writers)
-        if not names or len(set(names)) != len(names):
-            raise KVLayoutError(f"writers must name one engine or distinct engines, got {writers!r}"[:300])
-        for w in names:
-            parse_address(w)
+        names = _engine_addresses(writers, "writers")
         ids = as_block_ids(block_ids, "grant_blocks")
         if sum(v.size for v in ids.values()) == 0:
             raise KVLayoutError("grant_blocks: no block ids given")
@@ -370,9 +364,7 @@ class NixlConnector:
                 raise KVLayoutError("grant_blocks: block ids repeat a block; each block can receive once")
         check_in_range(ids, self._kind_blocks, "grant_blocks", "this engine")
         self._check_local_targets(ids)
-        timeout = self.load_timeout_s if timeout_s is None else timeout_s
-        if not _positive_seconds(timeout):
-            raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        timeout = _timeout(timeout_s, self.load_timeout_s)
         token = auth.new_token()
         self._grants[request_id] = Grant(request_id, ids, names, time.monotonic() + timeout, float(timeout), token)
         self._count("grants_started")
@@ -402,20 +394,14 @@ class NixlConnector:
         _check_request_id(rrid)
         if request_id in self._loads:
             raise KVLayoutError(f"request {request_id!r} is already loading")
-        engines = (remote_engine,) if isinstance(remote_engine, str) else tuple(remote_engine)
-        if not engines or len(set(engines)) != len(engines):
-            raise KVLayoutError(f"remote_engine must name one engine or distinct engines, got {remote_engine!r}")
-        for e in engines:
-            parse_address(e)
+        engines = _engine_addresses(remote_engine, "remote_engine")
         tokens = _hold_tokens(hold_token, len(engines))
         local = as_block_ids(local_block_ids, "start_load local_block_ids")
         remote = as_block_ids(remote_block_ids, "start_load remote_block_ids")
         check_load_pairs(local, remote)
         check_in_range(local, self._kind_blocks, "start_load", "this engine")
         self._check_local_targets(local)
-        timeout = self.load_timeout_s if timeout_s is None else timeout_s
-        if not _positive_seconds(timeout):
-            raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        timeout = _timeout(timeout_s, self.load_timeout_s)
         now = time.monotonic()
         load = Load(request_id, rrid, engines, local, remote, now, now + timeout, float(timeout), tokens)
         if self._all_ready(engines):
@@ -1297,6 +1283,24 @@ def _hold_tokens(hold_token, n: int, what: str = "hold_token") -> tuple[bytes, .
             raise KVLayoutError(f"{what} must be the hex string it was returned as, got {t!r}"[:300])
         out.append(b)
     return tuple(out)
+
+
+def _timeout(timeout_s: Any, default: float) -> float:
+    """``timeout_s`` (``default`` when None), checked to be a positive number of seconds."""
+    timeout = default if timeout_s is None else timeout_s
+    if not _positive_seconds(timeout):
+        raise KVLayoutError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return float(timeout)
+
+
+def _engine_addresses(engines: Any, what: str) -> tuple[str, ...]:
+    """One engine address or distinct ones, as a tuple, each a valid ``host:port``."""
+    out = (engines,) if isinstance(engines, str) else tuple(engines)
+    if not out or len(set(out)) != len(out) or not all(isinstance(e, str) for e in out):
+        raise KVLayoutError(f"{what} must name one engine or distinct engines, got {engines!r}"[:300])
+    for e in out:
+        parse_address(e)
+    return out
 
 
 def _check_request_id(request_id: Any) -> None:
