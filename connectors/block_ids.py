@@ -84,8 +84,14 @@ def check_load_pairs(local: KindIds, remote: KindIds) -> None:
         if local[k].size != remote[k].size:
             raise KVLayoutError(f"{local[k].size} local but {remote[k].size} remote block ids"
                                 + ("" if k == ALL_KINDS else f" for {k} layers"))
-        srt = np.sort(local[k])
+    check_receivers(local)
+
+
+def check_receivers(ids: KindIds) -> None:
+    """Raise unless some block is named and no block receives twice (per kind)."""
+    for arr in ids.values():
+        srt = np.sort(arr)
         if srt.size > 1 and (srt[1:] == srt[:-1]).any():
             raise KVLayoutError("local block ids repeat a block; each block can receive one remote block")
-    if sum(v.size for v in local.values()) == 0:
+    if sum(v.size for v in ids.values()) == 0:
         raise KVLayoutError("no block ids given: nothing to load")

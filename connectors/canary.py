@@ -38,10 +38,11 @@ def _words(region: Region, block: int) -> np.ndarray:
 
 
 def write_canary(caches: KVCache, regions: Sequence[Region], block: int, seed: int) -> None:
-    """Fill ``block`` of every region with the pattern of its addresses."""
+    """Fill ``block`` of every region with the pattern of its addresses (every region checked first)."""
     for r in regions:
         if r.base % 4 or r.block_len % 4 or r.block_stride % 4:
             raise KVLayoutError(f"layer {r.layers[0]!r}: the canary needs 4-byte aligned blocks; pass canary_block=None")
+    for r in regions:
         buf = caches.buffers[r.buffer]
         off = (r.base + block * r.block_stride - buf.data_ptr()) // 4
         words = torch.from_numpy(pattern(_words(r, block), seed).view(np.int32))

@@ -139,6 +139,9 @@ class Digester:
     def combined(self, layers: Sequence[str], block_ids: np.ndarray) -> torch.Tensor:
         """``(len(block_ids), units)`` int64 on the cache's device: the layers' unit digests of those blocks,
         each layer times its weight, summed (mod 2**64). One launch per buffer."""
+        missing = [n for n in layers if n not in self._layers]
+        if missing:
+            raise KVLayoutError(f"no layer {missing[0]!r} on this engine; the engines serve different models")
         units = {self._layers[n].num_units for n in layers}
         sizes = {self._layers[n].unit_words for n in layers}
         if len(units) != 1 or len(sizes) != 1:
@@ -162,6 +165,14 @@ class Digester:
 
 def _kind_ids(ids: Mapping[str, np.ndarray], kind: str) -> Optional[np.ndarray]:
     return ids.get(kind, ids.get(ALL_KINDS))
+
+
+def _head_span(record: CompatRecord, layers: Sequence[str]) -> tuple[int, int]:
+    """``(head_start, num_heads)`` that every one of ``layers`` holds on the engine of ``record``."""
+    spans = {(record.layer(n).head_start, record.layer(n).num_heads) for n in layers}
+    if len(spans) != 1:
+        raise KVLayoutError(f"layers {list(layers)[:4]} hold different heads on this engine; turn digests off")
+    return spans.pop()
 
 
 def held_digests(digester: Digester, groups: Sequence[DigestGroup], ids: Mapping[str, np.ndarray]) -> list:
@@ -248,7 +259,7 @@ class DigestCheck:
 def start_digest_check(digester: Digester, local_record: CompatRecord, load, engine_records: Sequence[CompatRecord],
                        primary_only: Sequence[bool]) -> "DigestCheck | str":
     """Launch the local digests of ``load``'s blocks against what each engine sent (``load.remote_digests``);
-    a problem string when what was sent cannot be compared."""
+    a problem string when what was sent cannot be compared (``KVLayoutError`` when the layers differ here)."""
     items = []
     for address, rec, heads_only in zip(load.engines, engine_records, primary_only):
         groups = digest_groups(rec)
@@ -264,15 +275,11 @@ def start_digest_check(digester: Digester, local_record: CompatRecord, load, eng
                 remote = np.frombuffer(raw, dtype="<i8").reshape(rids.size, g.num_units)
             except ValueError:
                 return f"the engine at {address} sent malformed digests for its {g.kind} layers"
-            layers = [local_record.layer(n) for n in g.layers]
             if {digester.unit_bytes(n) for n in g.layers} != {g.unit_bytes}:
                 return f"the {g.kind} layers' digest units differ between here and {address}; turn digests off"
             columns = (slice(None), slice(None))
             if g.kind == "attention":
-                spans = {(l.head_start, l.num_heads) for l in layers}
-                if len(spans) != 1:
-                    return f"layers {list(g.layers)} hold different heads on this engine; turn digests off"
-                ls, lh = spans.pop()
+                ls, lh = _head_span(local_record, g.layers)
                 h0, h1 = max(ls, g.head_start), min(ls + lh, g.head_start + g.num_units)
                 if h0 >= h1:
                     continue
@@ -286,23 +293,24 @@ def written_digest(digester: Digester, own_record: CompatRecord, groups: Sequenc
     """(Push.) One hash of what a writer wrote: for each of the *granting* engine's digest groups, this
     engine's combined digests of ``ids`` over global heads ``[heads[0], heads[0] + heads[1])`` (attention)
     or of the whole unit (the replicated layers, when ``replicated``). Writer and granting engine compute
-    it over their own blocks, each with its own head slots; equal bytes give equal hashes. Syncs the device."""
-    h = hashlib.sha256()
+    it over their own blocks, each with its own head slots; equal bytes give equal hashes. Syncs the device
+    once; ``KVLayoutError`` when the layers differ here."""
     start, count = heads
+    parts = []
     for gi, g in enumerate(groups):
         block_ids = _kind_ids(ids, g.kind)
         if block_ids is None or block_ids.size == 0 or (g.kind != "attention" and not replicated):
             continue
-        d = digester.combined(g.layers, block_ids)
+        cols = slice(None)
         if g.kind == "attention":
-            spans = {(own_record.layer(n).head_start, own_record.layer(n).num_heads) for n in g.layers}
-            (ls, lh), = spans if len(spans) == 1 else ((None, None),)
-            if ls is None:
-                raise KVLayoutError(f"layers {list(g.layers)} hold different heads on this engine; turn digests off")
+            ls, lh = _head_span(own_record, g.layers)
             h0, h1 = max(start, ls, g.head_start), min(start + count, ls + lh, g.head_start + g.num_units)
             if h0 >= h1:
                 continue
-            d = d[:, h0 - ls:h1 - ls]
+            cols = slice(h0 - ls, h1 - ls)
+        parts.append((gi, digester.combined(g.layers, block_ids)[:, cols]))
+    h = hashlib.sha256()
+    for gi, d in parts:
         h.update(gi.to_bytes(4, "little"))
         h.update(d.cpu().numpy().astype("<i8").tobytes())
     return h.digest()

@@ -90,8 +90,8 @@ from kvlayout.capabilities import ConnectorWishes
 from kvlayout.errors import BackendUnavailableError, KVLayoutError
 
 from .canary import check_canary, scratch_regions, transfer_rows as canary_rows, write_canary
-from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check_load_pairs, kind_blocks,
-                        plain_block_ids, shared_block)
+from .block_ids import (ALL_KINDS, BlockIds, as_block_ids, check_in_range, check_load_pairs, check_receivers,
+                        kind_blocks, plain_block_ids, shared_block)
 from .descriptors import TransferPlan, descriptor_rows
 from .digests import (Digester, digest_groups, held_digests, read_digests as _read_digests, start_digest_check,
                       written_digest)
@@ -295,7 +295,7 @@ class NixlConnector:
         self._check_not_receiving(ids, "hold_blocks")
         plain = plain_block_ids(ids)
         token = auth.new_token()
-        digests = self._hold_digests(ids) if self._digester is not None else None
+        digests = held_digests(self._digester, self._digest_groups, ids) if self._digester is not None else None
         with self._holds_lock:
             self._holds[request_id] = Hold(request_id, plain, num_readers, time.monotonic() + timeout,
                                            float(timeout), token, digests=digests)
@@ -357,11 +357,7 @@ class NixlConnector:
             raise KVLayoutError(f"request {request_id!r} is already receiving blocks on this engine")
         names = _engine_addresses(writers, "writers")
         ids = as_block_ids(block_ids, "grant_blocks")
-        if sum(v.size for v in ids.values()) == 0:
-            raise KVLayoutError("grant_blocks: no block ids given")
-        for k, v in ids.items():
-            if np.unique(v).size != v.size:
-                raise KVLayoutError("grant_blocks: block ids repeat a block; each block can receive once")
+        check_receivers(ids)
         check_in_range(ids, self._kind_blocks, "grant_blocks", "this engine")
         self._check_local_targets(ids)
         timeout = _timeout(timeout_s, self.load_timeout_s)
@@ -370,7 +366,6 @@ class NixlConnector:
         self._count("grants_started")
         return {"engine": self.address, "request_id": request_id, "block_ids": plain_block_ids(ids),
                 "grant_token": token.hex(), "expires_in_s": float(timeout)}
-
 
     def connect(self, remote_engine: str) -> None:
         """Start the handshake with ``remote_engine`` in the background (``start_load`` does it when needed)."""
@@ -850,13 +845,13 @@ class NixlConnector:
             waiting = [e for e in load.engines if e not in load.confirmed]
             self._abort(load, f"timed out after {load.timeout_s:g} s waiting for {waiting} to confirm the read")
 
-    def _hold_digests(self, ids) -> list:
-        return held_digests(self._digester, self._digest_groups, ids)
-
     def _start_digest_check(self, load: Load):
         records = [self._peers[e].welcome.record for e in load.engines]
-        return start_digest_check(self._digester, self.record, load, records,
-                                  [Role.of(i) is not Role.PRIMARY for i in range(len(load.engines))])
+        try:
+            return start_digest_check(self._digester, self.record, load, records,
+                                      [Role.of(i) is not Role.PRIMARY for i in range(len(load.engines))])
+        except KVLayoutError as exc:
+            return f"the digests cannot be compared: {exc}"
 
     def _abort(self, load: Load, reason: str, dead: Optional[str] = None) -> None:
         """Cancel the load's transfers and tell its live engines (not ``dead``) that this reader gave up,
@@ -965,8 +960,12 @@ class NixlConnector:
             return
         digest = b""
         if self._digester is not None:
-            digest = written_digest(self._digester, self.record, digest_groups(peer.welcome.record), push.local_ids,
-                                    heads, role is Role.PRIMARY)
+            try:
+                digest = written_digest(self._digester, self.record, digest_groups(peer.welcome.record),
+                                        push.local_ids, heads, role is Role.PRIMARY)
+            except KVLayoutError as exc:
+                self._abort_push(push, f"the digests cannot be computed: {exc}")
+                return
         primary = role is Role.PRIMARY
         proof = auth.mac(push.token, "pushed", push.grant_id, self.address, "1", str(heads), str(primary), digest)
         note = encode_push_note(push.grant_id, self.address, True, heads, primary, digest, proof)
@@ -1082,7 +1081,11 @@ class NixlConnector:
         for writer, (heads, primary, sent) in grant.notes.items():
             if not sent:
                 return f"writer {writer} sent no digests: create its connector with digests=True too"
-            here = written_digest(self._digester, self.record, self._digest_groups, grant.block_ids, heads, primary)
+            try:
+                here = written_digest(self._digester, self.record, self._digest_groups, grant.block_ids, heads,
+                                      primary)
+            except KVLayoutError as exc:
+                return f"the digests cannot be compared: {exc}"
             if here != sent:
                 return (f"digest mismatch: the blocks written by {writer} differ from what it sent; the bytes were "
                         f"corrupted in transit or the layouts differ, so the request failed (recompute it)")
