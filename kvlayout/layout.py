@@ -43,6 +43,11 @@ class LayerLayout:
     byte_offset: int
     block_bytes: int
     block_stride_bytes: int
+    buffer: int = -1                  # index of the allocation (``KVCache.buffers``); -1: the group's own
+
+    def __post_init__(self):
+        if self.buffer < 0:
+            object.__setattr__(self, "buffer", self.group)
 
     @property
     def num_blocks(self) -> int:
@@ -51,22 +56,58 @@ class LayerLayout:
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """Layers with one page size, sharing one buffer and one block-id space."""
+    """Layers that share one block table (one block-id space).
+
+    Outside a page pool a group owns its buffer. In a page pool (``pooled``, hybrid models) every
+    group's block ids address pages of one shared allocation, and a block id is ``pages_per_block`` small
+    pages (1 for attention, k for a recurrent state); which group may use a page is the ``PagePool``'s
+    to decide."""
 
     index: int
     layer_names: tuple[str, ...]
     page_size_bytes: int
-    block_size: Optional[int]         # tokens per block (None for a group of only Mamba layers)
+    block_size: Optional[int]         # tokens per block (None for a group of only state layers)
     num_blocks: int
     cross_layer: bool
+    pages_per_block: int = 1
+    pooled: bool = False
 
     @property
     def nbytes(self) -> int:
+        """Bytes the group's block ids address (in a page pool other groups address the same bytes)."""
         return self.num_blocks * self.page_size_bytes * len(self.layer_names)
 
     @property
     def num_tokens(self) -> Optional[int]:
         return None if self.block_size is None else self.num_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """The two-level page pool of a hybrid layout: ``num_slots`` slots of ``num_pages`` small pages of
+    ``page_bytes`` each, in one allocation (slot-major). Slot ``j`` holds layer ``j`` of every group, so
+    small page ``p`` is the bytes ``[j*num_pages*page_bytes + p*page_bytes, +page_bytes)`` of slot ``j`` in
+    every slot at once. A large page is the aligned run of ``large_page_pages`` small pages ``[q*k, (q+1)*k)``.
+
+    Worked example (k = 65): attention block id 130 is small page 130, the first page of large page 2;
+    state block id 2 of a Mamba group is small pages 130..194. The pool never gives both out at once."""
+
+    page_bytes: int
+    num_pages: int
+    large_page_pages: int
+    num_slots: int
+
+    @property
+    def num_large_pages(self) -> int:
+        return self.num_pages // self.large_page_pages
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_slots * self.slot_bytes
 
 
 @dataclass(frozen=True)
@@ -77,6 +118,17 @@ class KVCacheLayout:
     layers: tuple[LayerLayout, ...]
     backend: Optional[str]
     connector: Optional[str]
+    pool: Optional[PoolGeometry] = None
+
+    @property
+    def buffer_nbytes(self) -> tuple[int, ...]:
+        """Size of each allocation: one per group, or one for the whole page pool."""
+        if self.pool is not None:
+            return (self.pool.nbytes,)
+        return tuple(g.nbytes for g in self.groups)
+
+    def group_layers(self, group: int) -> tuple[LayerLayout, ...]:
+        return tuple(lay for lay in self.layers if lay.group == group)
 
     def layer(self, name: str) -> LayerLayout:
         for lay in self.layers:
@@ -94,7 +146,7 @@ class KVCacheLayout:
 
     @property
     def nbytes(self) -> int:
-        return sum(g.nbytes for g in self.groups)
+        return sum(self.buffer_nbytes)
 
 
 def _same_block_format(a: KVCacheSpec, b: KVCacheSpec) -> bool:
@@ -120,22 +172,9 @@ def _group_block_size(names: list[str], specs: Mapping[str, KVCacheSpec]) -> Opt
     return sizes.pop() if sizes else None
 
 
-def resolve_kv_cache_layout(
-    specs: Mapping[str, KVCacheSpec],
-    num_blocks: Union[int, Mapping[int, int]],
-    backend: Optional[BackendCapabilities] = None,
-    connector: Optional[ConnectorWishes] = None,
-    cross_layer: Optional[bool] = None,
-) -> KVCacheLayout:
-    """Decide, once, where every layer's cache lives.
-
-    ``num_blocks`` is one count for every group or a mapping from group index to count (group order:
-    by page size, in the order the specs first show each size). ``cross_layer``: True puts the layers of
-    each group in one ``(B, L, H, N, C)`` allocation (all layers of a group must then have the same block
-    format), False keeps one contiguous region per layer, None follows the connector's wish where the
-    group allows it. Conflicts between the specs, the backend and the connector raise
-    ``LayoutConflictError`` naming both sides.
-    """
+def check_specs(specs: Mapping[str, KVCacheSpec], backend: Optional[BackendCapabilities],
+                connector: Optional[ConnectorWishes], cross_layer: Optional[bool]) -> None:
+    """Raise ``LayoutConflictError`` where a spec, the backend and the connector disagree (naming both)."""
     if not specs:
         raise KVLayoutError("no layer specs given: pass {layer name: AttentionSpec | MLASpec | MambaSpec}")
     for name, spec in specs.items():
@@ -160,6 +199,25 @@ def resolve_kv_cache_layout(
         raise LayoutConflictError(
             f"cross_layer=True was asked for, but backend {backend.name!r} cannot read strided "
             f"cross-layer views; use cross_layer=False or another backend")
+
+
+def resolve_kv_cache_layout(
+    specs: Mapping[str, KVCacheSpec],
+    num_blocks: Union[int, Mapping[int, int]],
+    backend: Optional[BackendCapabilities] = None,
+    connector: Optional[ConnectorWishes] = None,
+    cross_layer: Optional[bool] = None,
+) -> KVCacheLayout:
+    """Decide, once, where every layer's cache lives.
+
+    ``num_blocks`` is one count for every group or a mapping from group index to count (group order:
+    by page size, in the order the specs first show each size). ``cross_layer``: True puts the layers of
+    each group in one ``(B, L, H, N, C)`` allocation (all layers of a group must then have the same block
+    format), False keeps one contiguous region per layer, None follows the connector's wish where the
+    group allows it. Conflicts between the specs, the backend and the connector raise
+    ``LayoutConflictError`` naming both sides.
+    """
+    check_specs(specs, backend, connector, cross_layer)
 
     groups, layers = [], []
     for gi, names in enumerate(group_by_page_size(specs)):
@@ -202,14 +260,23 @@ def resolve_kv_cache_layout(
 
 
 def check_no_overlap(layout: KVCacheLayout) -> None:
-    """Raise if any two layers' blocks share a byte, or a block reaches past its group's buffer."""
+    """Raise if two layers of one group share a byte, or a block reaches past its buffer. In a page pool
+    the layers of different groups share bytes on purpose (the pool gives each page to one group at a
+    time); there every block must be a whole, aligned run of the pool's small pages."""
+    sizes = layout.buffer_nbytes
     for group in layout.groups:
-        members = [lay for lay in layout.layers if lay.group == group.index]
+        members = layout.group_layers(group.index)
         starts, ends, owners = [], [], []
         for k, lay in enumerate(members):
             if lay.block_bytes > lay.block_stride_bytes and lay.num_blocks > 1:
                 raise LayoutConflictError(f"layer {lay.name!r}: a block ({lay.block_bytes} B) is larger than the "
                                           f"block stride ({lay.block_stride_bytes} B); blocks would overlap")
+            if layout.pool is not None:
+                geo = layout.pool
+                if (lay.block_stride_bytes != group.pages_per_block * geo.page_bytes
+                        or lay.byte_offset % geo.slot_bytes or lay.num_blocks * group.pages_per_block > geo.num_pages):
+                    raise LayoutConflictError(f"layer {lay.name!r}: its blocks are not aligned runs of "
+                                              f"{group.pages_per_block} pool page(s) of one slot")
             s = lay.byte_offset + np.arange(lay.num_blocks, dtype=np.int64) * lay.block_stride_bytes
             starts.append(s)
             ends.append(s + lay.block_bytes)
@@ -217,7 +284,7 @@ def check_no_overlap(layout: KVCacheLayout) -> None:
         s, e, o = np.concatenate(starts), np.concatenate(ends), np.concatenate(owners)
         order = np.argsort(s, kind="stable")
         s, e, o = s[order], e[order], o[order]
-        if s[0] < 0 or e.max() > group.nbytes:
+        if s[0] < 0 or e.max() > sizes[members[0].buffer]:
             raise LayoutConflictError(f"group {group.index}: a block lies outside the group's buffer")
         bad = np.nonzero(s[1:] < e[:-1])[0]
         if bad.size:

@@ -12,6 +12,7 @@ import torch
 from .checks import check_schedule
 from .errors import KVLayoutError
 from .values import require_int
+from .page_pool import PagePool
 from .planner import KVCachePlan
 
 
@@ -213,22 +214,40 @@ def build_attention_metadata(
     max_blocks_per_request: Optional[int] = None,
     pad_tokens_to: Optional[int] = None,
     shared_block_ids: Optional[Sequence[int]] = None,
+    group: Optional[int] = None,
+    pool: Optional[PagePool] = None,
 ) -> AttentionMetadata:
     """Build the step's metadata, refusing a schedule that would read or write the wrong slots (the rules
     of ``kvlayout.checks.check_schedule``: ids in range, each listed once per request, a block in two
     requests only when declared in ``shared_block_ids``, no write into a block another request reads).
 
-    ``plan`` is a ``KVCachePlan`` (its token-indexed group) or a block size (then ``num_blocks`` bounds
-    the ids). ``max_blocks_per_request`` fixes the block table width and ``pad_tokens_to`` pads
+    ``plan`` is a ``KVCachePlan`` (its token-indexed ``group``; the only one when ``group`` is None) or a
+    block size (then ``num_blocks`` bounds the ids). With ``pool`` (the ``PagePool`` the ids came from)
+    every block id must be a block ``group`` holds now: a freed block, another group's block or a state
+    page is refused, naming the group and the block. One metadata per attention group per step. ``max_blocks_per_request`` fixes the block table width and ``pad_tokens_to`` pads
     ``slot_mapping`` with -1, so buffers keep one shape across steps (CUDA graphs). All checks run on the
     host on data the caller passed in; nothing is read back from the device."""
     if isinstance(plan, KVCachePlan):
-        group = plan.attention_group()
-        block_size, num_blocks = group.block_size, group.num_blocks
+        if group is None:
+            gplan = plan.attention_group()
+        elif isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(plan.groups):
+            raise KVLayoutError(f"group {group!r} does not exist; the plan has groups 0..{len(plan.groups) - 1}")
+        else:
+            gplan = plan.groups[group]
+        if gplan.block_size is None:
+            raise KVLayoutError(f"group {gplan.index} holds recurrent states, not tokens: attention metadata is "
+                                f"built for a group of attention layers")
+        group = gplan.index
+        block_size, num_blocks = gplan.block_size, gplan.num_blocks
     else:
         block_size = plan
         if num_blocks is None:
             raise KVLayoutError("build_attention_metadata: with a bare block size, pass num_blocks too")
+    if pool is not None:
+        if not isinstance(pool, PagePool):
+            raise KVLayoutError(f"pool must be the PagePool the block ids came from, got {type(pool).__name__}")
+        if group is None:
+            raise KVLayoutError("build_attention_metadata: with a pool, pass the plan (or the group) too")
     require_int(block_size, "block size", minimum=1)
     require_int(num_blocks, "num_blocks", minimum=1)
     if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
@@ -255,6 +274,8 @@ def build_attention_metadata(
         width = max_blocks_per_request
     if width > num_blocks:
         raise KVLayoutError(f"block table width {width} is longer than the cache ({num_blocks} blocks)")
+    if pool is not None:
+        pool.check_held(group, flat, "build_attention_metadata")
     table = np.zeros((n, width), dtype=np.int64)
     table[np.arange(width) < need[:, None]] = flat          # row-major: request r's ids fill its first need[r]
     check_schedule(computed, new, table, num_blocks, block_size, shared_block_ids)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
 from .capabilities import BackendCapabilities, ConnectorWishes
-from .errors import KVLayoutError, LayoutConflictError
-from .layout import KVCacheLayout, resolve_kv_cache_layout, spec_kind
+from .capacity import DEFAULT_CONTEXT_TOKENS, Capacity, plan_capacity
+from .errors import KVLayoutError
+from .hybrid import group_hybrid_layers, is_hybrid, resolve_pooled_layout
+from .layout import KVCacheLayout, group_by_page_size, resolve_kv_cache_layout, spec_kind
 from .specs import KVCacheSpec, MambaSpec, dtype_name
-
-MAX_BLOCK_SIZE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class GroupPlan:
     block_size: Optional[int]
     num_blocks: int
     cross_layer: bool
+    pages_per_block: int = 1               # pool pages one block id takes (k for a state group in a pool)
+    pooled: bool = False                   # block ids come from a page pool shared with other groups
 
     @property
     def num_layers(self) -> int:
@@ -69,18 +71,28 @@ class KVCachePlan:
             raise KVLayoutError(f"this plan has {len(groups)} token-indexed groups; name the group you mean")
         return groups[0]
 
-    def to_dict(self) -> dict:
+    def capacity(self, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> Capacity:
+        """Concurrent requests at ``context_tokens``, or the longest single request (``kvlayout.capacity``)."""
+        return plan_capacity(self, context_tokens)
+
+    def to_dict(self, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> dict:
+        pool = self.layout.pool
         return {
             "memory_bytes": self.memory_bytes,
             "allocated_bytes": self.nbytes,
             "backend": self.layout.backend,
             "connector": self.layout.connector,
             "adjustments": list(self.adjustments),
+            "capacity": self.capacity(context_tokens).to_dict(),
+            "pool": None if pool is None else {
+                "page_bytes": pool.page_bytes, "num_pages": pool.num_pages, "num_slots": pool.num_slots,
+                "large_page_pages": pool.large_page_pages, "num_large_pages": pool.num_large_pages},
             "groups": [{
                 "index": g.index, "layers": list(g.layer_names), "kinds": _kind_counts(g.kinds),
                 "page_size_bytes": g.page_size_bytes, "padding_bytes_per_page": g.padding_bytes_per_page,
                 "padding_bytes": g.padding_bytes, "block_size": g.block_size, "num_blocks": g.num_blocks,
                 "num_tokens": g.num_tokens, "nbytes": g.nbytes, "cross_layer": g.cross_layer,
+                "pages_per_block": g.pages_per_block, "pooled": g.pooled,
             } for g in self.groups],
             "layers": {lay.name: {
                 "kind": lay.kind, "group": lay.group, "dtype": dtype_name(lay.dtype), "shape": list(lay.shape),
@@ -88,39 +100,47 @@ class KVCachePlan:
             } for lay in self.layout.layers},
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def to_json(self, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> str:
+        return json.dumps(self.to_dict(context_tokens), indent=2)
 
-    def describe(self) -> str:
-        """A table of the groups (what ``kvlayout plan`` prints)."""
+    def describe(self, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> str:
+        """A table of the groups and the capacity (what ``kvlayout plan`` prints)."""
         from rich.console import Console
         from rich.table import Table
 
+        pool = self.layout.pool
         table = Table(title="kvlayout plan", title_justify="left")
-        for col in ("group", "layers", "page", "padding/page", "block size", "blocks", "tokens (+ states)", "memory"):
+        for col in ("group", "layers", "page/layer", "padding/block", "block size", "blocks", "at most", "memory"):
             table.add_column(col, justify="right" if col != "layers" else "left")
         for g in self.groups:
+            stride = g.pages_per_block * pool.page_bytes * pool.num_slots if pool else g.page_size_bytes * g.num_layers
+            most = f"{g.num_tokens:,} tokens" if g.block_size else f"{g.num_blocks:,} states"
             table.add_row(str(g.index), _kind_counts_text(g.kinds) + (" (cross-layer)" if g.cross_layer else ""),
                           _fmt_bytes(g.page_size_bytes),
-                          f"{_fmt_bytes(g.padding_bytes_per_page)} ({100 * g.padding_bytes_per_page / (g.page_size_bytes * g.num_layers):.1f}%)",
-                          "-" if g.block_size is None else str(g.block_size), f"{g.num_blocks:,}",
-                          _capacity_text(g), _fmt_bytes(g.nbytes))
+                          f"{_fmt_bytes(g.padding_bytes_per_page)} ({100 * g.padding_bytes_per_page / stride:.1f}%)",
+                          "-" if g.block_size is None else str(g.block_size), f"{g.num_blocks:,}", most,
+                          "shared pool" if g.pooled else _fmt_bytes(g.nbytes))
         buf = io.StringIO()
         console = Console(file=buf, width=120, force_terminal=False, color_system=None)
         console.print(table)
-        console.print(f"budget {_fmt_bytes(self.memory_bytes)}, allocated {_fmt_bytes(self.nbytes)}, "
-                      f"padding {_fmt_bytes(sum(g.padding_bytes for g in self.groups))}"
+        if pool is not None:
+            console.print(f"page pool: {pool.num_pages:,} small pages of {_fmt_bytes(pool.page_bytes)} x "
+                          f"{pool.num_slots} slot(s); a large page (one state) is {pool.large_page_pages} small "
+                          f"pages; the split between tokens and states follows the running requests")
+        cap = self.capacity(context_tokens)
+        one = ("" if cap.max_tokens_one_request is None
+               else f"; or one request of up to {cap.max_tokens_one_request:,} tokens")
+        console.print(f"capacity: {cap.concurrent_requests:,} concurrent requests of {cap.context_tokens:,} tokens "
+                      f"({_fmt_bytes(cap.held_bytes_per_request)} each, {100 * cap.padding_fraction:.1f}% padding)"
+                      + one)
+        if cap.attention_block_size is not None:
+            console.print(f"attention block {cap.attention_block_size} tokens, prefix-cache granularity "
+                          f"{cap.prefix_granularity_tokens} tokens")
+        console.print(f"budget {_fmt_bytes(self.memory_bytes)}, allocated {_fmt_bytes(self.nbytes)}"
                       + (f", backend {self.layout.backend}" if self.layout.backend else ""))
         for note in self.adjustments:
             console.print(f"note: {note}")
         return buf.getvalue().rstrip()
-
-
-def _capacity_text(g: GroupPlan) -> str:
-    parts = [] if g.num_tokens is None else [f"{g.num_tokens:,}"]
-    if "mamba" in g.kinds:
-        parts.append(f"{g.num_blocks:,} states")
-    return " + ".join(parts)
 
 
 def _kind_counts(kinds) -> dict:
@@ -139,54 +159,6 @@ def _fmt_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
-
-
-def unify_page_sizes(specs: Mapping[str, KVCacheSpec], backend: Optional[BackendCapabilities] = None
-                     ) -> tuple[dict[str, KVCacheSpec], list[str]]:
-    """For hybrid models: raise the attention block size until a page covers the largest Mamba state,
-    then pad every Mamba page to exactly that size. Returns the new specs and what was changed."""
-    specs = dict(specs)
-    notes: list[str] = []
-    mamba = {n: s for n, s in specs.items() if isinstance(s, MambaSpec)}
-    if not mamba:
-        return specs, notes
-    tokenwise = {n: s for n, s in specs.items() if not isinstance(s, MambaSpec)}
-    need_name, need_spec = max(mamba.items(), key=lambda kv: kv[1].state_bytes)
-    need = need_spec.state_bytes
-    if not tokenwise:
-        target = need
-    else:
-        pages, raised = {}, {}
-        for name, spec in tokenwise.items():
-            block = spec.block_size
-            while (block * spec.token_bytes < need or (backend and not backend.block_size_ok(block))):
-                block += spec.block_size
-                if block > MAX_BLOCK_SIZE:
-                    rule = f"; backend {backend.name!r} allows block sizes {backend.block_size_rule()}" if backend else ""
-                    raise LayoutConflictError(
-                        f"Mamba layer {need_name!r} needs {need:,} B per page, but no block size of attention "
-                        f"layer {name!r} ({spec.token_bytes:,} B/token, multiples of {spec.block_size}) up to "
-                        f"{MAX_BLOCK_SIZE} covers it{rule}. Use a backend without that limit (torch, flashinfer).")
-            if block != spec.block_size:
-                raised.setdefault((spec.block_size, block, block * spec.token_bytes), []).append(name)
-                specs[name] = spec.with_block_size(block)
-            pages[name] = specs[name].page_size_bytes
-        for (old, new, page), names in raised.items():
-            notes.append(f"block size of {len(names)} attention layer(s) raised {old} -> {new} so a page "
-                         f"({page:,} B) covers the largest Mamba state ({need:,} B, {need_name})")
-        if len(set(pages.values())) > 1:
-            (a, pa), (b, pb) = sorted(pages.items(), key=lambda kv: kv[1])[::len(pages) - 1]
-            raise LayoutConflictError(
-                f"after raising block sizes to cover the Mamba state, attention layers {a!r} ({pa:,} B/page) and "
-                f"{b!r} ({pb:,} B/page) still differ; a hybrid model needs one page size. Give the attention "
-                f"layers the same head count, head size and dtype")
-        target = next(iter(pages.values()))
-    for name, spec in mamba.items():
-        if spec.page_size_bytes != target:
-            specs[name] = spec.padded_to(target)
-    if target > need:
-        notes.append(f"Mamba pages padded {need:,} -> {target:,} B ({100 * (target - need) / target:.1f}% padding)")
-    return specs, notes
 
 
 def _as_capabilities(backend) -> Optional[BackendCapabilities]:
@@ -211,22 +183,28 @@ def plan_kv_cache(
     connector: Optional[ConnectorWishes] = None,
     cross_layer: Optional[bool] = None,
 ) -> KVCachePlan:
-    """Resolve the layout once: unify page sizes (hybrid models), turn ``memory_bytes`` into block
-    counts (every token-indexed group holds the same number of tokens), and freeze the layout."""
+    """Resolve the layout once and turn ``memory_bytes`` into block counts.
+
+    A hybrid model (attention + recurrent state) gets a two-level page pool (``kvlayout.hybrid``): its
+    attention keeps the engine's block size and the split between tokens and states follows the running
+    requests. Otherwise layers are grouped by page size, each group with its own buffer, and every
+    token-indexed group holds the same number of tokens."""
     if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
         raise KVLayoutError(f"memory_bytes must be a positive integer, got {memory_bytes!r}")
     if not specs:
         raise KVLayoutError("no layer specs given: pass {layer name: AttentionSpec | MLASpec | MambaSpec}")
+    for spec in specs.values():
+        spec_kind(spec)
     caps = _as_capabilities(backend)
-    unified, notes = unify_page_sizes(specs, caps)
+    if is_hybrid(specs):
+        return _plan_pooled(specs, memory_bytes, caps, connector, cross_layer)
 
-    from .layout import group_by_page_size
-    groups = group_by_page_size(unified)
-    # Bytes one "token" costs in each group (a Mamba-only group counts one state as one token).
+    groups = group_by_page_size(specs)
+    # Bytes one "token" costs in each group (a state-only group counts one state as one token).
     per_unit = []
     for names in groups:
-        bs = next((unified[n].block_size for n in names if not isinstance(unified[n], MambaSpec)), 1)
-        per_unit.append((bs, unified[names[0]].page_size_bytes * len(names)))
+        bs = next((specs[n].block_size for n in names if not isinstance(specs[n], MambaSpec)), 1)
+        per_unit.append((bs, specs[names[0]].page_size_bytes * len(names)))
     units = memory_bytes / sum(page_all / bs for bs, page_all in per_unit)
     num_blocks = {gi: int(units // bs) for gi, (bs, _) in enumerate(per_unit)}
     need = sum(page_all for _, page_all in per_unit)
@@ -234,15 +212,42 @@ def plan_kv_cache(
         raise KVLayoutError(
             f"memory budget {memory_bytes:,} B is too small for one block in every layer "
             f"(needs at least {need:,} B); raise the budget or lower the block size")
-    if max(num_blocks.values()) > MAX_BLOCKS:
-        raise KVLayoutError(f"memory budget {memory_bytes:,} B gives {max(num_blocks.values()):,} blocks, more than "
-                            f"the {MAX_BLOCKS:,} that int32 block ids address; give a real device budget or a "
-                            f"larger block size")
-    layout = resolve_kv_cache_layout(unified, num_blocks, caps, connector, cross_layer)
+    _check_block_count(max(num_blocks.values()), memory_bytes)
+    layout = resolve_kv_cache_layout(specs, num_blocks, caps, connector, cross_layer)
+    group_plans = [GroupPlan(g.index, g.layer_names, tuple(spec_kind(specs[n]) for n in g.layer_names),
+                             g.page_size_bytes, 0, g.block_size, g.num_blocks, g.cross_layer)
+                   for g in layout.groups]
+    return KVCachePlan(dict(specs), layout, tuple(group_plans), memory_bytes, ())
+
+
+def _plan_pooled(specs, memory_bytes, caps, connector, cross_layer) -> KVCachePlan:
+    grouping = group_hybrid_layers(specs)
+    k, slots = grouping.large_page_pages, grouping.num_slots
+    per_page = slots * grouping.page_bytes
+    num_pages = memory_bytes // per_page // k * k
+    if num_pages < grouping.min_pages():
+        raise KVLayoutError(
+            f"memory budget {memory_bytes:,} B is too small for one request of this model (one small page per "
+            f"attention group and one large page per state group: {grouping.min_pages() * per_page:,} B); "
+            f"raise the budget or lower the block size")
+    _check_block_count(num_pages, memory_bytes)
+    layout = resolve_pooled_layout(grouping, num_pages, caps, connector, cross_layer)
+    unified = grouping.specs
     group_plans = []
     for g in layout.groups:
-        kinds = tuple(spec_kind(unified[n]) for n in g.layer_names)
-        pad = sum(unified[n].padding_bytes for n in g.layer_names if isinstance(unified[n], MambaSpec))
-        group_plans.append(GroupPlan(g.index, g.layer_names, kinds, g.page_size_bytes, pad, g.block_size,
-                                     g.num_blocks, g.cross_layer))
-    return KVCachePlan(unified, layout, tuple(group_plans), memory_bytes, tuple(notes))
+        stride = g.pages_per_block * grouping.page_bytes
+        pad = sum(stride - (unified[n].state_bytes if isinstance(unified[n], MambaSpec) else g.page_size_bytes)
+                  for n in g.layer_names) + (slots - len(g.layer_names)) * stride
+        group_plans.append(GroupPlan(g.index, g.layer_names, tuple(spec_kind(unified[n]) for n in g.layer_names),
+                                     g.page_size_bytes, pad, g.block_size, g.num_blocks, False,
+                                     g.pages_per_block, True))
+    notes = [f"hybrid model: {len(layout.groups)} groups of {slots} layer slot(s) share one page pool of "
+             f"{num_pages:,} small pages ({_fmt_bytes(grouping.page_bytes)} per slot); a state takes a large page "
+             f"of {k} small pages"]
+    return KVCachePlan(dict(unified), layout, tuple(group_plans), memory_bytes, tuple(notes))
+
+
+def _check_block_count(n: int, memory_bytes: int) -> None:
+    if n > MAX_BLOCKS:
+        raise KVLayoutError(f"memory budget {memory_bytes:,} B gives {n:,} blocks, more than the {MAX_BLOCKS:,} "
+                            f"that int32 block ids address; give a real device budget or a larger block size")

@@ -209,7 +209,7 @@ def test_bind_rejects_mismatches():
 
 def _hybrid_cache(rng):
     specs = {"attn0": attn(h=2, d=16, bs=4), "mix1": mamba(heads=4), "mix2": mamba(heads=2, conv_dim=7)}
-    plan = kvl.plan_kv_cache(specs, 64 << 10)
+    plan = kvl.plan_kv_cache(specs, 256 << 10)
     cache = kvl.allocate_kv_cache(plan)
     random_bytes(cache.buffers[0], rng)
     mixers = {n: Mixer(layer_name=n, spec=plan.specs[n]) for n in ("mix1", "mix2")}
@@ -219,20 +219,21 @@ def _hybrid_cache(rng):
 
 
 def test_mamba_states_aligned_disjoint_inside_their_page(rng):
+    """In the page pool each state layer's block is one large page of its slot; its states sit aligned and
+    disjoint inside the state bytes of that page (other groups' layers may use the same bytes, but only
+    for pages the pool gives them: tests/test_hybrid_pool.py)."""
     plan, cache, mixers = _hybrid_cache(rng)
     (buf,) = cache.buffers
-    (g,) = plan.groups
     base = buf.data_ptr()
-    owner = torch.zeros(buf.numel(), dtype=torch.int32)       # how many things claim each byte
-    a = plan.layout.layer("attn0")
-    for b in range(g.num_blocks):
-        start = a.byte_offset + b * a.block_stride_bytes
-        owner[start:start + a.block_bytes] += 1
+    geo = plan.layout.pool
     for name, m in mixers.items():
         lay = plan.layout.layer(name)
+        g = plan.groups[lay.group]
         spec = plan.specs[name]
-        assert spec.page_size_bytes == g.page_size_bytes > spec.state_bytes     # padded to the attention page
+        assert spec.page_size_bytes == g.pages_per_block * geo.page_bytes >= spec.state_bytes
+        assert lay.block_stride_bytes == spec.page_size_bytes and lay.byte_offset % geo.slot_bytes == 0
         assert set(m.states) == {"conv", "ssm", "extra"}
+        owner = torch.zeros(buf.numel(), dtype=torch.int32)   # how many states claim each byte of this layer
         for sl in spec.slices():
             view = m.states[sl.name]
             assert view.dtype == sl.dtype and tuple(view.shape) == (g.num_blocks,) + sl.shape
@@ -244,7 +245,7 @@ def test_mamba_states_aligned_disjoint_inside_their_page(rng):
                 assert page <= off and off + sl.nbytes <= page + spec.state_bytes
                 assert view[b].is_contiguous()
                 owner[off:off + sl.nbytes] += 1
-    assert int(owner.max()) == 1                                 # nothing overlaps anything
+        assert int(owner.max()) == 1                             # no two states of a layer overlap
 
 
 def test_mamba_state_write_touches_only_its_bytes(rng):
@@ -252,7 +253,7 @@ def test_mamba_state_write_touches_only_its_bytes(rng):
     (buf,) = cache.buffers
     before = buf.clone()
     ssm = mixers["mix2"].states["ssm"]
-    b = int(torch.randint(plan.groups[0].num_blocks, (1,), generator=rng))
+    b = int(torch.randint(plan.group_of("mix2").num_blocks, (1,), generator=rng))
     ssm[b] = torch.randn(ssm.shape[1:], generator=rng)
     off = ssm[b].data_ptr() - buf.data_ptr()
     changed = torch.nonzero(buf != before).squeeze(1)
@@ -262,7 +263,8 @@ def test_mamba_state_write_touches_only_its_bytes(rng):
 
 def test_zero_blocks_resets_mamba_state(rng):
     plan, cache, mixers = _hybrid_cache(rng)
-    kvl.zero_blocks(cache, [1, 3])
+    for name in mixers:
+        kvl.zero_blocks(cache, [1, 3], group=plan.group_of(name).index)
     for m in mixers.values():
         for view in m.states.values():
             assert not view[[1, 3]].any()

@@ -58,13 +58,21 @@ def test_specs_per_model():
     assert all(s.num_kv_heads == 1 for s in llama_tp16.values())  # 8 KV heads replicated over 16 ranks
 
 
-def test_hybrid_plan_pads_mamba(capsys):
-    assert main(["plan", "nemotron-h-8b", "--memory", "8GiB", "--json"]) == 0
+def test_hybrid_plan_keeps_block_16_and_reports_capacity(capsys):
+    """Nemotron-H-8B in 40 GiB (bf16 KV, fp32 SSM): 1 attention + 6 Mamba groups of 4 layers on one page
+    pool, attention block 16, at least 180 concurrent 8K requests (vLLM's hybrid manager: 180 at block 1,040)."""
+    assert main(["plan", "nemotron-h-8b", "--memory", "40GiB", "--json", "--context", "8192"]) == 0
     out = json.loads(capsys.readouterr().out)
-    (g,) = out["groups"]
-    assert g["kinds"] == {"mamba": 24, "attention": 4}
-    assert g["block_size"] % 16 == 0 and g["block_size"] * 4096 == g["page_size_bytes"]
-    assert 0 < g["padding_bytes_per_page"] <= 24 * g["page_size_bytes"] // g["block_size"]
+    kinds = [g["kinds"] for g in out["groups"]]
+    assert kinds.count({"attention": 4}) == 1 and kinds.count({"mamba": 4}) == 6
+    attn = next(g for g in out["groups"] if g["block_size"])
+    assert attn["block_size"] == 16 and attn["page_size_bytes"] == 16 * 4096 == out["pool"]["page_bytes"]
+    cap = out["capacity"]
+    assert cap["context_tokens"] == 8192 and cap["attention_block_size"] == 16
+    assert cap["concurrent_requests"] >= 180 and cap["max_tokens_one_request"] >= 2_600_000
+    assert main(["plan", "nemotron-h-8b", "--context", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert "concurrent requests of 1,000 tokens" in text and "attention block 16 tokens" in text
 
 
 def test_plan_errors_are_clear(capsys):

@@ -1,9 +1,8 @@
-"""Layout resolver and planner: grouping by page size, hybrid page unification, cross-layer strides,
-conflicts that name both sides, and the overlap check."""
+"""Layout resolver and planner: grouping by page size, cross-layer strides, conflicts that name both
+sides, and the overlap check (hybrid models on a page pool: tests/test_hybrid_pool.py)."""
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -154,7 +153,7 @@ def test_connector_wish_skips_groups_that_cannot_be_cross_layer():
     check_no_overlap(layout)
     hybrid = {"a0": attn(h=2, d=16, bs=4), "m1": mamba(heads=6), "a2": attn(h=2, d=16, bs=4)}
     assert not kvl.plan_kv_cache(hybrid, 4 << 20, connector=wish).groups[0].cross_layer
-    with pytest.raises(LayoutConflictError, match="identical block formats"):
+    with pytest.raises(LayoutConflictError, match="hybrid model"):
         kvl.plan_kv_cache(hybrid, 4 << 20, connector=wish, cross_layer=True)
 
 
@@ -250,58 +249,6 @@ def test_plan_unknown_backend_name():
         kvl.plan_kv_cache({"a": attn()}, 1 << 20, backend=42)
 
 
-def _expected_block(need, token_bytes, bs, allowed=lambda b: True):
-    """Smallest multiple of ``bs`` whose page covers ``need`` bytes and the backend allows."""
-    block = bs * max(1, math.ceil(need / (token_bytes * bs)))
-    while not allowed(block):
-        block += bs
-    return block
-
-
-def test_hybrid_raises_attention_block_and_pads_mamba():
-    a, m_small, m_big = attn(h=2, d=16, bs=4), mamba(heads=2), mamba(heads=6)
-    specs = {"attn0": a, "mix1": m_small, "attn2": a, "mix3": m_big}
-    plan = kvl.plan_kv_cache(specs, 8 << 20)
-    need = m_big.state_bytes
-    block = _expected_block(need, a.token_bytes, 4)
-    page = block * a.token_bytes
-    assert page >= need and (block - 4) * a.token_bytes < need
-    assert len(plan.groups) == 1
-    (g,) = plan.groups
-    assert g.block_size == block and g.page_size_bytes == page
-    assert plan.specs["attn0"].block_size == block and plan.specs["attn2"].block_size == block
-    for name in ("mix1", "mix3"):
-        s = plan.specs[name]
-        assert s.page_size_bytes == page and s.state_bytes == specs[name].state_bytes
-        assert s.slices() == specs[name].slices()
-    assert g.padding_bytes_per_page == (page - m_small.state_bytes) + (page - m_big.state_bytes)
-    assert g.padding_bytes == g.padding_bytes_per_page * g.num_blocks
-    assert any(f"raised 4 -> {block}" in n for n in plan.adjustments)
-    assert any("padded" in n for n in plan.adjustments)
-    assert plan.nbytes <= 8 << 20
-    assert g.kinds == ("attention", "mamba", "attention", "mamba")
-
-
-def test_hybrid_respects_backend_block_sizes():
-    a, m = attn(h=2, d=16, bs=16), mamba(heads=6)
-    allowed = frozenset({16, 64, 256, 1024})
-    plan = kvl.plan_kv_cache({"a": a, "m": m}, 64 << 20, backend=caps(block_sizes=allowed))
-    block = _expected_block(m.state_bytes, a.token_bytes, 16, lambda b: b in allowed)
-    assert plan.groups[0].block_size == block and block in allowed
-    assert plan.specs["m"].page_size_bytes == block * a.token_bytes
-
-
-def test_hybrid_impossible_block_size_names_both_layers():
-    with pytest.raises(LayoutConflictError, match="'m'.*'a'.*'limited'"):
-        kvl.plan_kv_cache({"a": attn(bs=16), "m": mamba()}, 1 << 30, backend=caps(block_sizes=frozenset({16})))
-
-
-def test_hybrid_attention_layers_with_different_pages_conflict():
-    specs = {"a": attn(h=2, bs=4), "b": attn(h=4, bs=4), "m": mamba()}
-    with pytest.raises(LayoutConflictError, match="'a'.*'b'.*one page size"):
-        kvl.plan_kv_cache(specs, 1 << 30)
-
-
 def test_mamba_only_model():
     m = mamba()
     plan = kvl.plan_kv_cache({"m0": m, "m1": m}, 1 << 20)
@@ -312,35 +259,19 @@ def test_mamba_only_model():
 
 
 def test_plan_json_and_describe_report_the_numbers():
-    plan = kvl.plan_kv_cache({"a": attn(h=2, d=16, bs=4), "m": mamba(heads=6)}, 4 << 20, backend="torch")
-    d = json.loads(plan.to_json())
-    (g,) = plan.groups
+    plan = kvl.plan_kv_cache({"a": attn(h=2, d=16, bs=4), "b": attn(h=4, d=16, bs=4)}, 4 << 20, backend="torch")
+    d = json.loads(plan.to_json(context_tokens=100))
+    g0, g1 = plan.groups
     assert d["memory_bytes"] == 4 << 20 and d["allocated_bytes"] == plan.nbytes
     jg = d["groups"][0]
-    assert (jg["page_size_bytes"], jg["block_size"], jg["num_blocks"], jg["num_tokens"], jg["padding_bytes"]) == \
-        (g.page_size_bytes, g.block_size, g.num_blocks, g.num_tokens, g.padding_bytes)
-    assert jg["kinds"] == {"attention": 1, "mamba": 1}
-    assert d["layers"]["m"]["dtype"] == "int8" and d["layers"]["a"]["shape"][1:] == [2, g.block_size, 32]
-    text = plan.describe()
-    assert f"{g.num_blocks:,}" in text and f"{g.num_tokens:,}" in text and "1 attention, 1 mamba" in text
-
-
-def test_shipped_hybrid_config_plans_one_page_size():
-    cfg = hf.load_hf_config("nemotron-h-8b")
-    specs = hf.specs_from_hf_config(cfg, block_size=16)
-    pattern = cfg["hybrid_override_pattern"]
-    assert sum(isinstance(s, kvl.MambaSpec) for s in specs.values()) == pattern.count("M")
-    assert sum(isinstance(s, kvl.AttentionSpec) for s in specs.values()) == pattern.count("*")
-    plan = kvl.plan_kv_cache(specs, 8 << 30, backend="torch")
-    # facts from the config: conv state (heads*head_dim + 2*groups*d_state, k-1) bf16, ssm fp32
-    conv_bytes = (cfg["mamba_num_heads"] * cfg["mamba_head_dim"] + 2 * cfg["n_groups"] * cfg["ssm_state_size"]) \
-        * (cfg["conv_kernel"] - 1) * 2
-    ssm_bytes = cfg["mamba_num_heads"] * cfg["mamba_head_dim"] * cfg["ssm_state_size"] * 4
-    need = math.ceil(conv_bytes / 16) * 16 + ssm_bytes
-    token_bytes = cfg["num_key_value_heads"] * 2 * cfg["attention_head_dim"] * 2
-    block = _expected_block(need, token_bytes, 16)
-    (g,) = plan.groups
-    assert g.block_size == block and g.page_size_bytes == block * token_bytes
-    assert g.num_layers == pattern.count("M") + pattern.count("*")
-    assert g.padding_bytes_per_page == pattern.count("M") * (block * token_bytes - need)
-    assert plan.nbytes <= 8 << 30 and g.num_blocks == (8 << 30) // (g.num_layers * g.page_size_bytes)
+    assert (jg["page_size_bytes"], jg["block_size"], jg["num_blocks"], jg["num_tokens"]) == \
+        (g0.page_size_bytes, g0.block_size, g0.num_blocks, g0.num_tokens)
+    assert jg["kinds"] == {"attention": 1} and d["pool"] is None
+    cap = d["capacity"]
+    assert cap["context_tokens"] == 100 and cap["attention_block_size"] == 4
+    assert cap["max_tokens_one_request"] == g0.num_tokens == g1.num_tokens
+    assert cap["concurrent_requests"] == g0.num_blocks // 25
+    assert d["layers"]["a"]["shape"][1:] == [2, 4, 32]
+    text = plan.describe(context_tokens=100)
+    assert f"{g0.num_blocks:,}" in text and f"{g0.num_tokens:,} tokens" in text
+    assert f"{cap['concurrent_requests']:,} concurrent requests of 100 tokens" in text

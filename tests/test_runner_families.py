@@ -112,7 +112,7 @@ def test_greedy_tokens_match_transformers_generate(checkpoints, model_type, back
     eng.run(steps.append)
     assert [eng.requests[r].output for r in rids] == [hf_greedy(hf, p) for p in prompts]
     assert any(s.num_decodes and s.num_prefills for s in steps)
-    assert eng.allocator.num_free == eng.num_blocks
+    assert eng.num_free_blocks == eng.num_blocks
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

@@ -13,7 +13,7 @@ pytest.importorskip("safetensors")
 from kvlayout import AttentionSpec, ScheduledRequest, build_attention_metadata  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend, registered_backends  # noqa: E402
 from kvlayout.errors import KVLayoutError  # noqa: E402
-from kvlayout.engine.runner import BlockAllocator, Engine  # noqa: E402
+from kvlayout.engine.runner import Engine  # noqa: E402
 
 NEW_TOKENS = 32
 # Llama-3 rope scaling with a short original context, so all three frequency bands occur.
@@ -143,7 +143,7 @@ def test_greedy_tokens_match_transformers(hf_dir, hf_model, rng, backend):
     assert got == [hf_greedy(hf_model, p) for p in ps]
     assert any(s.num_decodes and s.num_prefills for s in steps), "no step mixed decodes and prefills"
     assert max(s.num_tokens for s in steps) <= 13
-    assert eng.allocator.num_free == eng.num_blocks, "blocks leaked"
+    assert eng.num_free_blocks == eng.num_blocks, "blocks leaked"
 
 
 def test_preemption_recomputes_and_matches_transformers(hf_dir, hf_model, rng):
@@ -156,7 +156,7 @@ def test_preemption_recomputes_and_matches_transformers(hf_dir, hf_model, rng):
     eng.run()
     assert sum(eng.requests[r].num_preemptions for r in rids) > 0
     assert [eng.requests[r].output for r in rids] == [hf_greedy(hf_model, p) for p in ps]
-    assert eng.allocator.num_free == eng.num_blocks
+    assert eng.num_free_blocks == eng.num_blocks
 
 
 def test_remote_request_continues_from_loaded_blocks(hf_dir, hf_model, rng):
@@ -175,7 +175,7 @@ def test_remote_request_continues_from_loaded_blocks(hf_dir, hf_model, rng):
     dec.start_remote("r0")
     dec.run()
     assert dec.requests["r0"].output == hf_greedy(hf_model, p)
-    assert pre.allocator.num_free == pre.num_blocks and dec.allocator.num_free == dec.num_blocks
+    assert pre.num_free_blocks == pre.num_blocks and dec.num_free_blocks == dec.num_blocks
 
 
 # ---- input checks -----------------------------------------------------------------------------------
@@ -186,25 +186,12 @@ def test_bad_requests_are_refused_and_change_nothing(hf_dir):
                       (([1] * 10, 8), "needs 5 blocks")]:
         with pytest.raises(KVLayoutError, match=msg):
             eng.add_request(*args)
-    assert not eng.requests and not eng.waiting and eng.allocator.num_free == 4
+    assert not eng.requests and not eng.waiting and eng.num_free_blocks == 4
     eng.add_request([1], 2, "a")
     with pytest.raises(KVLayoutError, match="already in use"):
         eng.add_request([1], 2, "a")
     with pytest.raises(KVLayoutError, match="holds no blocks"):
         eng.release("a")
-
-
-def test_block_allocator_refuses_double_free_and_overdraw():
-    alloc = BlockAllocator(4)
-    ids = alloc.allocate(3)
-    with pytest.raises(KVLayoutError, match="1 of 4 are free"):
-        alloc.allocate(2)
-    alloc.free(ids[:1])
-    with pytest.raises(KVLayoutError, match="double free"):
-        alloc.free(ids[:2])
-    with pytest.raises(KVLayoutError, match="outside"):
-        alloc.free([7])
-    assert alloc.num_free == 2 and sorted(alloc.allocate(2) + ids[1:]) == [0, 1, 2, 3]
 
 
 # ---- bf16: the CPU reference, and every usable GPU backend ----------------------------------------------

@@ -31,11 +31,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     specs = specs_from_hf_config(cfg, kv_dtype=args.kv_dtype, block_size=args.block_size, tp_size=args.tp,
                                  mamba_ssm_dtype=args.mamba_ssm_dtype)
     plan = plan_kv_cache(specs, args.memory, backend=args.backend, cross_layer=args.cross_layer or None)
+    if args.context < 1:
+        raise KVLayoutError(f"--context must be at least 1 token, got {args.context}")
     if args.json:
-        print(plan.to_json())
+        print(plan.to_json(context_tokens=args.context))
     else:
         print(f"model {args.model}: {len(specs)} cache layers, tensor-parallel size {args.tp} (per-rank plan)")
-        print(plan.describe())
+        print(plan.describe(context_tokens=args.context))
     return 0
 
 
@@ -44,7 +46,9 @@ def _add_plan(sub) -> None:
 
     p = sub.add_parser("plan", help="print the KV-cache plan for a model",
                        description="Resolve the cache layout for a model and print one row per group of "
-                                   "layers sharing a page size. Shipped models: " + ", ".join(shipped_models()))
+                                   "layers sharing a block table, then its capacity: concurrent requests at "
+                                   "--context tokens, or the longest single request. Shipped models: "
+                                   + ", ".join(shipped_models()))
     p.add_argument("model", help="a shipped model name or a Hugging Face config.json (file or folder)")
     p.add_argument("--memory", type=parse_size, default=parse_size("40GiB"),
                    help="KV-cache memory budget per GPU (default 40GiB)")
@@ -55,7 +59,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--backend", default=None,
                    help="check the plan against this attention backend's limits (torch, triton, ...)")
     p.add_argument("--cross-layer", action="store_true", help="one allocation per group, blocks of all layers together")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--context", type=int, default=8192,
+                   help="context length (tokens per request) at which to count concurrent requests (default 8192)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (capacity under \"capacity\")")
     p.set_defaults(func=_cmd_plan)
 
 

@@ -1,4 +1,4 @@
-"""A small inference engine over the paged cache: plan -> allocate -> bind, a free-list block allocator,
+"""A small inference engine over the paged cache: plan -> allocate -> bind, block ids from the page pool,
 continuous batching with chunked prefill and decode (decodes first each step), greedy sampling.
 
 One step: schedule (a token budget shared by running requests, then waiting ones), build the metadata once,
@@ -24,43 +24,9 @@ from ..registry import get_attention_backend
 from ..errors import KVLayoutError
 from ..layers import bind_kv_cache
 from ..metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
+from ..page_pool import PagePool
 from .hf_model import HFCausalLM, build_model
 from ..planner import plan_kv_cache
-
-
-class BlockAllocator:
-    """Hands out block ids from a free list (initially ``order``, default 0, 1, ...); freeing an id that
-    is not in use is an error."""
-
-    def __init__(self, num_blocks: int, order: Optional[Sequence[int]] = None):
-        if num_blocks < 1:
-            raise KVLayoutError(f"the allocator needs at least one block, got {num_blocks}")
-        if order is not None and sorted(order) != list(range(num_blocks)):
-            raise KVLayoutError(f"block order must be a permutation of 0..{num_blocks - 1}")
-        self.num_blocks = num_blocks
-        self._free = deque(range(num_blocks) if order is None else (int(i) for i in order))
-        self._used = np.zeros(num_blocks, dtype=bool)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n < 0 or n > len(self._free):
-            raise KVLayoutError(f"cannot allocate {n} blocks: {len(self._free)} of {self.num_blocks} are free")
-        ids = [self._free.popleft() for _ in range(n)]
-        self._used[ids] = True
-        return ids
-
-    def free(self, ids: Iterable[int]) -> None:
-        ids = list(ids)
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.num_blocks):
-            raise KVLayoutError(f"block ids {ids} reach outside 0..{self.num_blocks - 1}")
-        if len(set(ids)) != len(ids) or not self._used[arr].all():
-            raise KVLayoutError(f"freeing blocks that are not in use (double free?): {ids}")
-        self._used[arr] = False
-        self._free.extend(ids)
 
 
 @dataclass
@@ -105,8 +71,9 @@ class StepResult:
 class Engine:
     """Model + paged cache + scheduler for one process and one device.
 
-    The cache holds ``num_blocks`` blocks or what fits in ``memory_bytes``. ``block_order(num_blocks)``
-    may give the allocator's initial free list (a permutation), e.g. to scramble block ids in tests.
+    The cache holds ``num_blocks`` blocks or what fits in ``memory_bytes``; block ids come from a
+    ``PagePool`` (``self.pool``). ``block_order(num_blocks)`` may give the pool's initial order (a
+    permutation), e.g. to scramble block ids in tests.
     ``validate=False`` skips the attention layers' per-call input checks and their host syncs (the step's
     metadata is still built and checked once per step); then one sync per step remains, for sampling.
     ``connector``: the wishes of the transfer connector that will move this cache's blocks (e.g.
@@ -137,8 +104,9 @@ class Engine:
         self.caches = allocate_kv_cache(self.plan, self.device)
         bind_kv_cache(self.model.attention_layers(), self.caches)
         group = self.plan.attention_group()
-        self.block_size, self.num_blocks = group.block_size, group.num_blocks
-        self.allocator = BlockAllocator(self.num_blocks, None if block_order is None else block_order(self.num_blocks))
+        self.block_size, self.num_blocks, self.group = group.block_size, group.num_blocks, group.index
+        self.pool = PagePool(self.plan, order=None if block_order is None else block_order(self.num_blocks),
+                             cache=self.caches)
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.eos_token_id = eos_token_id
         self.validate = validate
@@ -184,13 +152,13 @@ class Engine:
         token the other engine sampled; it counts as the first of ``max_new_tokens``."""
         request_id = self._check_request(prompt, max_new_tokens, request_id)
         need = self._blocks_for(len(prompt))
-        if need > self.allocator.num_free:
+        if need > self.num_free_blocks:
             raise KVLayoutError(f"request {request_id!r} needs {need} free blocks for its prompt, "
-                                f"{self.allocator.num_free} are free; retry after requests finish")
+                                f"{self.num_free_blocks} are free; retry after requests finish")
         if not 0 <= int(first_token) < self.model.vocab_size:
             raise KVLayoutError(f"first_token {first_token} is not a token id")
         req = Request(request_id, [int(t) for t in prompt], int(max_new_tokens), output=[int(first_token)],
-                      num_computed=len(prompt), block_ids=self.allocator.allocate(need))
+                      num_computed=len(prompt), block_ids=self.pool.allocate(self.group, need))
         self.requests[request_id] = req
         self.held[request_id] = req
         return list(req.block_ids)
@@ -210,6 +178,10 @@ class Engine:
             raise KVLayoutError(f"request {request_id!r} holds no blocks")
         self._free(req)
 
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks(self.group)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -218,7 +190,7 @@ class Engine:
         return -(-num_tokens // self.block_size)
 
     def _free(self, req: Request) -> None:
-        self.allocator.free(req.block_ids)
+        self.pool.free(self.group, req.block_ids)
         req.block_ids = []
 
     def _preempt_last(self) -> Request:
@@ -241,14 +213,14 @@ class Engine:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
             need = self._blocks_for(req.num_computed + n) - len(req.block_ids)
-            while need > self.allocator.num_free and self.running[-1] is not req:
+            while need > self.num_free_blocks and self.running[-1] is not req:
                 self._preempt_last()
                 preempted = True
-            if need > self.allocator.num_free:
+            if need > self.num_free_blocks:
                 self._preempt_last()                  # req itself: everything before it holds the blocks
                 preempted = True
                 break
-            req.block_ids += self.allocator.allocate(need)
+            req.block_ids += self.pool.allocate(self.group, need)
             scheduled.append((req, n))
             budget -= n
             i += 1
@@ -256,10 +228,10 @@ class Engine:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed, budget)
             need = self._blocks_for(req.num_computed + n) - len(req.block_ids)
-            if need > self.allocator.num_free:
+            if need > self.num_free_blocks:
                 break
             self.waiting.popleft()
-            req.block_ids += self.allocator.allocate(need)
+            req.block_ids += self.pool.allocate(self.group, need)
             self.running.append(req)
             scheduled.append((req, n))
             budget -= n
@@ -281,7 +253,8 @@ class Engine:
         for req, n in scheduled:
             ids += req.token_slice(req.num_computed, req.num_computed + n)
             pos.append(np.arange(req.num_computed, req.num_computed + n))
-        meta = build_attention_metadata(sched, self.plan, self.device)
+        meta = build_attention_metadata(sched, self.plan, self.device, group=self.group,
+                                        pool=self.pool if self.validate else None)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         positions = torch.from_numpy(np.concatenate(pos)).to(self.device, non_blocking=True)
         logits = self.model(input_ids, positions, meta, self.backend, validate=self.validate)
