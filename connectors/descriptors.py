@@ -24,8 +24,8 @@ def descriptor_rows(regions: Sequence[Region], device_id: int = 0) -> np.ndarray
 
 
 class TransferPlan:
-    """Region pairs between this engine and one remote engine, with the per-kind offsets that turn
-    ``(pair, block id)`` into indices of the two prepared descriptor lists."""
+    """Region pairs between this engine and one remote engine, with the offsets per key (kind, group or
+    ``"*"``) that turn ``(pair, block id)`` into indices of the two prepared descriptor lists."""
 
     def __init__(self, pairs: Sequence[RegionPair]):
         self.pairs = tuple(pairs)
@@ -33,9 +33,10 @@ class TransferPlan:
         counts_r = np.array([rp.num_blocks for _, rp in self.pairs], dtype=np.int64)
         start_l = np.concatenate([[0], np.cumsum(counts_l)[:-1]]) if len(counts_l) else counts_l
         start_r = np.concatenate([[0], np.cumsum(counts_r)[:-1]]) if len(counts_r) else counts_r
-        self._by_kind: dict[str, tuple] = {}
-        for kind in {lp.kind for lp, _ in self.pairs} | {ALL_KINDS}:
-            sel = np.array([k for k, (lp, _) in enumerate(self.pairs) if kind in (ALL_KINDS, lp.kind)], dtype=np.int64)
+        self._by_kind: dict = {}
+        for kind in {lp.kind for lp, _ in self.pairs} | {lp.group for lp, _ in self.pairs} | {ALL_KINDS}:
+            sel = np.array([k for k, (lp, _) in enumerate(self.pairs) if kind in (ALL_KINDS, lp.kind, lp.group)],
+                           dtype=np.int64)
             self._by_kind[kind] = (
                 start_l[sel], start_r[sel],
                 np.array([self.pairs[k][0].base for k in sel], dtype=np.int64),
@@ -43,7 +44,7 @@ class TransferPlan:
                 np.array([self.pairs[k][1].base for k in sel], dtype=np.int64),
                 np.array([self.pairs[k][1].block_stride for k in sel], dtype=np.int64),
                 np.array([self.pairs[k][0].block_len for k in sel], dtype=np.int64))
-        self.kinds = frozenset(lp.kind for lp, _ in self.pairs)
+        self.kinds = frozenset(lp.kind for lp, _ in self.pairs) | frozenset(lp.group for lp, _ in self.pairs)
 
     def _rows(self, kind: str):
         return self._by_kind.get(kind)

@@ -78,6 +78,7 @@ class DigestGroup:
     num_units: int
     unit_bytes: int
     layers: tuple[str, ...]
+    group: int = 0            # the layout group: on a page pool each group has block ids of its own
 
 
 def _unit_bytes(lay) -> int:
@@ -93,8 +94,8 @@ def digest_groups(record: CompatRecord) -> list[DigestGroup]:
     for lay in record.layers:
         units = lay.num_heads if lay.kind == "attention" else 1
         start = lay.head_start if lay.kind == "attention" else 0
-        groups.setdefault((lay.kind, start, units, _unit_bytes(lay)), []).append(lay.name)
-    return [DigestGroup(k, s, u, b, tuple(names)) for (k, s, u, b), names in groups.items()]
+        groups.setdefault((lay.kind, start, units, _unit_bytes(lay), lay.group), []).append(lay.name)
+    return [DigestGroup(k, s, u, b, tuple(names), g) for (k, s, u, b, g), names in groups.items()]
 
 
 def layer_weight(name: str) -> int:
@@ -163,8 +164,9 @@ class Digester:
 
 # ---- the two sides of a load -----------------------------------------------------------------------------
 
-def _kind_ids(ids: Mapping[str, np.ndarray], kind: str) -> Optional[np.ndarray]:
-    return ids.get(kind, ids.get(ALL_KINDS))
+def _kind_ids(ids: Mapping, kind: str, group: int) -> Optional[np.ndarray]:
+    """The ids that name the blocks of ``group``'s ``kind`` layers: keyed by group, by kind, or for all."""
+    return ids.get(group, ids.get(kind, ids.get(ALL_KINDS)))
 
 
 def _head_span(record: CompatRecord, layers: Sequence[str]) -> tuple[int, int]:
@@ -176,18 +178,18 @@ def _head_span(record: CompatRecord, layers: Sequence[str]) -> tuple[int, int]:
 
 
 def held_digests(digester: Digester, groups: Sequence[DigestGroup], ids: Mapping[str, np.ndarray]) -> list:
-    """(Prefill side, at ``hold_blocks``.) Per group: ``(kind, held ids, (blocks, units) int64)``, or None for
-    a kind the hold does not name. Syncs the device once."""
+    """(Prefill side, at ``hold_blocks``.) Per digest group: ``(group, held ids, (blocks, units) int64)``, or
+    None for layers the hold does not name. Syncs the device once."""
     out, pending = [], []
     for g in groups:
-        held = _kind_ids(ids, g.kind)
+        held = _kind_ids(ids, g.kind, g.group)
         if held is None or held.size == 0:
             out.append(None)
             continue
-        pending.append((len(out), g.kind, held, digester.combined(g.layers, held)))
+        pending.append((len(out), g, held, digester.combined(g.layers, held)))
         out.append(None)
-    for i, kind, held, t in pending:
-        out[i] = (kind, held, t.cpu().numpy())
+    for i, g, held, t in pending:
+        out[i] = (g, held, t.cpu().numpy())
     return out
 
 
@@ -199,7 +201,7 @@ def read_digests(held: Optional[list], read_ids) -> list[bytes]:
     read = as_block_ids(read_ids, "confirm")
     out = []
     for entry in held:
-        rids = None if entry is None else _kind_ids(read, entry[0])
+        rids = None if entry is None else _kind_ids(read, entry[0].kind, entry[0].group)
         if rids is None or not np.isin(rids, entry[1]).all():
             out.append(b"")
             continue
@@ -268,7 +270,7 @@ def start_digest_check(digester: Digester, local_record: CompatRecord, load, eng
             return (f"the engine at {address} sent {len(sent)} digest group(s), expected {len(groups)}: create its "
                     f"connector with digests=True too")
         for g, raw in zip(groups, sent):
-            rids, lids = _kind_ids(load.remote_ids, g.kind), _kind_ids(load.local_ids, g.kind)
+            rids, lids = _kind_ids(load.remote_ids, g.kind, g.group), _kind_ids(load.local_ids, g.kind, g.group)
             if rids is None or rids.size == 0 or (heads_only and g.kind != "attention"):
                 continue
             try:
@@ -298,7 +300,7 @@ def written_digest(digester: Digester, own_record: CompatRecord, groups: Sequenc
     start, count = heads
     parts = []
     for gi, g in enumerate(groups):
-        block_ids = _kind_ids(ids, g.kind)
+        block_ids = _kind_ids(ids, g.kind, g.group)
         if block_ids is None or block_ids.size == 0 or (g.kind != "attention" and not replicated):
             continue
         cols = slice(None)

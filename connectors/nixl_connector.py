@@ -39,7 +39,7 @@ Usage::
     params = prefill.hold_blocks("req-7", block_ids)           # after the prefill step wrote those blocks
     send_to_decode_engine(params)                              # plain dict: engine address, request id, ids
     for rel in prefill.poll().released:                        # every scheduler step
-        allocator.free(rel.block_ids)                          # read (or timed out): blocks are free again
+        pool.free(group, rel.block_ids)                        # read (or timed out): blocks are free again
 
     # decode engine
     decode = NixlConnector(dcaches, specs=dplan.specs)
@@ -216,7 +216,9 @@ class NixlConnector:
         self._mem_type = "VRAM" if device.type == "cuda" else "DRAM"
         self._device_id = (device.index or 0) if device.type == "cuda" else 0
         self._regions = layer_regions(caches)                       # one per layer
-        self._kind_blocks = kind_blocks((r.kind, r.num_blocks) for r in self._regions)
+        self._pooled = caches.layout.pool is not None and len(caches.layout.groups) > 1
+        self._kind_blocks = kind_blocks(((r.kind, r.group, r.num_blocks) for r in self._regions), self._pooled)
+        self._kind_of_group = {r.group: r.kind for r in self._regions}
         self._closed = False
 
         agent_name = f"kvl-{self.engine_id}-{secrets.token_hex(4)}"
@@ -230,6 +232,9 @@ class NixlConnector:
         self._digester = Digester(caches, self._regions, self.record) if digests else None
         self._digest_groups = digest_groups(self.record)
         canary = None
+        if canary_block is not None and self._pooled:
+            raise KVLayoutError("canary_block is not available on a hybrid page pool (attention block b and state "
+                                "block b are different bytes there); use digests=True to check transfers")
         if canary_block is not None:
             if isinstance(canary_block, bool) or not isinstance(canary_block, int) or \
                     not 0 <= canary_block < self._kind_blocks[ALL_KINDS]:
@@ -493,12 +498,12 @@ class NixlConnector:
 
     def _check_not_receiving(self, ids, what: str) -> None:
         """Refuse to read out blocks a load or a grant may still be writing (or the canary block)."""
-        if self._canary is not None and shared_block(ids, {ALL_KINDS: np.array([self._canary[0]])}) is not None:
+        if self._canary is not None and shared_block(ids, {ALL_KINDS: np.array([self._canary[0]])}, self._kind_of_group) is not None:
             raise KVLayoutError(f"{what}: block {self._canary[0]} is this connector's canary block; the engine must "
                                 f"never use it for requests")
         for rid, other in [(l.request_id, l.local_ids) for l in self._loads.values()] + \
                 [(g.request_id, g.block_ids) for g in self._grants.values()]:
-            b = shared_block(ids, other)
+            b = shared_block(ids, other, self._kind_of_group)
             if b is not None:
                 raise KVLayoutError(f"{what}: block {b} is still receiving request {rid!r}'s blocks; "
                                     f"give this request its own blocks, or wait until that one finished")
@@ -508,14 +513,14 @@ class NixlConnector:
         that a push is still reading."""
         self._check_not_receiving(local, "receiving")
         for push in self._pushes.values():
-            b = shared_block(local, push.local_ids)
+            b = shared_block(local, push.local_ids, self._kind_of_group)
             if b is not None:
                 raise KVLayoutError(f"receiving: block {b} is being pushed for request {push.request_id!r}; "
                                     f"writing into it would change what is pushed")
         with self._holds_lock:
             holds = list(self._holds.values())
         for hold in holds:
-            b = shared_block(local, as_block_ids(hold.block_ids, "hold"))
+            b = shared_block(local, as_block_ids(hold.block_ids, "hold"), self._kind_of_group)
             if b is not None:
                 raise KVLayoutError(f"receiving: block {b} is held for remote readers of request "
                                     f"{hold.request_id!r}; writing into it would change what they read")
@@ -564,8 +569,9 @@ class NixlConnector:
         if name != welcome.record.agent_name:
             raise HandshakeError(f"the NIXL metadata names agent {name!r} but the record says "
                                  f"{welcome.record.agent_name!r}")
-        peer.kind_blocks = kind_blocks((lay.kind, rr.num_blocks) for rr, lay in zip(welcome.regions,
-                                                                                    welcome.record.layers))
+        peer.kind_blocks = kind_blocks(((lay.kind, lay.group, rr.num_blocks)
+                                        for rr, lay in zip(welcome.regions, welcome.record.layers)),
+                                       welcome.record.pooled)
         for role in Role:
             pairs = peer_pairs(self._regions, self.record, welcome, role)
             if not pairs:
@@ -700,7 +706,8 @@ class NixlConnector:
         kinds = set(load.local_ids) - {ALL_KINDS}
         have = set().union(*(p.prepared[Role.of(i)].plan.kinds for i, p in enumerate(peers)))
         if kinds - have:
-            return f"no engine serves the {sorted(kinds - have)} layers"
+            missing = sorted(str(k) if isinstance(k, int) else k for k in kinds - have)
+            return f"no engine serves the {missing} layers"
         return None
 
     def _engine_set_problem(self, engines: tuple, peers: list) -> Optional[str]:

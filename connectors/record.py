@@ -18,14 +18,14 @@ from kvlayout.specs import MambaSpec, dtype_name
 from .schema import (MAX_NAME, HandshakeError, bounded_list, boolean, exact_keys, integer, malformed, optional_integer,
                      string)
 
-CONNECTOR_VERSION = 2                # 2: model identity in the record, authenticated handshake
+CONNECTOR_VERSION = 3                # 2: model identity, authenticated handshake; 3: groups of a page pool
 LAYOUT_ID = "kvlayout/packed-hnd-blocks-first/1"
 MAX_LAYERS = 4096
 KINDS = ("attention", "mla", "mamba")
 
-_LAYER_KEYS = ("name", "kind", "dtype", "block_size", "num_heads", "head_start", "total_heads", "content",
+_LAYER_KEYS = ("name", "kind", "group", "dtype", "block_size", "num_heads", "head_start", "total_heads", "content",
                "page_bytes", "states")
-_RECORD_KEYS = ("connector_version", "layout", "engine_id", "agent_name", "tp_rank", "tp_size", "cross_layer",
+_RECORD_KEYS = ("connector_version", "layout", "engine_id", "agent_name", "tp_rank", "tp_size", "cross_layer", "pooled",
                 "model_id", "layers")
 _DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8")
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1,
@@ -59,6 +59,7 @@ class LayerRecord:
     content: int
     page_bytes: int
     states: Optional[tuple[tuple[str, tuple[int, ...], str, int], ...]] = None
+    group: int = 0                   # the layout group (block-id space) the layer belongs to
 
     @property
     def state_bytes(self) -> Optional[int]:
@@ -78,6 +79,7 @@ class CompatRecord:
     tp_size: int
     cross_layer: bool
     layers: tuple[LayerRecord, ...]
+    pooled: bool = False            # groups share a hybrid page pool: block ids are per group
     connector_version: int = CONNECTOR_VERSION
     layout: str = LAYOUT_ID
     model_id: str = ""              # what the engine serves (name, revision, weights fingerprint); "" unknown
@@ -94,9 +96,9 @@ class CompatRecord:
         return {
             "connector_version": self.connector_version, "layout": self.layout, "engine_id": self.engine_id,
             "agent_name": self.agent_name, "tp_rank": self.tp_rank, "tp_size": self.tp_size,
-            "cross_layer": self.cross_layer, "model_id": self.model_id,
+            "cross_layer": self.cross_layer, "pooled": self.pooled, "model_id": self.model_id,
             "layers": [{
-                "name": l.name, "kind": l.kind, "dtype": l.dtype, "block_size": l.block_size,
+                "name": l.name, "kind": l.kind, "group": l.group, "dtype": l.dtype, "block_size": l.block_size,
                 "num_heads": l.num_heads, "head_start": l.head_start, "total_heads": l.total_heads,
                 "content": l.content, "page_bytes": l.page_bytes,
                 "states": None if l.states is None else [[n, list(s), d, o] for n, s, d, o in l.states],
@@ -128,9 +130,10 @@ def build_record(caches: KVCache, *, engine_id: str, agent_name: str, tp_rank: i
         if lay.kind == "mamba" and isinstance(spec, MambaSpec):
             states = tuple((s.name, tuple(s.shape), dtype_name(s.dtype), s.byte_offset) for s in spec.slices())
         layers.append(LayerRecord(lay.name, lay.kind, dtype_name(lay.dtype), block_size, num_heads, head_start,
-                                  total, c, page, states))
+                                  total, c, page, states, lay.group))
+    pooled = caches.layout.pool is not None and len(caches.layout.groups) > 1
     return CompatRecord(engine_id, agent_name, tp_rank, tp_size, caches.layout.cross_layer, tuple(layers),
-                        model_id=model_id)
+                        pooled, model_id=model_id)
 
 
 # ---------------------------------------------------------------------------------------- comparison
@@ -151,7 +154,8 @@ def compare_records(local: CompatRecord, remote: CompatRecord) -> list[Differenc
     per-layer allocation (regions pair layer by layer); head size, dtype, block size, total head count,
     layer names and kinds, and Mamba state layouts must agree.
     """
-    diffs = [Difference(f, getattr(local, f), getattr(remote, f)) for f in ("connector_version", "layout", "model_id")
+    diffs = [Difference(f, getattr(local, f), getattr(remote, f))
+             for f in ("connector_version", "layout", "model_id", "pooled")
              if getattr(local, f) != getattr(remote, f)]
     if diffs:
         return diffs
@@ -164,7 +168,7 @@ def compare_records(local: CompatRecord, remote: CompatRecord) -> list[Differenc
                                 + ("" if missing or extra else ", in another order")))
         return diffs
     for a, b in zip(local.layers, remote.layers):
-        for f in ("kind", "dtype", "block_size", "total_heads"):
+        for f in ("kind", "dtype", "block_size", "total_heads") + (("group",) if local.pooled else ()):
             if getattr(a, f) != getattr(b, f):
                 diffs.append(Difference(f"layers[{a.name}].{f}", getattr(a, f), getattr(b, f)))
         if a.kind != b.kind:
@@ -217,6 +221,7 @@ def _parse_layer(lw: Any, w: str, seen: set) -> LayerRecord:
         raise malformed(w, f"layer {name!r} appears twice")
     seen.add(name)
     kind = string(lw["kind"], f"{w}.kind", KINDS)
+    group = integer(lw["group"], f"{w}.group", 0, MAX_LAYERS)
     dtype = string(lw["dtype"], f"{w}.dtype", _DTYPES)
     num_heads = integer(lw["num_heads"], f"{w}.num_heads", 1, 1 << 16)
     total = integer(lw["total_heads"], f"{w}.total_heads", 1, 1 << 20)
@@ -241,7 +246,7 @@ def _parse_layer(lw: Any, w: str, seen: set) -> LayerRecord:
         if kind != "mamba":
             raise malformed(w, "only Mamba layers carry states")
         states = _parse_states(lw["states"], w, page)
-    return LayerRecord(name, kind, dtype, block_size, num_heads, head_start, total, content, page, states)
+    return LayerRecord(name, kind, dtype, block_size, num_heads, head_start, total, content, page, states, group)
 
 
 def parse_record(obj: Any, where: str = "record") -> CompatRecord:
@@ -259,7 +264,7 @@ def parse_record(obj: Any, where: str = "record") -> CompatRecord:
         engine_id=string(obj["engine_id"], f"{where}.engine_id"),
         agent_name=string(obj["agent_name"], f"{where}.agent_name"),
         tp_rank=tp_rank, tp_size=tp_size, cross_layer=boolean(obj["cross_layer"], f"{where}.cross_layer"),
-        layers=tuple(layers), connector_version=CONNECTOR_VERSION,
+        layers=tuple(layers), pooled=boolean(obj["pooled"], f"{where}.pooled"), connector_version=CONNECTOR_VERSION,
         layout=string(obj["layout"], f"{where}.layout", (LAYOUT_ID,)),
         model_id=_model_id(obj["model_id"], f"{where}.model_id"))
 

@@ -3,7 +3,8 @@
 A *region* is ``(base, block_len, block_stride, num_blocks)``: block ``b`` is the byte span
 ``[base + b*block_stride, base + b*block_stride + block_len)``. Regions are derived from each layer
 tensor's storage pointer, strides and storage offset (never from an assumed contiguous shape), one per
-layer. Two regions whose blocks tile one block stride side by side (the layers of a cross-layer allocation)
+layer, and identified by all of (base, length, stride), never by base alone: on a hybrid page pool an
+attention layer and a state layer of the same slot start at the same address with different strides. Two regions whose blocks tile one block stride side by side (the layers of a cross-layer allocation)
 join into one (``adjacent`` / ``join``).
 """
 
@@ -35,6 +36,7 @@ class Region:
     num_blocks: int
     num_heads: int = 1
     head_bytes: int = 0
+    group: int = 0                     # the layout group whose block ids index this region
 
     def __post_init__(self):
         if self.head_bytes == 0:
@@ -64,7 +66,7 @@ class Region:
 RegionPair = tuple[Region, Region]   # (local, remote): the bytes of one local region and their remote source
 
 
-def tensor_region(name: str, kind: str, tensor: torch.Tensor, buffers: Sequence[torch.Tensor]) -> Region:
+def tensor_region(name: str, kind: str, tensor: torch.Tensor, buffers: Sequence[torch.Tensor], group: int = 0) -> Region:
     """The region of one layer's ``(B, H, N, C)`` cache view, from its storage, strides and storage offset."""
     if tensor.dim() != 4:
         raise KVLayoutError(f"layer {name!r}: expected a (blocks, heads, tokens, content) view, "
@@ -92,7 +94,7 @@ def tensor_region(name: str, kind: str, tensor: torch.Tensor, buffers: Sequence[
         raise KVLayoutError(f"layer {name!r} is not a view of any of the cache's buffers")
     buf = buffers[owner[0]]
     region = Region((name,), kind, owner[0], base, block_len, block_stride, num_blocks,
-                    num_heads if kind == "attention" else 1)
+                    num_heads if kind == "attention" else 1, group=group)
     lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
     if region.base < lo or region.end > hi:
         raise KVLayoutError(f"layer {name!r}: its blocks reach outside buffer {owner[0]}")
@@ -103,16 +105,18 @@ def layer_regions(caches: KVCache) -> list[Region]:
     """One region per layer, in the layout's layer order."""
     if not isinstance(caches, KVCache):
         raise KVLayoutError("layer_regions needs the KVCache returned by allocate_kv_cache")
-    return [tensor_region(lay.name, lay.kind, caches[lay.name], caches.buffers) for lay in caches.layout.layers]
+    return [tensor_region(lay.name, lay.kind, caches[lay.name], caches.buffers, lay.group)
+            for lay in caches.layout.layers]
 
 
 def adjacent(a: Region, b: Region) -> bool:
     """True when ``b``'s block lies right after ``a``'s inside every block (cross-layer tiling)."""
     return (b.base == a.base + a.block_len and a.block_stride == b.block_stride and a.num_blocks == b.num_blocks
-            and a.kind == b.kind and a.buffer == b.buffer and a.block_len + b.block_len <= a.block_stride)
+            and a.kind == b.kind and a.group == b.group and a.buffer == b.buffer
+            and a.block_len + b.block_len <= a.block_stride)
 
 
 def join(a: Region, b: Region) -> Region:
     """The region of ``a`` and the ``adjacent`` region ``b`` side by side (no head slots to slice)."""
     return Region(a.layers + b.layers, a.kind, a.buffer, a.base, a.block_len + b.block_len, a.block_stride,
-                  a.num_blocks)
+                  a.num_blocks, group=a.group)

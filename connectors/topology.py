@@ -78,7 +78,7 @@ def pair_regions(local: Sequence[Region], remote: Mapping[str, Region], local_he
 def remote_regions(welcome: Welcome) -> dict[str, Region]:
     """The peer's announced per-layer regions, by layer name (addresses in the peer's memory)."""
     return {rr.name: Region((rr.name,), lay.kind, 0, rr.base, rr.block_len, rr.block_stride, rr.num_blocks,
-                            lay.num_heads)
+                            lay.num_heads, group=lay.group)
             for rr, lay in zip(welcome.regions, welcome.record.layers)}
 
 

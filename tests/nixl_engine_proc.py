@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 import select
 import sys
 import time
@@ -22,7 +23,7 @@ STATES = {"conv": ((32, 3), torch.float16), "ssm": ((2, 8, 16), torch.float32)} 
 
 
 def model_specs(num_kv_heads: int, dtype=torch.float16, block_size: int = 16) -> dict:
-    """Two attention and two Mamba layers; one page size for both kinds (the Mamba page is padded)."""
+    """Two attention and two Mamba layers (as written by a model; ``build_cache`` pads the Mamba pages)."""
     return {
         "l0.attn": kvl.AttentionSpec(num_kv_heads, 16, dtype, block_size),
         "l1.mamba": kvl.MambaSpec(STATES),
@@ -31,14 +32,28 @@ def model_specs(num_kv_heads: int, dtype=torch.float16, block_size: int = 16) ->
     }
 
 
+@dataclass(frozen=True)
+class OneGroupPlan:
+    """What the connector tests need of a plan: the specs and the layout."""
+
+    specs: dict
+    layout: kvl.KVCacheLayout
+
+
 def build_cache(num_kv_heads: int = 4, num_blocks: int = 256, seed: int = 0, device: str = "cpu",
                 dtype=torch.float16, block_size: int = 16, cross_layer: bool = False):
-    """``(plan, caches)`` with every byte of every buffer drawn from ``seed``."""
+    """``(plan, caches)`` with every byte of every buffer drawn from ``seed``.
+
+    The layout is one group of all four layers sharing block ids (each Mamba page padded to the attention
+    page), made by the resolver itself: the connector must serve any layout the resolver makes, and this
+    one lets a block id name a block of every layer. (``plan_kv_cache`` puts a hybrid model on a page pool
+    instead, where attention and state ids differ: tests/test_connector_pool.py.)"""
     specs = model_specs(num_kv_heads, dtype, block_size)
-    probe = kvl.plan_kv_cache(specs, 1 << 24, cross_layer=cross_layer)
-    page = probe.groups[0].page_size_bytes
-    plan = kvl.plan_kv_cache(specs, num_blocks * page * len(specs), cross_layer=cross_layer)
-    caches = kvl.allocate_kv_cache(plan, device)
+    page = specs["l0.attn"].page_size_bytes
+    specs = {n: (s.padded_to(page) if isinstance(s, kvl.MambaSpec) else s) for n, s in specs.items()}
+    layout = kvl.resolve_kv_cache_layout(specs, num_blocks, cross_layer=cross_layer or None)
+    plan = OneGroupPlan(specs, layout)
+    caches = kvl.allocate_kv_cache(layout, device)
     gen = torch.Generator().manual_seed(seed)
     for buf in caches.buffers:
         buf.copy_(torch.randint(-128, 128, buf.shape, dtype=torch.int8, generator=gen))

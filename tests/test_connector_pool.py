@@ -1,0 +1,182 @@
+"""The NIXL connector over a hybrid page pool: a request's attention pages and its state pages move between
+engines by group, with bytes equal and every other byte untouched; pull and push, with digests; TP 1 -> 2
+with head slices and replicated (differently padded) states; ids that would reach the wrong group refused."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import kvlayout as kvl
+from kvlayout.connectors.nixl_api import nixl_installed
+from kvlayout.errors import KVLayoutError
+from kvlayout.page_pool import PagePool
+
+pytestmark = pytest.mark.skipif(not nixl_installed(), reason="needs nixl")
+SECRET = b"q" * 32
+STATES = {"conv": ((64, 3), torch.float16), "ssm": ((4, 8, 32), torch.float32)}     # 4,480 B: > one page
+
+
+def specs(heads: int) -> dict:
+    """2 attention + 4 Mamba layers: groups 0 (attention), 1 (l1, l2) and 2 (l4, l5) of 2 slots."""
+    a = kvl.AttentionSpec(heads, 16, torch.float16, 16)
+    m = kvl.MambaSpec(STATES)
+    return {"l0.attn": a, "l1.mamba": m, "l2.mamba": m, "l3.attn": a, "l4.mamba": m, "l5.mamba": m}
+
+
+def engine(seed: int, heads: int = 4, tp_rank: int = 0, tp_size: int = 1, **kw):
+    from kvlayout.connectors import NixlConnector
+    s = specs(heads)
+    page = s["l0.attn"].page_size_bytes
+    plan = kvl.plan_kv_cache(s, 2 * 48 * page)
+    caches = kvl.allocate_kv_cache(plan)
+    gen = torch.Generator().manual_seed(seed)
+    caches.buffers[0].copy_(torch.randint(-128, 128, caches.buffers[0].shape, dtype=torch.int8, generator=gen))
+    kw.setdefault("handshake_timeout_s", 2.0)
+    conn = NixlConnector(caches, specs=plan.specs, engine_id=f"h{seed}", secret=SECRET, tp_rank=tp_rank,
+                         tp_size=tp_size, **kw)
+    return conn, plan, caches
+
+
+def settle(conns, want, timeout=20.0):
+    seen, why = set(), {}
+    deadline = time.monotonic() + timeout
+    while not want <= seen:
+        assert time.monotonic() < deadline, f"still waiting for {sorted(want - seen)}; got {why}"
+        for i, c in enumerate(conns):
+            ev = c.poll()
+            for f in ("finished", "pushed"):
+                seen.update((i, f, rid) for rid in getattr(ev, f))
+            for f in ("failed", "push_failed"):
+                for rid, reason in getattr(ev, f).items():
+                    seen.add((i, f, rid))
+                    why[(i, f, rid)] = reason
+                    assert (i, f, rid) in want, f"{f} {rid}: {reason}"
+        time.sleep(0.002)
+    return why
+
+
+def request_ids(plan, seed):
+    """A request's blocks from the pool in scrambled order: 3 attention pages and one state per Mamba group."""
+    geo = plan.layout.pool
+    pool = PagePool(plan, order=np.random.default_rng(seed).permutation(geo.num_large_pages).tolist())
+    return {g.index: pool.allocate(g.index, 3 if g.block_size else 1) for g in plan.groups}
+
+
+def block_bytes(caches, plan, name, ids, span=None):
+    """The bytes of blocks ``ids`` of layer ``name`` (the state bytes only, for a Mamba layer)."""
+    view = caches[name]
+    rows = view[list(ids)].reshape(len(ids), -1).view(torch.int8) if view.dtype != torch.int8 else \
+        view[list(ids)].reshape(len(ids), -1)
+    spec = plan.specs[name]
+    if isinstance(spec, kvl.MambaSpec):
+        rows = rows[:, :spec.state_bytes]
+    return rows if span is None else rows[:, span]
+
+
+def touched_bytes(plan, caches, ids) -> torch.Tensor:
+    """A mask of the buffer bytes the blocks ``ids`` ({group: ids}) cover, in every layer of their groups."""
+    mask = torch.zeros(caches.buffers[0].numel(), dtype=torch.bool)
+    for gi, blocks in ids.items():
+        for lay in plan.layout.group_layers(gi):
+            for b in blocks:
+                start = lay.byte_offset + b * lay.block_stride_bytes
+                mask[start:start + lay.block_bytes] = True
+    return mask
+
+
+def test_pool_layout_is_what_the_test_needs():
+    plan = kvl.plan_kv_cache(specs(4), 2 * 48 * 4096)
+    assert [g.layer_names for g in plan.groups] == [("l0.attn", "l3.attn"), ("l1.mamba", "l2.mamba"),
+                                                    ("l4.mamba", "l5.mamba")]
+    assert plan.layout.pool.large_page_pages == 2
+
+
+@pytest.mark.parametrize("digests", [False, True])
+def test_pull_moves_attention_and_state_pages_by_group(digests):
+    p, pplan, src = engine(1, digests=digests)
+    d, dplan, dst = engine(2, digests=digests)
+    before = dst.buffers[0].clone()
+    remote, local = request_ids(pplan, 1), request_ids(dplan, 2)
+    with p, d:
+        params = p.hold_blocks("r", remote)
+        assert params["block_ids"] == {str(g): ids for g, ids in remote.items()}
+        d.start_load("r", params["engine"], params["block_ids"], local, hold_token=params["hold_token"])
+        why = settle([d], {(0, "finished", "r")})
+        assert not why
+        for lay in pplan.layout.layers:
+            g = lay.group
+            assert torch.equal(block_bytes(dst, dplan, lay.name, local[g]), block_bytes(src, pplan, lay.name, remote[g]))
+        untouched = ~touched_bytes(dplan, dst, local)
+        assert torch.equal(dst.buffers[0][untouched], before[untouched])
+        deadline = time.monotonic() + 5
+        while p.stats["holds"] and time.monotonic() < deadline:
+            p.poll()
+            time.sleep(0.002)
+        assert p.stats["holds"] == 0
+
+
+def test_push_moves_a_hybrid_request():
+    p, pplan, src = engine(3)
+    d, dplan, dst = engine(4)
+    before = dst.buffers[0].clone()
+    remote, local = request_ids(pplan, 3), request_ids(dplan, 4)
+    with p, d:
+        grant = d.grant_blocks("w", local, p.address)
+        p.start_push("w", grant, remote)
+        why = settle([p, d], {(0, "pushed", "w"), (1, "finished", "w")})
+        assert not why
+        for lay in pplan.layout.layers:
+            g = lay.group
+            assert torch.equal(block_bytes(dst, dplan, lay.name, local[g]), block_bytes(src, pplan, lay.name, remote[g]))
+        untouched = ~touched_bytes(dplan, dst, local)
+        assert torch.equal(dst.buffers[0][untouched], before[untouched])
+
+
+def test_tp1_to_tp2_slices_heads_and_replicates_padded_states():
+    """Each TP-2 decode rank reads its two heads of every attention page and the whole state of every state
+    page (the state pages are padded differently: 2 small pages of 4 KiB vs 3 of 2 KiB)."""
+    p, pplan, src = engine(5)
+    ranks = [engine(20 + r, heads=2, tp_rank=r, tp_size=2) for r in (0, 1)]
+    assert ranks[0][1].layout.pool.large_page_pages == 3
+    remote = request_ids(pplan, 5)
+    try:
+        for r, (d, dplan, dst) in enumerate(ranks):
+            local = request_ids(dplan, 30 + r)
+            params = p.hold_blocks(f"t{r}", remote)
+            d.start_load(f"t{r}", params["engine"], params["block_ids"], local, hold_token=params["hold_token"])
+            assert not settle([d], {(0, "finished", f"t{r}")})
+            head = 16 * 32 * 2                                       # one head of one 16-token page
+            for lay in pplan.layout.layers:
+                g = lay.group
+                span = slice(2 * r * head, (2 * r + 2) * head) if lay.kind == "attention" else None
+                assert torch.equal(block_bytes(dst, dplan, lay.name, local[g]),
+                                   block_bytes(src, pplan, lay.name, remote[g], span))
+    finally:
+        p.close()
+        for d, _, _ in ranks:
+            d.close()
+
+
+def test_ids_that_would_reach_the_wrong_group_are_refused():
+    p, pplan, _ = engine(7)
+    with p:
+        with pytest.raises(KVLayoutError, match="hybrid page pool.*group: ids"):
+            p.hold_blocks("a", [1, 2])                             # one sequence for every layer
+        with pytest.raises(KVLayoutError, match="span several groups"):
+            p.hold_blocks("b", {"attention": [1], "mamba": [2]})    # two Mamba groups: name them
+        with pytest.raises(KVLayoutError, match="not both"):
+            p.hold_blocks("c", {0: [1], "mamba": [2]})
+        with pytest.raises(KVLayoutError, match="no group 9"):
+            p.hold_blocks("d", {0: [1], 9: [2]})
+        n_states = pplan.groups[1].num_blocks
+        with pytest.raises(KVLayoutError, match="out of range"):
+            p.hold_blocks("e", {1: [n_states]})                    # a state id past the large pages
+        params = p.hold_blocks("f", {0: [1, 2], 1: [0]})
+        assert params["block_ids"] == {"0": [1, 2], "1": [0]}
+        assert p.hold_blocks("g", {"attention": [3]})["block_ids"] == {"attention": [3]}
+    with pytest.raises(KVLayoutError, match="canary_block is not available on a hybrid page pool"):
+        engine(8, canary_block=0)
