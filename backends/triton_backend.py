@@ -29,7 +29,7 @@ TRITON_CAPABILITIES = BackendCapabilities(
     kv_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, *FP8_DTYPES}),
     q_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     head_sizes=frozenset({64, 80, 96, 128, 256}),
-    block_sizes=frozenset(1 << i for i in range(9)),
+    block_sizes=None,
     features=frozenset({"non_causal", "sliding_window", "soft_cap", "sinks", "fp8_kv", "lse", "cross_layer"}),
     lse_base="e",
 )

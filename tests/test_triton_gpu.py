@@ -65,6 +65,8 @@ CASES = {
     "bf16-d256": dict(d=256, h_kv=2, group=2),
     "bf16-d64-page1": dict(d=64, page=1),
     "bf16-page256": dict(page=256),
+    "bf16-page1040": dict(page=1040),          # a page of 65 x 16 tokens (hybrid plans of other engines)
+    "bf16-page48": dict(page=48),
 }
 
 
