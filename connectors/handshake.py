@@ -20,6 +20,7 @@ peer, or to any peer when no secret is configured).
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -35,6 +36,8 @@ from . import auth
 from .record import MAX_LAYERS, CompatRecord, check_compatible, parse_record
 from .schema import MAX_NAME, MAX_U64, HandshakeError, bounded_list, exact_keys, integer, malformed, string
 from .wire import MAX_MESSAGE_BYTES, recv_message, send_message
+
+log = logging.getLogger("kvlayout.connectors")
 
 REFUSED = {"type": "refused", "reason": "refused", "fields": []}      # all an unauthenticated peer learns
 
@@ -356,8 +359,9 @@ class HandshakeServer:
                                                     self.key, first)
                     self._count(f"handshakes_{outcome}")
                 send_message(conn, reply, deadline, self.limit)
-        except Exception:                       # a peer must never take the listener down
+        except Exception as exc:                # a peer must never take the listener down
             self._count("handshakes_dropped")
+            log.warning("side channel: a connection was dropped: %s: %s", type(exc).__name__, str(exc)[:300])
         finally:
             self._slots.release()
 

@@ -237,10 +237,18 @@ class PagePool:
         g = self.group(group)
         if not counts:
             return []
-        want = np.asarray(counts)
-        if want.ndim != 1 or want.dtype.kind not in "iu" or int(want.min()) < 0:
-            raise KVLayoutError(f"{g.describe()}: block counts must be integers >= 0, got {list(counts)}")
-        total, free = int(want.sum()), self.num_free_blocks(group)
+        try:
+            total = sum(counts) if isinstance(counts, (list, tuple)) else None
+        except TypeError:
+            total = None
+        if type(total) is int and min(counts) >= 0:         # plain ints (the hot path): no array needed
+            least = min(counts)
+        else:
+            want = np.asarray(counts)
+            if want.ndim != 1 or want.dtype.kind not in "iu" or int(want.min()) < 0:
+                raise KVLayoutError(f"{g.describe()}: block counts must be integers >= 0, got {list(counts)[:16]}")
+            counts, total, least = want.tolist(), int(want.sum()), int(want.min())
+        free = self.num_free_blocks(group)
         if total > free:
             raise PoolExhaustedError(f"{g.describe()}: cannot allocate {total} blocks, {free} are free")
         space = self._spaces[g.space]
@@ -251,10 +259,10 @@ class PagePool:
         ids = arr.tolist()
         if len(counts) == 1:
             return [ids]
-        if total == len(counts) and int(want.min()) == 1:          # one block each (a decode step)
+        if total == len(counts) and least == 1:                    # one block each (a decode step)
             return [[i] for i in ids]
-        ends = np.cumsum(want).tolist()
-        return [ids[e - c:e] for c, e in zip(want.tolist(), ends)]
+        ends = itertools.accumulate(counts)
+        return [ids[e - c:e] for c, e in zip(counts, ends)]
 
     def free(self, group: int, ids: Iterable[int]) -> None:
         """Give ``group``'s blocks back; refused (changing nothing) if any is not ``group``'s."""
@@ -270,7 +278,7 @@ class PagePool:
 
     def free_many(self, group: int, id_lists: Iterable[Iterable[int]]) -> None:
         """Free the blocks of several requests at once (checked together: all or nothing)."""
-        self.free(group, list(itertools.chain.from_iterable(id_lists)))
+        self.free(group, np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64))
 
     # ---- ownership --------------------------------------------------------------------------
     def check_held(self, group: int, ids, what: str = "block ids") -> np.ndarray:
@@ -278,19 +286,22 @@ class PagePool:
         (an id may repeat: requests can share a prefix). The error names the block, the group it was given
         for and its real owner."""
         g = self.group(group)
-        try:
-            arr = np.asarray(ids).ravel()
-        except (TypeError, ValueError):
-            raise KVLayoutError(f"{what}: block ids must be a sequence of integers, got {type(ids).__name__}") from None
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise KVLayoutError(f"{what}: block ids must be integers, got {arr.dtype}")
-        arr = arr.astype(np.int64, copy=False)
+        if not (isinstance(ids, np.ndarray) and ids.dtype == np.int64 and ids.ndim == 1):
+            try:
+                arr = np.asarray(ids).ravel()
+            except (TypeError, ValueError):
+                raise KVLayoutError(f"{what}: block ids must be a sequence of integers, "
+                                    f"got {type(ids).__name__}") from None
+            if arr.size and arr.dtype.kind not in "iu":
+                raise KVLayoutError(f"{what}: block ids must be integers, got {arr.dtype}")
+            ids = arr.astype(np.int64, copy=False)
+        arr = ids
         if arr.size == 0:
             return arr
         space = self._spaces[g.space]
         limit = space.num_pages // g.pages_per_block
-        bad = (arr < 0) | (arr >= limit)
-        if bad.any():
+        if int(arr.min()) < 0 or int(arr.max()) >= limit:
+            bad = (arr < 0) | (arr >= limit)
             b = int(arr[np.argmax(bad)])
             raise KVLayoutError(f"{what}: block {b} is not a block of {g.describe()} (its ids are 0..{limit - 1})")
         owners = space.owner[arr * g.pages_per_block]

@@ -27,12 +27,12 @@ def specs(heads: int) -> dict:
     return {"l0.attn": a, "l1.mamba": m, "l2.mamba": m, "l3.attn": a, "l4.mamba": m, "l5.mamba": m}
 
 
-def engine(seed: int, heads: int = 4, tp_rank: int = 0, tp_size: int = 1, **kw):
+def engine(seed: int, heads: int = 4, tp_rank: int = 0, tp_size: int = 1, device: str = "cpu", **kw):
     from kvlayout.connectors import NixlConnector
     s = specs(heads)
     page = s["l0.attn"].page_size_bytes
     plan = kvl.plan_kv_cache(s, 2 * 48 * page)
-    caches = kvl.allocate_kv_cache(plan)
+    caches = kvl.allocate_kv_cache(plan, device)
     gen = torch.Generator().manual_seed(seed)
     caches.buffers[0].copy_(torch.randint(-128, 128, caches.buffers[0].shape, dtype=torch.int8, generator=gen))
     kw.setdefault("handshake_timeout_s", 2.0)
@@ -79,7 +79,7 @@ def block_bytes(caches, plan, name, ids, span=None):
 
 def touched_bytes(plan, caches, ids) -> torch.Tensor:
     """A mask of the buffer bytes the blocks ``ids`` ({group: ids}) cover, in every layer of their groups."""
-    mask = torch.zeros(caches.buffers[0].numel(), dtype=torch.bool)
+    mask = torch.zeros(caches.buffers[0].numel(), dtype=torch.bool, device=caches.buffers[0].device)
     for gi, blocks in ids.items():
         for lay in plan.layout.group_layers(gi):
             for b in blocks:
@@ -95,10 +95,14 @@ def test_pool_layout_is_what_the_test_needs():
     assert plan.layout.pool.large_page_pages == 2
 
 
-@pytest.mark.parametrize("digests", [False, True])
-def test_pull_moves_attention_and_state_pages_by_group(digests):
-    p, pplan, src = engine(1, digests=digests)
-    d, dplan, dst = engine(2, digests=digests)
+CUDA = pytest.param("cuda", True, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                              reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device, digests", [("cpu", False), ("cpu", True), CUDA])
+def test_pull_moves_attention_and_state_pages_by_group(device, digests):
+    p, pplan, src = engine(1, digests=digests, device=device)
+    d, dplan, dst = engine(2, digests=digests, device=device)
     before = dst.buffers[0].clone()
     remote, local = request_ids(pplan, 1), request_ids(dplan, 2)
     with p, d:
