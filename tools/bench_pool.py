@@ -75,9 +75,11 @@ def rows_for(model: str, reps: int) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (50)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    rows = [r for m in ("nemotron-h-8b", "llama-3.1-8b") for r in rows_for(m, args.reps)]
+    reps = 50 if args.quick else args.reps
+    rows = [r for m in ("nemotron-h-8b", "llama-3.1-8b") for r in rows_for(m, reps)]
     from rich.console import Console
     from rich.table import Table
     table = Table(title="page pool host cost (CPU µs, median)", title_justify="left")

@@ -407,7 +407,7 @@ def run(quick: bool, device: str = "cpu") -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small transfer (4 layers), fewer repetitions")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--json", help="write every number to this file")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark of kvlayout, in one go, on a GPU machine without network.
 #
-#   tools/gpu_check.sh [WHEELS_DIR]
+#   tools/gpu_check.sh [WHEELS_DIR ...]
 #
 # - installs this checkout into $KVL_TARGET (default /tmp/kvl; pip --no-deps --no-build-isolation --no-index
-#   --target) and, if WHEELS_DIR holds *.whl files (flashinfer, apache-tvm-ffi, nixl, transformers, ...) or
-#   *.tar.xz archives of unzipped wheels, those into /tmp/site;
+#   --target) and, from every WHEELS_DIR, its *.whl files (flashinfer, apache-tvm-ffi, nixl, transformers, ...)
+#   and *.tar.xz archives of unzipped wheels into /tmp/site;
 # - runs `pytest -m gpu`, then `kvlayout bench` (every tools/bench_*.py with a run(quick) entry point,
 #   writing bench.json / bench.md / bench.png), then every other tools/bench_*.py directly, then
 #   `kvlayout demo --device cuda` (two engines, NIXL over VRAM);
@@ -13,13 +13,15 @@
 #
 # Knobs: GPU_CHECK_STEPS (default "tests bench tools demo"; a device call is capped at 10 minutes, so run
 # the steps in separate calls there, e.g. GPU_CHECK_STEPS=tests), GPU_CHECK_TIMEOUT (seconds per step and
-# per tool, default 540), GPU_CHECK_QUICK=1 (bench tools in quick mode), PYTEST_ARGS (extra pytest args).
+# per tool, default 540), GPU_CHECK_QUICK=1 (bench tools in quick mode), PYTEST_ARGS (extra pytest args),
+# GPU_CHECK_TOOLS (names of the tools/bench_*.py the tools step runs, e.g. "bench_transfer bench_pool";
+# default all), BENCH_ARGS (extra arguments for each of them, e.g. "--quick").
 # Exit status: 0 when no step failed or timed out.
 set -u
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOGS="${OUT:-$REPO/gpu-out}"
-WHEELS="${1:-}"
+WHEEL_DIRS=("$@")
 STEPS="${GPU_CHECK_STEPS:-tests bench tools demo}"
 STEP_TIMEOUT="${GPU_CHECK_TIMEOUT:-540}"
 PY="${PYTHON:-python3}"
@@ -56,9 +58,10 @@ t0=$SECONDS
 rc=$?
 export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
 note="kvlayout -> $TARGET"
-if [ -n "$WHEELS" ]; then
+if [ ${#WHEEL_DIRS[@]} -gt 0 ]; then
     mkdir -p /tmp/site
     n=0
+    for WHEELS in "${WHEEL_DIRS[@]}"; do
     if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
         "$PY" -m pip install -q --no-deps --no-index --target /tmp/site "$WHEELS"/*.whl >> "$LOGS/install.log" 2>&1 || rc=$?
         n=$((n + $(ls "$WHEELS"/*.whl | wc -l)))
@@ -68,8 +71,9 @@ if [ -n "$WHEELS" ]; then
         tar -xJf "$t" -C /tmp/site >> "$LOGS/install.log" 2>&1 || rc=$?
         n=$((n + 1))
     done
+    done
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
-    note="$note; $n wheel sets from $WHEELS -> /tmp/site"
+    note="$note; $n wheel sets from ${WHEEL_DIRS[*]} -> /tmp/site"
 fi
 record install "$([ $rc -eq 0 ] && echo ok || echo "fail($rc)")" $((SECONDS - t0)) "$note"
 # Run everything from a scratch folder so `import kvlayout` finds the installed package, not ./kvlayout.
@@ -102,9 +106,13 @@ for step in $STEPS; do
     tools)
         for f in "$REPO"/tools/bench_*.py; do
             [ -e "$f" ] || continue
-            grep -q '^def run(' "$f" && continue          # kvlayout bench ran it
             name=$(basename "$f" .py)
-            read -r status secs < <(run_step "$name" "$LOGS/$name.log" "$PY" "$f")
+            if [ -n "${GPU_CHECK_TOOLS:-}" ]; then
+                [[ " $GPU_CHECK_TOOLS " == *" $name "* ]] || continue
+            else
+                grep -q '^def run(' "$f" && continue      # kvlayout bench ran it
+            fi
+            read -r status secs < <(run_step "$name" "$LOGS/$name.log" "$PY" "$f" ${BENCH_ARGS:-})
             record "$name" "$status" "$secs" "$(grep -v '^\s*$' "$LOGS/$name.log" | tail -1 | cut -c1-100)"
         done
         ;;
