@@ -278,7 +278,9 @@ def start_digest_check(digester: Digester, local_record: CompatRecord, load, eng
             except ValueError:
                 return f"the engine at {address} sent malformed digests for its {g.kind} layers"
             if {digester.unit_bytes(n) for n in g.layers} != {g.unit_bytes}:
-                return f"the {g.kind} layers' digest units differ between here and {address}; turn digests off"
+                return (f"the {g.kind} layers' digest units differ between here and {address} (states that tensor "
+                        f"parallelism cut differently are sliced, and a slice has no digest of its own); "
+                        f"turn digests off")
             columns = (slice(None), slice(None))
             if g.kind == "attention":
                 ls, lh = _head_span(local_record, g.layers)

@@ -46,7 +46,7 @@ class LayerRecord:
     ``num_heads`` head slots per block hold global KV heads ``[head_start, head_start + num_heads)`` of
     ``total_heads`` (attention; MLA and Mamba are replicated: 1 slot of 1). ``content`` is the last dim
     (2·head_size, or the MLA latent, or the Mamba page bytes). ``states``: Mamba ``(name, shape, dtype,
-    byte offset)`` when known.
+    byte offset, tp_rows)`` when known (``tp_rows``: ``MambaSpec.tp_rows`` of that state, or None).
     """
 
     name: str
@@ -58,7 +58,7 @@ class LayerRecord:
     total_heads: int
     content: int
     page_bytes: int
-    states: Optional[tuple[tuple[str, tuple[int, ...], str, int], ...]] = None
+    states: Optional[tuple[tuple[str, tuple[int, ...], str, int, Optional[tuple]], ...]] = None
     group: int = 0                   # the layout group (block-id space) the layer belongs to
 
     @property
@@ -66,7 +66,7 @@ class LayerRecord:
         """Bytes of a Mamba page that hold states (the rest is padding)."""
         if not self.states:
             return None
-        return max(off + _prod(shape) * _ITEMSIZE[dt] for _, shape, dt, off in self.states)
+        return max(off + _prod(shape) * _ITEMSIZE[dt] for _, shape, dt, off, _ in self.states)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ class CompatRecord:
                 "name": l.name, "kind": l.kind, "group": l.group, "dtype": l.dtype, "block_size": l.block_size,
                 "num_heads": l.num_heads, "head_start": l.head_start, "total_heads": l.total_heads,
                 "content": l.content, "page_bytes": l.page_bytes,
-                "states": None if l.states is None else [[n, list(s), d, o] for n, s, d, o in l.states],
+                "states": None if l.states is None else [
+                    [n, list(s), d, o, None if r is None else [[b, sh] for b, sh in r]] for n, s, d, o, r in l.states],
             } for l in self.layers],
         }
 
@@ -128,7 +129,14 @@ def build_record(caches: KVCache, *, engine_id: str, agent_name: str, tp_rank: i
         states = None
         spec = (specs or {}).get(lay.name)
         if lay.kind == "mamba" and isinstance(spec, MambaSpec):
-            states = tuple((s.name, tuple(s.shape), dtype_name(s.dtype), s.byte_offset) for s in spec.slices())
+            rows = spec.tp_rows or {}
+            for s in spec.slices():
+                if s.name in rows and sum(n // tp_size if sh else n for n, sh in rows[s.name]) != s.shape[0] \
+                        or any(sh and n % tp_size for n, sh in rows.get(s.name, ())):
+                    raise KVLayoutError(f"layer {lay.name!r}: state {s.name!r} has {s.shape[0]} rows, which its "
+                                        f"tp_rows {rows[s.name]} do not give at tensor-parallel size {tp_size}")
+            states = tuple((s.name, tuple(s.shape), dtype_name(s.dtype), s.byte_offset, rows.get(s.name))
+                           for s in spec.slices())
         layers.append(LayerRecord(lay.name, lay.kind, dtype_name(lay.dtype), block_size, num_heads, head_start,
                                   total, c, page, states, lay.group))
     pooled = caches.layout.pool is not None and len(caches.layout.groups) > 1
@@ -179,11 +187,20 @@ def compare_records(local: CompatRecord, remote: CompatRecord) -> list[Differenc
             diffs.append(Difference(f"layers[{a.name}].latent_size", a.content, b.content))
         elif a.kind == "mamba":
             if a.states is not None and b.states is not None:
-                if a.states != b.states:
+                if a.states != b.states and not states_sliceable(a.states, b.states):
                     diffs.append(Difference(f"layers[{a.name}].states", a.states, b.states))
             elif a.page_bytes != b.page_bytes:
                 diffs.append(Difference(f"layers[{a.name}].page_bytes", a.page_bytes, b.page_bytes))
     return diffs
+
+
+def states_sliceable(a: tuple, b: tuple) -> bool:
+    """Two ranks' state layouts that differ only in how TP cut their rows: same names, dtypes, inner dims
+    and global row blocks (``MambaSpec.tp_rows``) on both sides."""
+    if len(a) != len(b):
+        return False
+    return all(na == nb and da == db and sa[1:] == sb[1:] and ra is not None and ra == rb
+               for (na, sa, da, _, ra), (nb, sb, db, _, rb) in zip(a, b))
 
 
 def check_compatible(local: CompatRecord, remote: CompatRecord) -> None:
@@ -201,8 +218,8 @@ def check_compatible(local: CompatRecord, remote: CompatRecord) -> None:
 def _parse_states(raw: Any, w: str, page: int) -> tuple:
     states = []
     for j, sw in enumerate(bounded_list(raw, f"{w}.states", 64)):
-        if not isinstance(sw, list) or len(sw) != 4:
-            raise malformed(f"{w}.states[{j}]", "expected [name, shape, dtype, offset]")
+        if not isinstance(sw, list) or len(sw) != 5:
+            raise malformed(f"{w}.states[{j}]", "expected [name, shape, dtype, offset, tp_rows]")
         sname = string(sw[0], f"{w}.states[{j}].name")
         shape = tuple(integer(s, f"{w}.states[{j}].shape", 1, 1 << 40)
                       for s in bounded_list(sw[1], f"{w}.states[{j}].shape", 8))
@@ -210,7 +227,18 @@ def _parse_states(raw: Any, w: str, page: int) -> tuple:
         off = integer(sw[3], f"{w}.states[{j}].offset", 0, page)
         if off + _prod(shape) * _ITEMSIZE[sdt] > page:
             raise malformed(f"{w}.states[{j}]", "state reaches past the page")
-        states.append((sname, shape, sdt, off))
+        rows = None
+        if sw[4] is not None:
+            rows = []
+            for k, rw in enumerate(bounded_list(sw[4], f"{w}.states[{j}].tp_rows", 16)):
+                if not isinstance(rw, list) or len(rw) != 2:
+                    raise malformed(f"{w}.states[{j}].tp_rows[{k}]", "expected [rows, sharded]")
+                rows.append((integer(rw[0], f"{w}.states[{j}].tp_rows[{k}]", 1, 1 << 40),
+                             boolean(rw[1], f"{w}.states[{j}].tp_rows[{k}]")))
+            if not rows:
+                raise malformed(f"{w}.states[{j}].tp_rows", "empty")
+            rows = tuple(rows)
+        states.append((sname, shape, sdt, off, rows))
     return tuple(states)
 
 

@@ -176,15 +176,19 @@ def layer_kinds(cfg, model_type: str) -> list[str]:
 
 def _mamba1(c, mt, tp, model_dtype, ssm_dtype, d_inner, d_state, d_conv) -> MambaSpec:
     inner = _per_rank(d_inner, tp, f"{mt} mamba intermediate size")
-    return MambaSpec(states={"conv": ((inner, d_conv - 1), model_dtype), "ssm": ((inner, d_state), ssm_dtype)})
+    return MambaSpec(states={"conv": ((inner, d_conv - 1), model_dtype), "ssm": ((inner, d_state), ssm_dtype)},
+                     tp_rows={"conv": ((d_inner, True),), "ssm": ((d_inner, True),)})
 
 
 def _mamba2(c, mt, tp, model_dtype, ssm_dtype, heads, head_dim, groups, d_state, d_conv) -> MambaSpec:
     h = _per_rank(heads, tp, f"{mt} mamba heads")
     g = _per_rank(groups, tp, f"{mt} mamba groups", replicate=True)
     conv_dim = h * head_dim + 2 * g * d_state
-    return MambaSpec(states={"conv": ((conv_dim, d_conv - 1), model_dtype),
-                             "ssm": ((h, head_dim, d_state), ssm_dtype)})
+    states = {"conv": ((conv_dim, d_conv - 1), model_dtype), "ssm": ((h, head_dim, d_state), ssm_dtype)}
+    if groups % tp and groups > 1:       # each group on several ranks: not a plain split, so not sliced
+        return MambaSpec(states=states)
+    bc = (groups * d_state, groups % tp == 0)            # B and C rows: split with the groups, or replicated
+    return MambaSpec(states=states, tp_rows={"conv": ((heads * head_dim, True), bc, bc), "ssm": ((heads, True),)})
 
 
 def _gated_delta(c, mt, tp, model_dtype, ssm_dtype) -> MambaSpec:
@@ -192,20 +196,25 @@ def _gated_delta(c, mt, tp, model_dtype, ssm_dtype) -> MambaSpec:
     nk = _per_rank(i("linear_num_key_heads"), tp, f"{mt} linear_num_key_heads")
     nv = _per_rank(i("linear_num_value_heads"), tp, f"{mt} linear_num_value_heads")
     dk, dv, kernel = i("linear_key_head_dim"), i("linear_value_head_dim"), i("linear_conv_kernel_dim")
+    qk, v = (nk * tp * dk, True), (nv * tp * dv, True)
     return MambaSpec(states={"conv": ((2 * nk * dk + nv * dv, kernel - 1), model_dtype),
-                             "ssm": ((nv, dk, dv), ssm_dtype)})
+                             "ssm": ((nv, dk, dv), ssm_dtype)},
+                     tp_rows={"conv": (qk, qk, v), "ssm": ((nv * tp, True),)})
 
 
 def _lightning(c, mt, tp, model_dtype, ssm_dtype) -> MambaSpec:
     heads = _int_field(c, "num_attention_heads", model_type=mt)
     head_dim = getattr(c, "head_dim", None) or _int_field(c, "hidden_size", model_type=mt) // heads
-    return MambaSpec(states={"kv": ((_per_rank(heads, tp, f"{mt} heads"), head_dim, head_dim), ssm_dtype)})
+    return MambaSpec(states={"kv": ((_per_rank(heads, tp, f"{mt} heads"), head_dim, head_dim), ssm_dtype)},
+                     tp_rows={"kv": ((heads, True),)})
 
 
 def _kimi_delta(c, mt, tp, model_dtype, ssm_dtype) -> MambaSpec:
     heads = _per_rank(_int_field(c, "linear_num_heads", model_type=mt), tp, f"{mt} linear_num_heads")
     d, kernel = _int_field(c, "linear_head_dim", model_type=mt), _int_field(c, "linear_conv_kernel_dim", model_type=mt)
-    return MambaSpec(states={"conv": ((3 * heads * d, kernel - 1), model_dtype), "ssm": ((heads, d, d), ssm_dtype)})
+    qkv = (heads * tp * d, True)
+    return MambaSpec(states={"conv": ((3 * heads * d, kernel - 1), model_dtype), "ssm": ((heads, d, d), ssm_dtype)},
+                     tp_rows={"conv": (qkv, qkv, qkv), "ssm": ((heads * tp, True),)})
 
 
 def _ints(c, mt, *names) -> list[int]:

@@ -164,11 +164,20 @@ class MambaSpec:
 
     ``states`` maps a name to ``(shape, dtype)``, e.g. ``{"conv": ((dim, k - 1), torch.bfloat16),
     "ssm": ((heads, head_dim, d_state), torch.float32)}``. ``pad_to_bytes`` (set by the planner in
-    hybrid models) grows the page so it matches the attention page size.
+    hybrid models) grows the page to a whole large page of the pool.
+
+    ``tp_rows`` says how tensor parallelism cut a state's first dimension, so a connector can slice states
+    between engines of different TP sizes: per state, the global row blocks ``((rows, sharded), ...)`` in
+    order; a sharded block is split evenly over the ranks (rank ``t`` of ``T`` holds its ``t``-th ``rows /
+    T``), a replicated one is held whole by every rank. E.g. a Mamba2 conv state over ``x | B | C`` at TP 2
+    with 8 heads of 64 and 2 groups of d_state 128: shape ``(256 + 128 + 128, 3)``, ``tp_rows={"conv":
+    ((512, True), (256, True), (256, True)), "ssm": ((8, True),)}``. None: states are not sliced (equal
+    shapes on both sides are copied whole).
     """
 
     states: Mapping[str, tuple[Sequence[int], torch.dtype]]
     pad_to_bytes: int | None = None
+    tp_rows: Mapping[str, tuple[tuple[int, bool], ...]] | None = None
 
     def __post_init__(self):
         if not self.states:
@@ -184,12 +193,27 @@ class MambaSpec:
                 raise KVLayoutError(f"MambaSpec state {name!r} has a bad shape {shape}; all sizes must be > 0")
             norm[name] = (shape, parse_dtype(dtype))
         object.__setattr__(self, "states", dict(norm))
+        if self.tp_rows is not None:
+            rows = {}
+            for name, blocks in dict(self.tp_rows).items():
+                if name not in norm:
+                    raise KVLayoutError(f"MambaSpec.tp_rows names {name!r}, which is not a state")
+                try:
+                    blocks = tuple((int(n), bool(sh)) for n, sh in blocks)
+                except (TypeError, ValueError):
+                    raise KVLayoutError(f"MambaSpec.tp_rows[{name!r}] must be ((rows, sharded), ...), got "
+                                        f"{blocks!r}") from None
+                if not blocks or any(n <= 0 for n, _ in blocks):
+                    raise KVLayoutError(f"MambaSpec.tp_rows[{name!r}] needs row blocks of at least one row")
+                rows[name] = blocks
+            object.__setattr__(self, "tp_rows", rows)
         if self.pad_to_bytes is not None and self.pad_to_bytes < self.state_bytes:
             raise KVLayoutError(
                 f"MambaSpec.pad_to_bytes={self.pad_to_bytes} is smaller than its states ({self.state_bytes} bytes)")
 
     def __hash__(self):
-        return hash((tuple((k, v[0], v[1]) for k, v in self.states.items()), self.pad_to_bytes))
+        rows = None if self.tp_rows is None else tuple(sorted(self.tp_rows.items()))
+        return hash((tuple((k, v[0], v[1]) for k, v in self.states.items()), self.pad_to_bytes, rows))
 
     def slices(self) -> tuple[StateSlice, ...]:
         """The states in order, each at a 16-byte-aligned offset inside the page."""

@@ -20,16 +20,25 @@ SECRET = b"q" * 32
 STATES = {"conv": ((64, 3), torch.float16), "ssm": ((4, 8, 32), torch.float32)}     # 4,480 B: > one page
 
 
-def specs(heads: int) -> dict:
-    """2 attention + 4 Mamba layers: groups 0 (attention), 1 (l1, l2) and 2 (l4, l5) of 2 slots."""
+def specs(heads: int, sharded_tp: int = 0) -> dict:
+    """2 attention + 4 Mamba layers: groups 0 (attention), 1 (l1, l2) and 2 (l4, l5) of 2 slots. With
+    ``sharded_tp`` the Mamba2-like states are cut by TP as a model's are (``sharded_states``)."""
     a = kvl.AttentionSpec(heads, 16, torch.float16, 16)
-    m = kvl.MambaSpec(STATES)
+    m = sharded_states(sharded_tp) if sharded_tp else kvl.MambaSpec(STATES)
     return {"l0.attn": a, "l1.mamba": m, "l2.mamba": m, "l3.attn": a, "l4.mamba": m, "l5.mamba": m}
 
 
-def engine(seed: int, heads: int = 4, tp_rank: int = 0, tp_size: int = 1, device: str = "cpu", **kw):
+def sharded_states(tp: int) -> kvl.MambaSpec:
+    """Mamba2 over 4 heads of 8 and 2 groups of d_state 8, conv kernel 4: conv rows x | B | C = 32 | 16 | 16,
+    ssm (4, 8, 8); TP splits the heads and the groups."""
+    return kvl.MambaSpec(states={"conv": ((64 // tp, 3), torch.float16), "ssm": ((4 // tp, 8, 8), torch.float32)},
+                         tp_rows={"conv": ((32, True), (16, True), (16, True)), "ssm": ((4, True),)})
+
+
+def engine(seed: int, heads: int = 4, tp_rank: int = 0, tp_size: int = 1, device: str = "cpu", sharded: bool = False,
+           **kw):
     from kvlayout.connectors import NixlConnector
-    s = specs(heads)
+    s = specs(heads, tp_size if sharded else 0)
     page = s["l0.attn"].page_size_bytes
     plan = kvl.plan_kv_cache(s, 2 * 48 * page)
     caches = kvl.allocate_kv_cache(plan, device)
@@ -165,6 +174,63 @@ def test_tp1_to_tp2_slices_heads_and_replicates_padded_states():
             d.close()
 
 
+def _global_rows(caches, plan, name, block, rank, tp):
+    """``(conv rows, ssm heads)`` of state block ``block`` of layer ``name`` as {global row: bytes}."""
+    spec = plan.specs[name]
+    page = caches[name][block].reshape(-1)
+    out = {}
+    conv, ssm = spec.slices()
+    x, g = 32 // tp, 16 // tp
+    rows = page[conv.byte_offset:conv.byte_offset + conv.nbytes].view(-1, 6)       # 3 fp16 per row
+    for i in range(rows.shape[0]):
+        part, j = (0, i) if i < x else ((1, i - x) if i < x + g else (2, i - x - g))
+        out[("conv", (0, 32, 48)[part] + rank * (x, g, g)[part] + j)] = rows[i]
+    heads = page[ssm.byte_offset:ssm.byte_offset + ssm.nbytes].view(-1, 8 * 8 * 4)
+    for i in range(heads.shape[0]):
+        out[("ssm", rank * (4 // tp) + i)] = heads[i]
+    return out
+
+
+def test_tp_sliced_states_move_between_tp_sizes():
+    """States that TP cut by rows (x | B | C of a Mamba2 conv, SSM heads): TP 1 -> 2 gives each rank exactly
+    its rows, TP 2 -> 1 assembles every row from both ranks; the pages' padding is not moved."""
+    p, pplan, src = engine(40, sharded=True)
+    ranks = [engine(50 + r, heads=2, tp_rank=r, tp_size=2, sharded=True) for r in (0, 1)]
+    d1, d1plan, d1caches = engine(60, sharded=True)
+    state_layers = [n for n in pplan.specs if "mamba" in n]
+    try:
+        remote = request_ids(pplan, 40)
+        for r, (d, dplan, dst) in enumerate(ranks):
+            local = request_ids(dplan, 70 + r)
+            params = p.hold_blocks(f"s{r}", remote)
+            d.start_load(f"s{r}", params["engine"], params["block_ids"], local, hold_token=params["hold_token"])
+            assert not settle([d], {(0, "finished", f"s{r}")})
+            for name in state_layers:
+                g = dplan.layout.layer(name).group
+                got = _global_rows(dst, dplan, name, local[g][0], r, 2)
+                want = _global_rows(src, pplan, name, remote[g][0], 0, 1)
+                assert len(got) == 32 + 2 and all(torch.equal(v, want[k]) for k, v in got.items())
+        # TP 2 -> 1: the decode engine reads from both ranks (rank 0 first: the primary)
+        ids = [request_ids(dplan, 80 + r) for r, (_, dplan, _) in enumerate(ranks)]
+        ids[1] = ids[0]                                     # the same ids on both ranks, as one engine's scheduler
+        params = [c.hold_blocks("back", ids[0]) for c, _, _ in ranks]
+        local = request_ids(d1plan, 90)
+        d1.start_load("back", [q["engine"] for q in params], params[0]["block_ids"], local,
+                      hold_token=[q["hold_token"] for q in params])
+        assert not settle([d1], {(0, "finished", "back")})
+        for name in state_layers:
+            g = d1plan.layout.layer(name).group
+            got = _global_rows(d1caches, d1plan, name, local[g][0], 0, 1)
+            want = {}
+            for r, (_, dplan, dst) in enumerate(ranks):
+                want.update(_global_rows(dst, dplan, name, ids[0][g][0], r, 2))
+            assert len(got) == 64 + 4 and set(got) == set(want)
+            assert all(torch.equal(v, want[k]) for k, v in got.items())
+    finally:
+        for c in [p, d1] + [c for c, _, _ in ranks]:
+            c.close()
+
+
 def test_ids_that_would_reach_the_wrong_group_are_refused():
     p, pplan, _ = engine(7)
     with p:
@@ -184,3 +250,11 @@ def test_ids_that_would_reach_the_wrong_group_are_refused():
         assert p.hold_blocks("g", {"attention": [3]})["block_ids"] == {"attention": [3]}
     with pytest.raises(KVLayoutError, match="canary_block is not available on a hybrid page pool"):
         engine(8, canary_block=0)
+
+
+def test_state_spans_worked_example():
+    from kvlayout.connectors.topology import state_spans
+    states = (("conv", (8, 3), "float16", 16, ((8, True), (4, False))),)
+    remote = (("conv", (12, 3), "float16", 0, ((8, True), (4, False))),)
+    assert state_spans(states, remote, (1, 2), (0, 1), primary=True) == [(16, 24, 24), (40, 48, 24)]
+    assert state_spans(states, remote, (1, 2), (0, 1), primary=False) == [(16, 24, 24)]

@@ -353,3 +353,17 @@ def run_hybrid_attention(backend, hq, hkv, *, d, bs, dtype, tol):
         assert set(changed.tolist()) <= allowed
         for name in ("l1.mix", "l2.mix"):
             assert bool((cache[name].view(torch.float32)[state_ids] == 3.0e4).all())
+
+
+@pytest.mark.parametrize("model, tp", [("nemotron-h-8b", 2), ("nemotron-h-8b", 4), ("jamba-v0.1", 2)])
+def test_shipped_state_rows_say_how_tp_cut_them(model, tp):
+    """Each state's tp_rows give exactly the rows a rank holds, so a connector can slice it between TP sizes."""
+    full = hf.specs_from_hf_config(hf.load_hf_config(model))
+    part = hf.specs_from_hf_config(hf.load_hf_config(model), tp_size=tp)
+    for name, spec in part.items():
+        if not isinstance(spec, kvl.MambaSpec):
+            continue
+        for state, (shape, _) in spec.states.items():
+            blocks = spec.tp_rows[state]
+            assert sum(n // tp if sharded else n for n, sharded in blocks) == shape[0]
+            assert sum(n for n, _ in blocks) == full[name].states[state][0][0]
