@@ -97,6 +97,15 @@ def touched_bytes(plan, caches, ids) -> torch.Tensor:
     return mask
 
 
+def check_moved(pplan, src, remote, dplan, dst, local, before):
+    """Every layer's blocks ``local`` (per group) equal the source's ``remote``; every other byte is as before."""
+    for lay in pplan.layout.layers:
+        g = lay.group
+        assert torch.equal(block_bytes(dst, dplan, lay.name, local[g]), block_bytes(src, pplan, lay.name, remote[g]))
+    untouched = ~touched_bytes(dplan, dst, local)
+    assert torch.equal(dst.buffers[0][untouched], before[untouched])
+
+
 def test_pool_layout_is_what_the_test_needs():
     plan = kvl.plan_kv_cache(specs(4), 2 * 48 * 4096)
     assert [g.layer_names for g in plan.groups] == [("l0.attn", "l3.attn"), ("l1.mamba", "l2.mamba"),
@@ -118,13 +127,8 @@ def test_pull_moves_attention_and_state_pages_by_group(device, digests):
         params = p.hold_blocks("r", remote)
         assert params["block_ids"] == {str(g): ids for g, ids in remote.items()}
         d.start_load("r", params["engine"], params["block_ids"], local, hold_token=params["hold_token"])
-        why = settle([d], {(0, "finished", "r")})
-        assert not why
-        for lay in pplan.layout.layers:
-            g = lay.group
-            assert torch.equal(block_bytes(dst, dplan, lay.name, local[g]), block_bytes(src, pplan, lay.name, remote[g]))
-        untouched = ~touched_bytes(dplan, dst, local)
-        assert torch.equal(dst.buffers[0][untouched], before[untouched])
+        assert not settle([d], {(0, "finished", "r")})
+        check_moved(pplan, src, remote, dplan, dst, local, before)
         deadline = time.monotonic() + 5
         while p.stats["holds"] and time.monotonic() < deadline:
             p.poll()
@@ -140,13 +144,8 @@ def test_push_moves_a_hybrid_request():
     with p, d:
         grant = d.grant_blocks("w", local, p.address)
         p.start_push("w", grant, remote)
-        why = settle([p, d], {(0, "pushed", "w"), (1, "finished", "w")})
-        assert not why
-        for lay in pplan.layout.layers:
-            g = lay.group
-            assert torch.equal(block_bytes(dst, dplan, lay.name, local[g]), block_bytes(src, pplan, lay.name, remote[g]))
-        untouched = ~touched_bytes(dplan, dst, local)
-        assert torch.equal(dst.buffers[0][untouched], before[untouched])
+        assert not settle([p, d], {(0, "pushed", "w"), (1, "finished", "w")})
+        check_moved(pplan, src, remote, dplan, dst, local, before)
 
 
 def test_tp1_to_tp2_slices_heads_and_replicates_padded_states():
