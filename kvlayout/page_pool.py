@@ -3,10 +3,11 @@
 In a hybrid plan every group addresses the same small pages (``kvlayout.hybrid``): an attention block is
 one small page, a state block one aligned large page of k small pages. The pool keeps
 
-- ``free_large``: whole free large pages (a stack);
-- ``free_small``: free small pages of large pages that were split for attention (an insertion-ordered dict,
-  so a page leaves it in O(1) when its large page is whole again);
-- ``split_free[q]``: how many small pages of split large page ``q`` are free (-1: not split);
+- ``large``: whole free large pages (a stack);
+- ``small``: free small pages of large pages split for attention (a stack, each entry tagged with its large
+  page's generation; when a large page is whole again its generation moves on, so its entries go stale and
+  are skipped when popped);
+- ``free_count[q]``: how many small pages of split large page ``q`` are free;
 - ``owner[p]``: the group that owns small page ``p`` (-1: free).
 
 Attention takes small pages from split large pages first and splits a whole one only when none is left;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -174,9 +175,6 @@ class _Space:
         k = self.k
         self.owner[(ids[:, None] * k + np.arange(k)).ravel()] = -1
         self.large.push(ids)
-
-
-BlockIds = Union[Sequence[int], np.ndarray]
 
 
 class PagePool:
