@@ -143,7 +143,8 @@ class AttentionBackend(ABC):
             raise UnsupportedFeatureError(f"backend {self.name!r} needs block size {caps.block_size_rule()}, got {n}")
         wanted = {"non_causal": not params.causal, "sliding_window": params.sliding_window is not None,
                   "soft_cap": params.logits_soft_cap is not None, "sinks": sinks is not None,
-                  "fp8_kv": is_fp8(kv_cache.dtype), "lse": lse is not None}
+                  "fp8_kv": is_fp8(kv_cache.dtype), "lse": lse is not None,
+                  "padded_steps": meta.padded is not None}
         missing = [f for f, on in wanted.items() if on and f not in caps.features]
         if missing:
             raise UnsupportedFeatureError(f"backend {self.name!r} does not support: {', '.join(missing)}")

@@ -4,7 +4,9 @@ packed cache views, with the same feature matrix as the ``triton`` backend.
 ``forward`` launches the 2-D paged decode kernel for the leading one-token requests and the prefix-prefill
 kernel for the rest, one after the other on the stream (no host sync). The prefill tile list and the
 decode contexts' longest length are host data made once per step (``RocmStepPlan`` in ``meta.step_state``)
-and shared by every layer. LSE is returned in base e. Validated on NVIDIA GPUs and under Triton's CPU interpreter; not
+and shared by every layer; for padded metadata (``StepBuffers``, CUDA graphs) the tile list has a length
+fixed by the padded sizes and is made on the device from ``query_start_loc``, so a captured step replays
+with any schedule that fits. LSE is returned in base e. Validated on NVIDIA GPUs and under Triton's CPU interpreter; not
 yet run on AMD hardware.
 """
 
@@ -21,8 +23,8 @@ from kvlayout.metadata import AttentionMetadata
 
 from kvlayout.kernels import interpreting
 from kvlayout.kernels.decode import device_sms
-from kvlayout.kernels.rocm import (RocmConfig, decode_partition_size, paged_decode, prefill_tiles, prefix_prefill,
-                                   rocm_config)
+from kvlayout.kernels.rocm import (RocmConfig, decode_partition_size, device_prefill_tiles, paged_decode,
+                                   prefill_tiles, prefix_prefill, rocm_config)
 
 from .base import AttentionOutput, output_buffers
 from .triton_backend import TRITON_CAPABILITIES, TritonBackend
@@ -46,10 +48,13 @@ class RocmStepPlan:
 
 
 def _make_step_plan(meta: AttentionMetadata, block_m: int) -> RocmStepPlan:
+    nd = meta.num_decodes
+    if meta.padded is not None:           # CUDA-graph sizes: a tile list of fixed length made on the device
+        num_tiles = (meta.num_actual_tokens - meta.num_decode_tokens) // block_m + meta.num_reqs - nd
+        return RocmStepPlan(device_prefill_tiles(meta.query_start_loc, nd, block_m, num_tiles), meta.max_seq_len)
     tiles = torch.from_numpy(prefill_tiles(meta.query_start_loc_cpu, meta.num_decodes, block_m))
     if meta.device.type == "cuda":
         tiles = tiles.pin_memory().to(meta.device, non_blocking=True)
-    nd = meta.num_decodes
     return RocmStepPlan(tiles, int(meta.seq_lens_cpu[:nd].max()) if nd else 0)
 
 

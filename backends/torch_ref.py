@@ -18,7 +18,7 @@ TORCH_CAPABILITIES = BackendCapabilities(
     kv_dtypes=frozenset(ATTENTION_DTYPES),
     q_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     features=frozenset({"non_causal", "sliding_window", "soft_cap", "sinks", "fp8_kv", "lse", "mla",
-                        "cross_layer"}),
+                        "cross_layer", "padded_steps"}),
     lse_base="e",
 )
 

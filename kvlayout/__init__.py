@@ -4,6 +4,7 @@ from .allocation import KVCache, allocate_kv_cache
 from .capacity import Capacity, plan_capacity
 from .cache_ops import gather_kv, write_kv
 from .capabilities import BackendCapabilities, ConnectorWishes
+from .custom_ops import StepContext, step_context
 from .errors import (BackendUnavailableError, KVLayoutError, LayoutConflictError, UnsupportedFeatureError)
 from .layers import AttentionLayer, MambaLayer, MLALayer, bind_kv_cache, mamba_state_views
 from .layout import GroupLayout, KVCacheLayout, LayerLayout, resolve_kv_cache_layout
@@ -26,5 +27,5 @@ __all__ = [
     "MLASpec", "MambaLayer", "MambaSpec", "PagePool", "PoolExhaustedError", "ScheduledRequest", "UnsupportedFeatureError", "allocate_kv_cache",
     "bind_kv_cache", "build_attention_metadata", "copy_blocks", "gather_kv", "get_attention_backend",
     "mamba_state_views", "order_decodes_first", "parse_dtype", "plan_capacity", "plan_kv_cache", "resolve_kv_cache_layout",
-    "validate_attention_metadata", "write_kv", "zero_blocks",
+    "StepContext", "step_context", "validate_attention_metadata", "write_kv", "zero_blocks",
 ]

@@ -71,19 +71,47 @@ class AttentionLayer:
         if self.kv_cache is None:
             raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
         backend = _checked_backend(self, backend, self.kv_cache.device)
-        if (k is None) != (v is None):
-            raise KVLayoutError("pass both k and v, or neither")
-        if validate:
-            backend.check_forward(q, self.kv_cache, meta, self.attn_params, self.sinks, self.k_scale,
-                                  self.v_scale, out)
-            if k is not None:
-                _check_step_rows(meta, k=k, v=v)
-                check_write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale,
-                               trusted_slots=True)
+        return attend_paged(q, k, v, self.kv_cache, meta, backend, self.attn_params, sinks=self.sinks,
+                            k_scale=self.k_scale, v_scale=self.v_scale, return_lse=return_lse, out=out,
+                            validate=validate)
+
+    def attend_op(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], *,
+                  return_lse: bool = False):
+        """``attend`` as the custom op ``torch.ops.kvlayout.attend``, for models run under ``torch.compile``
+        or captured in CUDA graphs: the step's metadata, backend and ``validate`` come from the
+        ``kvlayout.step_context`` the caller opened around the model call, so the compiled graph holds one
+        opaque op per layer and no host integer of the step. Check the backend against the layer's spec
+        once beforehand (``check_backend``)."""
+        if self.kv_cache is None:
+            raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
+        p = self.attn_params
+        out, lse = torch.ops.kvlayout.attend(q, k, v, self.kv_cache, self.sinks, self.k_scale, self.v_scale,
+                                             p.num_heads, p.scale, p.causal, p.sliding_window or 0,
+                                             p.logits_soft_cap or 0.0, return_lse)
+        return (out, lse) if return_lse else out
+
+    def check_backend(self, backend) -> None:
+        """Refuse ``backend`` (or its name) now if it cannot serve this layer's spec."""
+        _checked_backend(self, backend, self.kv_cache.device if self.kv_cache is not None else None)
+
+
+def attend_paged(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], kv_cache: torch.Tensor,
+                 meta: AttentionMetadata, backend, params: AttentionParams, *, sinks: Optional[torch.Tensor] = None,
+                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                 return_lse: bool = False, out: Optional[torch.Tensor] = None, validate: bool = True):
+    """The body of ``AttentionLayer.attend`` (and of the ``kvlayout::attend`` op) for a resolved backend:
+    every check before the K/V write, then the write, then the forward."""
+    if (k is None) != (v is None):
+        raise KVLayoutError("pass both k and v, or neither")
+    if validate:
+        backend.check_forward(q, kv_cache, meta, params, sinks, k_scale, v_scale, out)
         if k is not None:
-            backend.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.k_scale, self.v_scale, validate=False)
-        return backend.forward(q, self.kv_cache, meta, self.attn_params, sinks=self.sinks, k_scale=self.k_scale,
-                               v_scale=self.v_scale, out=out, return_lse=return_lse, validate=False)
+            _check_step_rows(meta, k=k, v=v)
+            check_write_kv(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale, trusted_slots=True)
+    if k is not None:
+        backend.write_kv(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale, validate=False)
+    return backend.forward(q, kv_cache, meta, params, sinks=sinks, k_scale=k_scale, v_scale=v_scale, out=out,
+                           return_lse=return_lse, validate=False)
 
 
 def _checked_backend(layer, backend, device: torch.device):
@@ -130,32 +158,10 @@ class MLALayer:
     def write_latent(self, latent: torch.Tensor, slot_mapping: torch.Tensor, *, trusted_slots: bool = False) -> None:
         """Write ``latent [T, L+R]`` into its slots (-1 skipped; each slot at most once). The slots are
         read on the host unless ``trusted_slots`` (validated metadata's slots)."""
-        self._check_latent(latent, slot_mapping, trusted_slots)
-        self._store_latent(latent, slot_mapping)
-
-    def _store_latent(self, latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        n = self.latent_cache.shape[2]
-        slots = slot_mapping[: latent.shape[0]]
-        keep = torch.nonzero(slots >= 0).squeeze(1)
-        s = slots[keep]
-        self.latent_cache[s // n, 0, s % n] = latent[keep]
-
-    def _check_latent(self, latent, slot_mapping, trusted_slots: bool) -> None:
         if self.latent_cache is None:
             raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
-        b, _, n, c = self.latent_cache.shape
-        if not isinstance(latent, torch.Tensor) or latent.dim() != 2 or latent.shape[1] != c \
-                or latent.dtype != self.latent_cache.dtype or latent.device != self.latent_cache.device:
-            raise KVLayoutError(f"latent must be [T, {c}] {self.latent_cache.dtype} on {self.latent_cache.device}, "
-                                f"got {tuple(getattr(latent, 'shape', ()))} {getattr(latent, 'dtype', type(latent))}")
-        if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
-                slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape[0] < latent.shape[0] \
-                or slot_mapping.device != self.latent_cache.device:
-            raise KVLayoutError(f"slot_mapping must be a 1-D int32/int64 tensor on {self.latent_cache.device} with at "
-                                f"least {latent.shape[0]} entries, got {getattr(slot_mapping, 'dtype', type(slot_mapping))} "
-                                f"{tuple(getattr(slot_mapping, 'shape', ()))}")
-        if not trusted_slots:
-            check_slot_values(slot_mapping, latent.shape[0], b, n)
+        check_latent(self.latent_cache, latent, slot_mapping, trusted_slots)
+        store_latent(self.latent_cache, latent, slot_mapping)
 
     def attend(self, q: torch.Tensor, latent: Optional[torch.Tensor], meta: AttentionMetadata, backend,
                return_lse: bool = False):
@@ -165,13 +171,58 @@ class MLALayer:
         if self.latent_cache is None:
             raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
         backend = _checked_backend(self, backend, self.latent_cache.device)
-        backend.check_forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank)
-        if latent is not None:
-            _check_step_rows(meta, latent=latent)
-            self._check_latent(latent, meta.slot_mapping, trusted_slots=True)
-            self._store_latent(latent, meta.slot_mapping)
-        return backend.forward_mla(q, self.latent_cache, meta, self.kv_spec.kv_lora_rank, self.scale,
-                                   return_lse=return_lse)
+        return attend_latent(q, latent, self.latent_cache, meta, backend, self.kv_spec.kv_lora_rank, self.scale,
+                             return_lse=return_lse)
+
+    def attend_op(self, q: torch.Tensor, latent: Optional[torch.Tensor], *, return_lse: bool = False):
+        """``attend`` as the custom op ``torch.ops.kvlayout.mla_attend`` (see ``AttentionLayer.attend_op``)."""
+        if self.latent_cache is None:
+            raise KVLayoutError(f"layer {self.layer_name!r} has no cache bound; call bind_kv_cache first")
+        out, lse = torch.ops.kvlayout.mla_attend(q, latent, self.latent_cache, self.kv_spec.kv_lora_rank,
+                                                 self.scale, return_lse)
+        return (out, lse) if return_lse else out
+
+    def check_backend(self, backend) -> None:
+        """Refuse ``backend`` (or its name) now if it cannot serve this layer's spec."""
+        _checked_backend(self, backend, self.latent_cache.device if self.latent_cache is not None else None)
+
+
+def attend_latent(q: torch.Tensor, latent: Optional[torch.Tensor], latent_cache: torch.Tensor,
+                  meta: AttentionMetadata, backend, kv_lora_rank: int, scale: float, *, return_lse: bool = False):
+    """The body of ``MLALayer.attend`` (and of the ``kvlayout::mla_attend`` op): every check (the
+    backend's MLA support included) before the latent write, then the write, then the forward."""
+    backend.check_forward_mla(q, latent_cache, meta, kv_lora_rank)
+    if latent is not None:
+        _check_step_rows(meta, latent=latent)
+        check_latent(latent_cache, latent, meta.slot_mapping, trusted_slots=True)
+        store_latent(latent_cache, latent, meta.slot_mapping)
+    return backend.forward_mla(q, latent_cache, meta, kv_lora_rank, scale, return_lse=return_lse)
+
+
+def store_latent(latent_cache: torch.Tensor, latent: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``latent [T, L+R]`` into slots ``slot_mapping[:T]`` of ``latent_cache`` (-1 skipped)."""
+    n = latent_cache.shape[2]
+    slots = slot_mapping[: latent.shape[0]]
+    keep = torch.nonzero(slots >= 0).squeeze(1)
+    s = slots[keep]
+    latent_cache[s // n, 0, s % n] = latent[keep]
+
+
+def check_latent(latent_cache: torch.Tensor, latent, slot_mapping, trusted_slots: bool) -> None:
+    """Every check of a latent write, without touching memory."""
+    b, _, n, c = latent_cache.shape
+    if not isinstance(latent, torch.Tensor) or latent.dim() != 2 or latent.shape[1] != c \
+            or latent.dtype != latent_cache.dtype or latent.device != latent_cache.device:
+        raise KVLayoutError(f"latent must be [T, {c}] {latent_cache.dtype} on {latent_cache.device}, "
+                            f"got {tuple(getattr(latent, 'shape', ()))} {getattr(latent, 'dtype', type(latent))}")
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1 or \
+            slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.shape[0] < latent.shape[0] \
+            or slot_mapping.device != latent_cache.device:
+        raise KVLayoutError(f"slot_mapping must be a 1-D int32/int64 tensor on {latent_cache.device} with at "
+                            f"least {latent.shape[0]} entries, got {getattr(slot_mapping, 'dtype', type(slot_mapping))} "
+                            f"{tuple(getattr(slot_mapping, 'shape', ()))}")
+    if not trusted_slots:
+        check_slot_values(slot_mapping, latent.shape[0], b, n)
 
 
 def mamba_state_views(page_cache: torch.Tensor, spec: MambaSpec) -> dict[str, torch.Tensor]:

@@ -82,6 +82,20 @@ _SEAL = object()      # marks metadata made (or checked) by this module; see Att
 
 
 @dataclass(frozen=True)
+class PaddedStep:
+    """Marks metadata built into persistent buffers (``kvlayout.StepBuffers``) and padded to fixed sizes,
+    for CUDA-graph capture and replay: ``num_reqs`` requests and ``num_tokens`` tokens are real, the rest
+    up to the metadata's shapes is padding (requests of no token and no cached token, slots -1).
+    ``decode_only``: every real request decodes one token and the whole step takes the decode path.
+    ``owner`` is the ``StepBuffers`` the tensors live in."""
+
+    num_reqs: int
+    num_tokens: int
+    decode_only: bool
+    owner: object = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """What every attention layer of one group needs for one step; build it with
     ``build_attention_metadata`` (or pass hand-made metadata through ``validate_attention_metadata``).
@@ -91,6 +105,12 @@ class AttentionMetadata:
     ``query_start_loc`` [B+1] int32, ``seq_lens`` [B] int32 (cached + new), ``block_table`` [B, max_blocks]
     int32, ``slot_mapping`` [T] int64 (-1 = do not write). ``step_state`` holds the per-step state that a
     backend makes once (e.g. FlashInfer's ``plan()``) and every layer reuses (``StepStateCache``).
+
+    ``padded`` is set on metadata that ``StepBuffers.build`` padded to captured sizes: then the host
+    integers describe the padded step, so launch choices depend on the captured sizes only
+    (``num_actual_tokens`` = rows of the padded token buffer, ``max_seq_len`` = the buffers' longest
+    request, ``max_query_len`` = 1 for a decode-only step and the token count otherwise, ``num_decodes``
+    = every request slot of a decode-only step and 0 otherwise).
 
     The metadata is immutable: its fields are frozen, and the builder records the identity and version
     counter of each tensor it made, so ``is_validated`` turns False when a tensor is edited in place or
@@ -112,6 +132,7 @@ class AttentionMetadata:
     num_decode_tokens: int
     num_actual_tokens: int
     step_state: StepStateCache = field(default_factory=StepStateCache, repr=False, compare=False)
+    padded: Optional[PaddedStep] = None
     _seal: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
@@ -205,28 +226,11 @@ def _bad_block_ids(i: int, ids, what=None):
                         f"a 1-D integer array or tensor), got {type(ids).__name__}" + (f" of {what}" if what else ""))
 
 
-def build_attention_metadata(
-    requests: Sequence[ScheduledRequest],
-    plan: Union[KVCachePlan, int],
-    device: Union[str, torch.device] = "cpu",
-    *,
-    num_blocks: Optional[int] = None,
-    max_blocks_per_request: Optional[int] = None,
-    pad_tokens_to: Optional[int] = None,
-    shared_block_ids: Optional[Sequence[int]] = None,
-    group: Optional[int] = None,
-    pool: Optional[PagePool] = None,
-) -> AttentionMetadata:
-    """Build the step's metadata, refusing a schedule that would read or write the wrong slots (the rules
-    of ``kvlayout.checks.check_schedule``: ids in range, each listed once per request, a block in two
-    requests only when declared in ``shared_block_ids``, no write into a block another request reads).
-
-    ``plan`` is a ``KVCachePlan`` (its token-indexed ``group``; the only one when ``group`` is None) or a
-    block size (then ``num_blocks`` bounds the ids). With ``pool`` (the ``PagePool`` the ids came from)
-    every block id must be a block ``group`` holds now: a freed block, another group's block or a state
-    page is refused, naming the group and the block. One metadata per attention group per step. ``max_blocks_per_request`` fixes the block table width and ``pad_tokens_to`` pads
-    ``slot_mapping`` with -1, so buffers keep one shape across steps (CUDA graphs). All checks run on the
-    host on data the caller passed in; nothing is read back from the device."""
+def resolve_group(plan: Union[KVCachePlan, int], group: Optional[int], num_blocks: Optional[int],
+                  pool: Optional[PagePool] = None) -> tuple[int, int, Optional[int]]:
+    """``(block size, number of blocks, group index)`` of the attention group metadata is built for: of
+    ``plan.groups[group]`` (the plan's one token-indexed group when ``group`` is None), or a bare block
+    size with ``num_blocks``."""
     if isinstance(plan, KVCachePlan):
         if group is None:
             gplan = plan.attention_group()
@@ -250,15 +254,84 @@ def build_attention_metadata(
             raise KVLayoutError("build_attention_metadata: with a pool, pass the plan (or the group) too")
     require_int(block_size, "block size", minimum=1)
     require_int(num_blocks, "num_blocks", minimum=1)
+    return block_size, num_blocks, group
+
+
+def build_attention_metadata(
+    requests: Sequence[ScheduledRequest],
+    plan: Union[KVCachePlan, int],
+    device: Union[str, torch.device] = "cpu",
+    *,
+    num_blocks: Optional[int] = None,
+    max_blocks_per_request: Optional[int] = None,
+    pad_tokens_to: Optional[int] = None,
+    shared_block_ids: Optional[Sequence[int]] = None,
+    group: Optional[int] = None,
+    pool: Optional[PagePool] = None,
+) -> AttentionMetadata:
+    """Build the step's metadata, refusing a schedule that would read or write the wrong slots (the rules
+    of ``kvlayout.checks.check_schedule``: ids in range, each listed once per request, a block in two
+    requests only when declared in ``shared_block_ids``, no write into a block another request reads).
+
+    ``plan`` is a ``KVCachePlan`` (its token-indexed ``group``; the only one when ``group`` is None) or a
+    block size (then ``num_blocks`` bounds the ids). With ``pool`` (the ``PagePool`` the ids came from)
+    every block id must be a block ``group`` holds now: a freed block, another group's block or a state
+    page is refused, naming the group and the block. One metadata per attention group per step. ``max_blocks_per_request`` fixes the block table width and ``pad_tokens_to`` pads
+    ``slot_mapping`` with -1, so buffers keep one shape across steps (CUDA graphs). All checks run on the
+    host on data the caller passed in; nothing is read back from the device."""
+    block_size, num_blocks, group = resolve_group(plan, group, num_blocks, pool)
+    sched = host_schedule(requests, block_size, num_blocks, max_blocks_per_request=max_blocks_per_request,
+                          shared_block_ids=shared_block_ids, group=group, pool=pool)
+    device = as_device(device)
+    slots = sched.slots
+    total = sched.num_tokens
+    if pad_tokens_to is not None:
+        if isinstance(pad_tokens_to, bool) or not isinstance(pad_tokens_to, int) or pad_tokens_to < total:
+            raise KVLayoutError(f"pad_tokens_to={pad_tokens_to!r} must be an integer, not less than the {total} "
+                                f"scheduled tokens")
+        slots = np.concatenate([slots, np.full(pad_tokens_to - total, -1, np.int64)])
+    return _sealed_metadata(device, block_size, num_blocks, sched.qsl, sched.seq, sched.table, slots,
+                            sched.num_decodes, max_query_len=sched.max_query_len, max_seq_len=sched.max_seq_len)
+
+
+def as_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise KVLayoutError(f"device {device!r} is not a torch device ({e})") from None
+
+
+@dataclass(frozen=True)
+class HostSchedule:
+    """A checked schedule as host arrays (int64): ``qsl [n+1]``, ``seq [n]`` (cached + new), ``table [n,
+    width]`` (0 past each request's blocks), ``slots [T]``; the leading one-token requests and the maxima."""
+
+    qsl: np.ndarray
+    seq: np.ndarray
+    table: np.ndarray
+    slots: np.ndarray
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.qsl[-1])
+
+
+def host_schedule(requests: Sequence[ScheduledRequest], block_size: int, num_blocks: int, *,
+                  max_blocks_per_request: Optional[int] = None, shared_block_ids: Optional[Sequence[int]] = None,
+                  group: Optional[int] = None, pool: Optional[PagePool] = None) -> HostSchedule:
+    """The host half of ``build_attention_metadata``: every check, and the arrays it copies to the device."""
     if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
         raise KVLayoutError(f"requests must be a sequence of ScheduledRequest, got {type(requests).__name__}")
     bad = next((i for i, r in enumerate(requests) if not isinstance(r, ScheduledRequest)), None)
     if bad is not None:
         raise KVLayoutError(f"requests[{bad}] must be a ScheduledRequest, got {type(requests[bad]).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise KVLayoutError(f"device {device!r} is not a torch device ({e})") from None
     n = len(requests)
     computed = _count_array(requests, "num_computed_tokens")
     new = _count_array(requests, "num_new_tokens")
@@ -287,15 +360,16 @@ def build_attention_metadata(
     req_of_tok = np.repeat(np.arange(n), new)
     pos = np.arange(total) - qsl[:-1][req_of_tok] + computed[req_of_tok]
     slots = table[req_of_tok, pos // block_size] * block_size + pos % block_size
-    if pad_tokens_to is not None:
-        if isinstance(pad_tokens_to, bool) or not isinstance(pad_tokens_to, int) or pad_tokens_to < total:
-            raise KVLayoutError(f"pad_tokens_to={pad_tokens_to!r} must be an integer, not less than the {total} "
-                                f"scheduled tokens")
-        slots = np.concatenate([slots, np.full(pad_tokens_to - total, -1, np.int64)])
     not_decode = np.nonzero(new != 1)[0]
     num_decodes = int(not_decode[0]) if not_decode.size else n
-    return _sealed_metadata(device, block_size, num_blocks, qsl, seq, table, slots, num_decodes,
-                            max_query_len=int(new.max(initial=0)), max_seq_len=int(seq.max(initial=0)))
+    return HostSchedule(qsl, seq, table, slots, num_decodes, max_query_len=int(new.max(initial=0)),
+                        max_seq_len=int(seq.max(initial=0)))
+
+
+def seal(meta: AttentionMetadata) -> AttentionMetadata:
+    """Mark ``meta`` as made by the builder (see ``AttentionMetadata.is_validated``)."""
+    object.__setattr__(meta, "_seal", (_SEAL, meta._fingerprint()))
+    return meta
 
 
 def _sealed_metadata(device: torch.device, block_size: int, num_blocks: int, qsl: np.ndarray, seq: np.ndarray,
@@ -317,8 +391,7 @@ def _sealed_metadata(device: torch.device, block_size: int, num_blocks: int, qsl
         block_table=table_d, slot_mapping=slot_d, query_start_loc_cpu=qsl_c, seq_lens_cpu=seq_c,
         max_query_len=max_query_len, max_seq_len=max_seq_len, num_decodes=num_decodes,
         num_decode_tokens=num_decodes, num_actual_tokens=int(qsl[-1]))
-    object.__setattr__(meta, "_seal", (_SEAL, meta._fingerprint()))
-    return meta
+    return seal(meta)
 
 
 def validate_attention_metadata(meta: AttentionMetadata, *,

@@ -19,15 +19,14 @@ before attention, while kvlayout caches the latent itself (``MLASpec``), which n
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from ..custom_ops import current_step, step_context
 from ..errors import KVLayoutError
 from ..hf_config import load_hf_config, specs_from_hf_config
 from ..layers import AttentionLayer
@@ -35,18 +34,6 @@ from ..metadata import AttentionMetadata
 from ..specs import AttentionSpec
 
 IMPLEMENTATION = "kvlayout"
-
-
-@dataclass(frozen=True)
-class _Step:
-    meta: AttentionMetadata
-    backend: object
-    validate: bool
-
-
-# The step being run: set by HFCausalLM.forward, read by kvlayout_attention (a context variable, since not
-# every family forwards extra keyword arguments down to its attention function).
-_STEP: contextvars.ContextVar[Optional[_Step]] = contextvars.ContextVar("kvlayout_step", default=None)
 
 
 class KVLayoutAttention(AttentionLayer, nn.Module):
@@ -57,16 +44,22 @@ def kvlayout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query [1, H, T, D]``, ``key``/``value [1, H_kv, T, D]`` of the
     step's packed tokens -> ``[1, T, H, D]``. Masks and the other keyword arguments are ignored: the step's
-    metadata says which keys each token sees, the layer's spec holds the window, soft cap and sinks."""
-    step = _STEP.get()
+    metadata says which keys each token sees, the layer's spec holds the window, soft cap and sinks.
+    The step comes from the ``kvlayout.step_context`` that ``HFCausalLM.forward`` opens (not every family
+    forwards extra keyword arguments down to its attention function); under ``torch.compile`` each layer
+    is one ``torch.ops.kvlayout.attend`` call."""
     layer = getattr(module, "_kvlayout_layer", None)
-    if step is None or layer is None:
+    if layer is None:
         raise KVLayoutError("the 'kvlayout' attention implementation runs only inside HFCausalLM.forward")
     if query.shape[0] != 1:
         raise KVLayoutError(f"kvlayout attention takes the step's tokens packed as one sequence, got batch "
                             f"{query.shape[0]}")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))          # [T, heads, D] views
-    out = layer.attend(q, k, v, step.meta, step.backend, validate=step.validate)
+    if torch.compiler.is_compiling():
+        out = layer.attend_op(q, k, v)
+    else:
+        step = current_step("the 'kvlayout' attention implementation")
+        out = layer.attend(q, k, v, step.meta, step.backend, validate=step.validate)
     return out.unsqueeze(0), None
 
 
@@ -138,6 +131,30 @@ class HFCausalLM(nn.Module):
             layers[want[idx]] = layer
         self.kv_specs = specs
         self._layers = layers
+        self._run = self._run_eager
+
+    def check_backend(self, attention_backend) -> None:
+        """Refuse ``attention_backend`` now if it cannot serve every layer."""
+        for layer in self._layers.values():
+            layer.check_backend(attention_backend)
+
+    def run_step(self, input_ids: torch.Tensor, positions: torch.Tensor, keep) -> torch.Tensor:
+        """The transformers model over the step's tokens (eager or compiled), inside a ``step_context``
+        the caller opened: logits ``[R, V]`` of the token rows ``keep`` (0: every token)."""
+        return self._run(input_ids, positions, keep)
+
+    def compile_model(self, attention_backend, **compile_kwargs) -> None:
+        """Run the transformers model under ``torch.compile(fullgraph=True)`` from now on (extra keyword
+        arguments go to ``torch.compile``; ``dynamic=True`` by default, so one graph serves every step
+        length). ``attention_backend`` (the one the engine uses) is checked against every layer now,
+        since the compiled attention ops run without the layers' first-call checks."""
+        self.check_backend(attention_backend)
+        compile_kwargs.setdefault("dynamic", True)
+        self._run = torch.compile(self._run_eager, fullgraph=True, **compile_kwargs)
+
+    def _run_eager(self, input_ids: torch.Tensor, positions: torch.Tensor, keep) -> torch.Tensor:
+        return self.hf(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
+                       logits_to_keep=keep).logits[0]
 
     @property
     def vocab_size(self) -> int:
@@ -157,13 +174,8 @@ class HFCausalLM(nn.Module):
         if input_ids.shape[0] != meta.num_actual_tokens:
             raise KVLayoutError(f"{input_ids.shape[0]} tokens given, the metadata schedules {meta.num_actual_tokens}")
         keep = 0 if all_logits else meta.query_start_loc[1:].long() - 1
-        token = _STEP.set(_Step(meta, backend, validate))
-        try:
-            out = self.hf(input_ids=input_ids[None], position_ids=positions[None], use_cache=False,
-                          logits_to_keep=keep)
-        finally:
-            _STEP.reset(token)
-        return out.logits[0]
+        with step_context(meta, backend, validate=validate):
+            return self._run(input_ids, positions, keep)
 
 
 def hf_model_config(config: Union[dict, str, Path]):

@@ -25,6 +25,8 @@ from ..errors import KVLayoutError
 from ..layers import bind_kv_cache
 from ..metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
 from ..page_pool import PagePool
+from ..step_buffers import StepBuffers
+from .graphs import GraphKey, StepGraphs, default_decode_sizes
 from .hf_model import HFCausalLM, build_model
 from ..planner import plan_kv_cache
 
@@ -66,6 +68,7 @@ class StepResult:
     num_decodes: int
     num_prefills: int
     seconds: float
+    graph: Optional[GraphKey] = None     # the captured size the step replayed (None: it ran eagerly)
 
 
 class Engine:
@@ -78,6 +81,14 @@ class Engine:
     metadata is still built and checked once per step); then one sync per step remains, for sampling.
     ``connector``: the wishes of the transfer connector that will move this cache's blocks (e.g.
     ``NixlConnector.layout_wishes()``), handed to ``plan_kv_cache``.
+    ``compile=True`` runs the model under ``torch.compile(fullgraph=True, dynamic=True)``: each attention
+    layer is one ``torch.ops.kvlayout.attend`` op, fed by the step's ``kvlayout.step_context``; a dict
+    instead of True gives ``torch.compile`` more keyword arguments (e.g. ``{"backend": "aot_eager"}``).
+    ``cuda_graphs=True`` captures whole steps (``kvlayout.engine.graphs``): decode-only steps of
+    ``graph_decode_sizes`` requests (default 1, 2, 4, 8, 16, ... up to ``max_num_seqs``) and mixed steps of
+    ``graph_mixed_token_sizes`` tokens (default: ``max_num_batched_tokens``) over up to ``max_num_seqs``
+    requests; a step is padded to the smallest size that holds it, and one that fits none runs eagerly.
+    The attention backend must support capture (``triton``, ``rocm``).
     """
 
     def __init__(self, config: Union[dict, str, Path], *, weights: Union[str, Path, None] = None,
@@ -86,12 +97,17 @@ class Engine:
                  memory_bytes: Optional[int] = None, max_num_batched_tokens: int = 256, max_num_seqs: int = 64,
                  cross_layer: Optional[bool] = None, connector: Optional[ConnectorWishes] = None,
                  eos_token_id: Optional[int] = None,
-                 block_order: Optional[Callable[[int], Sequence[int]]] = None, validate: bool = True):
+                 block_order: Optional[Callable[[int], Sequence[int]]] = None, validate: bool = True,
+                 compile: Union[bool, dict] = False, cuda_graphs: bool = False,
+                 graph_decode_sizes: Optional[Sequence[int]] = None,
+                 graph_mixed_token_sizes: Optional[Sequence[int]] = None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise KVLayoutError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if (num_blocks is None) == (memory_bytes is None):
             raise KVLayoutError("give exactly one of num_blocks or memory_bytes for the cache size")
         self.device = torch.device(device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise KVLayoutError(f"cuda_graphs=True needs a CUDA device, the engine runs on {self.device}")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model: HFCausalLM = build_model(config, weights=weights, seed=seed, dtype=self.dtype,
                                              block_size=block_size, device=self.device)
@@ -103,6 +119,8 @@ class Engine:
                                   cross_layer=cross_layer)
         self.caches = allocate_kv_cache(self.plan, self.device)
         bind_kv_cache(self.model.attention_layers(), self.caches)
+        if compile:
+            self.model.compile_model(self.backend, **(compile if isinstance(compile, dict) else {}))
         group = self.plan.attention_group()
         self.block_size, self.num_blocks, self.group = group.block_size, group.num_blocks, group.index
         self.pool = PagePool(self.plan, order=None if block_order is None else block_order(self.num_blocks),
@@ -115,6 +133,25 @@ class Engine:
         self.held: dict[str, Request] = {}             # finished with keep_blocks, or loading remote KV
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.graphs: Optional[StepGraphs] = None
+        if cuda_graphs:
+            self.graphs = self._capture(graph_decode_sizes or default_decode_sizes(max_num_seqs),
+                                        graph_mixed_token_sizes or (max_num_batched_tokens,),
+                                        max_num_seqs, max_num_batched_tokens)
+
+    def _capture(self, decode_sizes: Sequence[int], mixed_token_sizes: Sequence[int], max_num_seqs: int,
+                 max_num_batched_tokens: int) -> StepGraphs:
+        self.model.check_backend(self.backend)
+        max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or self.num_blocks * self.block_size)
+        width = min(self.num_blocks, self._blocks_for(max_len))
+        buffers = StepBuffers(self.plan, group=self.group, max_num_reqs=max(max_num_seqs, *decode_sizes),
+                              max_num_tokens=max(max_num_batched_tokens, *mixed_token_sizes, *decode_sizes),
+                              max_blocks_per_request=width, device=self.device)
+        graphs = StepGraphs(self.model.run_step, self.backend, buffers, decode_sizes=decode_sizes,
+                            mixed_token_sizes=mixed_token_sizes)
+        graphs.capture()
+        self.max_model_len = width * self.block_size
+        return graphs
 
     # ---- requests -------------------------------------------------------------------------------
     def _check_request(self, prompt: Sequence[int], max_new_tokens: int, request_id: Optional[str]) -> str:
@@ -133,6 +170,9 @@ class Engine:
         if need > self.num_blocks:
             raise KVLayoutError(f"request {request_id!r} needs {need} blocks of {self.block_size} tokens, the cache "
                                 f"has {self.num_blocks}; give the engine more memory or shorten the request")
+        if self.graphs is not None and len(prompt) + max_new_tokens - 1 > self.max_model_len:
+            raise KVLayoutError(f"request {request_id!r} holds up to {len(prompt) + max_new_tokens - 1} tokens, more "
+                                f"than the {self.max_model_len} the captured graphs' block tables hold")
         return request_id
 
     def add_request(self, prompt: Sequence[int], max_new_tokens: int, request_id: Optional[str] = None, *,
@@ -253,11 +293,17 @@ class Engine:
         for req, n in scheduled:
             ids += req.token_slice(req.num_computed, req.num_computed + n)
             pos.append(np.arange(req.num_computed, req.num_computed + n))
-        meta = build_attention_metadata(sched, self.plan, self.device, group=self.group,
-                                        pool=self.pool if self.validate else None)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        positions = torch.from_numpy(np.concatenate(pos)).to(self.device, non_blocking=True)
-        logits = self.model(input_ids, positions, meta, self.backend, validate=self.validate)
+        positions = np.concatenate(pos)
+        num_decodes = next((i for i, (_, n) in enumerate(scheduled) if n != 1), len(scheduled))
+        key = self.graphs.pick(len(sched), len(ids), num_decodes == len(sched)) if self.graphs else None
+        if key is not None:
+            logits = self.graphs.replay(key, sched, ids, positions, pool=self.pool if self.validate else None)
+        else:
+            meta = build_attention_metadata(sched, self.plan, self.device, group=self.group,
+                                            pool=self.pool if self.validate else None)
+            input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+            logits = self.model(input_ids, torch.from_numpy(positions).to(self.device, non_blocking=True), meta,
+                                self.backend, validate=self.validate)
         sampled = logits.argmax(dim=-1).tolist()
         new_tokens, finished = {}, []
         for (req, n), tok in zip(scheduled, sampled):
@@ -274,8 +320,8 @@ class Engine:
                     self.held[req.request_id] = req
                 else:
                     self._free(req)
-        return StepResult(new_tokens, finished, len(ids), meta.num_decodes, meta.num_prefills,
-                          time.perf_counter() - t0)
+        return StepResult(new_tokens, finished, len(ids), num_decodes, len(sched) - num_decodes,
+                          time.perf_counter() - t0, graph=key)
 
     def run(self, on_step: Optional[Callable[[StepResult], None]] = None) -> None:
         """Step until no request is waiting or running."""

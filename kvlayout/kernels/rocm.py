@@ -105,6 +105,8 @@ def _prefix_prefill_kernel(
     qb = tl.load(tiles_ptr + 2 * tile + 1)
     q_start = tl.load(qsl_ptr + req)
     q_len = tl.load(qsl_ptr + req + 1) - q_start
+    if qb >= q_len:                # a padding tile (device_prefill_tiles)
+        return
     seq_len = tl.load(seq_lens_ptr + req)
     ctx = seq_len - q_len
     tok = qb + tl.arange(0, BLOCK_M)
@@ -185,6 +187,26 @@ def prefill_tiles(query_start_loc_cpu: torch.Tensor, first_req: int, block_m: in
     first_tile = np.repeat(np.cumsum(counts) - counts, counts)
     qb = (np.arange(total) - first_tile) * block_m
     return np.stack([req, qb], axis=1).astype(np.int32)
+
+
+def device_prefill_tiles(query_start_loc: torch.Tensor, first_req: int, block_m: int, num_tiles: int
+                         ) -> torch.Tensor:
+    """``prefill_tiles`` computed on the device with a fixed length ``num_tiles`` (at least the tiles of
+    the step, e.g. ``prefill tokens // block_m + prefill requests``): no host sync, CUDA-graph capturable.
+    Rows past the step's tiles are ``(last request, 2**30)``, a tile past its request's end, which the
+    kernel skips."""
+    lens = (query_start_loc[first_req + 1:] - query_start_loc[first_req:-1]).to(torch.int64)
+    n = lens.shape[0]
+    if n == 0 or num_tiles == 0:
+        return torch.zeros((0, 2), dtype=torch.int32, device=query_start_loc.device)
+    counts = (lens + block_m - 1) // block_m
+    ends = torch.cumsum(counts, 0)
+    i = torch.arange(num_tiles, device=query_start_loc.device)
+    req = torch.searchsorted(ends, i, right=True)
+    valid = req < n
+    req = req.clamp(max=n - 1)
+    qb = torch.where(valid, (i - (ends[req] - counts[req])) * block_m, 1 << 30)
+    return torch.stack([req + first_req, qb], dim=1).to(torch.int32)
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],

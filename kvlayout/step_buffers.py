@@ -1,0 +1,143 @@
+"""Persistent metadata buffers for CUDA graphs: the step's metadata written in place into tensors that
+keep their addresses, padded to sizes fixed at capture, so one captured graph serves every step that fits.
+
+A captured graph replays the exact launches it recorded: the same tensor addresses and the same host
+integers (grid sizes, split counts, tile heights). ``StepBuffers.build`` therefore writes each step into
+the same device tensors and pads it to the captured ``(num_reqs, num_tokens)``:
+
+- padding requests have no new token and no cached token: ``query_start_loc`` repeats the real total and
+  ``seq_lens`` is 0, so no kernel reads a page for them;
+- padding slots are -1, so no K/V is written for padding tokens;
+- the host integers are those of the padded step (``PaddedStep``), never of the real one.
+
+Worked example: 3 real decodes padded to a decode graph of 4, block size 16, buffers 8 blocks wide::
+
+    query_start_loc = [0, 1, 2, 3, 3]      seq_lens = [17, 5, 40, 0]      slot_mapping = [s0, s1, s2, -1]
+    num_decodes = num_actual_tokens = 4,   max_query_len = 1,   max_seq_len = 8 * 16 = 128
+
+The host arrays go to the device in one copy per step from pinned staging memory (no sync: the next
+build waits only for the previous copy to have left the staging buffer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import KVLayoutError
+from .metadata import (AttentionMetadata, PaddedStep, ScheduledRequest, as_device, host_schedule, resolve_group,
+                       seal)
+from .page_pool import PagePool
+from .planner import KVCachePlan
+from .values import require_int
+
+
+class StepBuffers:
+    """Device tensors for the metadata of steps of up to ``max_num_reqs`` requests and ``max_num_tokens``
+    tokens, each request at most ``max_blocks_per_request`` blocks long (the block table's fixed width).
+
+    ``plan``/``group``/``num_blocks`` name the attention group, as for ``build_attention_metadata``.
+    ``build`` returns sealed metadata whose tensors are views of these buffers; building the next step
+    overwrites them, so metadata of an earlier step is refused from then on (its seal no longer holds)."""
+
+    def __init__(self, plan: Union[KVCachePlan, int], *, max_num_reqs: int, max_num_tokens: int,
+                 max_blocks_per_request: int, device: Union[str, torch.device] = "cpu",
+                 num_blocks: Optional[int] = None, group: Optional[int] = None):
+        self.block_size, self.num_blocks, self.group = resolve_group(plan, group, num_blocks)
+        self.max_num_reqs = require_int(max_num_reqs, "max_num_reqs", minimum=1)
+        self.max_num_tokens = require_int(max_num_tokens, "max_num_tokens", minimum=1)
+        self.width = require_int(max_blocks_per_request, "max_blocks_per_request", minimum=1)
+        if self.width > self.num_blocks:
+            raise KVLayoutError(f"max_blocks_per_request={self.width} is more than the cache's {self.num_blocks} "
+                                f"blocks")
+        self.device = as_device(device)
+        r, w = self.max_num_reqs, self.width
+        self._ints = (r + 1) + r + r * w            # query_start_loc | seq_lens | block_table, one int32 buffer
+        pin = self.device.type == "cuda"
+        with torch.inference_mode(False):           # version counters are part of the metadata's seal
+            self._dev_ints = torch.zeros(self._ints, dtype=torch.int32, device=self.device)
+            self._dev_slots = torch.full((self.max_num_tokens,), -1, dtype=torch.int64, device=self.device)
+            self._host_ints = torch.zeros(self._ints, dtype=torch.int32, pin_memory=pin)
+            self._host_slots = torch.full((self.max_num_tokens,), -1, dtype=torch.int64, pin_memory=pin)
+        self._copied = torch.cuda.Event() if pin else None
+        r1 = r + 1
+        self._qsl = self._dev_ints[:r1]
+        self._seq = self._dev_ints[r1:r1 + r]
+        self._table = self._dev_ints[r1 + r:].view(r, w)
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest request the buffers hold, in tokens (the padded steps' ``max_seq_len``)."""
+        return self.width * self.block_size
+
+    def build(self, requests: Sequence[ScheduledRequest], *, num_reqs: int, num_tokens: int,
+              decode_only: bool = False, shared_block_ids: Optional[Sequence[int]] = None,
+              pool: Optional[PagePool] = None) -> AttentionMetadata:
+        """The step's metadata, checked as ``build_attention_metadata`` checks it, written into the
+        buffers and padded to ``num_reqs`` requests and ``num_tokens`` tokens (the sizes of the graph
+        that will replay it). ``decode_only``: every request decodes one token, ``num_tokens ==
+        num_reqs``, and the whole step takes the backends' decode path."""
+        require_int(num_reqs, "num_reqs", minimum=1)
+        require_int(num_tokens, "num_tokens", minimum=1)
+        if num_reqs > self.max_num_reqs or num_tokens > self.max_num_tokens:
+            raise KVLayoutError(f"padded sizes ({num_reqs} requests, {num_tokens} tokens) exceed the buffers' "
+                                f"({self.max_num_reqs} requests, {self.max_num_tokens} tokens); make StepBuffers "
+                                f"for the largest captured step")
+        if not isinstance(decode_only, bool):
+            raise KVLayoutError(f"decode_only must be True or False, got {decode_only!r}")
+        sched = host_schedule(requests, self.block_size, self.num_blocks, max_blocks_per_request=self.width,
+                              shared_block_ids=shared_block_ids, group=self.group, pool=pool)
+        n, total = sched.num_reqs, sched.num_tokens
+        if n > num_reqs or total > num_tokens:
+            raise KVLayoutError(f"the step has {n} requests and {total} tokens, more than the {num_reqs} requests "
+                                f"and {num_tokens} tokens it is padded to; pick a larger captured size")
+        if decode_only:
+            if sched.num_decodes != n:
+                raise KVLayoutError(f"decode_only: request {sched.num_decodes} schedules "
+                                    f"{int(np.diff(sched.qsl)[sched.num_decodes])} tokens, not one")
+            if num_tokens != num_reqs:
+                raise KVLayoutError(f"decode_only: pad to as many tokens as requests, got {num_reqs} requests "
+                                    f"and {num_tokens} tokens")
+        self._stage(sched, num_reqs, num_tokens)
+        if self._copied is not None:
+            self._copied.record()
+        r1 = num_reqs + 1
+        meta = AttentionMetadata(
+            block_size=self.block_size, num_blocks=self.num_blocks, query_start_loc=self._qsl[:r1],
+            seq_lens=self._seq[:num_reqs], block_table=self._table[:num_reqs], slot_mapping=self._dev_slots[:num_tokens],
+            query_start_loc_cpu=self._host_ints[:r1].clone(), seq_lens_cpu=self._host_ints[self.max_num_reqs + 1:][:num_reqs].clone(),
+            max_query_len=1 if decode_only else num_tokens, max_seq_len=self.max_seq_len,
+            num_decodes=num_reqs if decode_only else 0, num_decode_tokens=num_tokens if decode_only else 0,
+            num_actual_tokens=num_tokens, padded=PaddedStep(n, total, decode_only, self))
+        return seal(meta)
+
+    def _stage(self, sched, num_reqs: int, num_tokens: int) -> None:
+        """Write the padded arrays into the pinned staging tensors, then copy them to the device."""
+        if self._copied is not None:
+            self._copied.synchronize()              # the previous step's copy has left the staging buffer
+        n, total, r = sched.num_reqs, sched.num_tokens, self.max_num_reqs
+        ints = self._host_ints.numpy()
+        qsl, seq = ints[:r + 1], ints[r + 1:2 * r + 1]
+        table = ints[2 * r + 1:].reshape(r, self.width)
+        qsl[:n + 1] = sched.qsl
+        qsl[n + 1:num_reqs + 1] = total
+        seq[:n] = sched.seq
+        seq[n:num_reqs] = 0
+        table[:n] = sched.table
+        table[n:num_reqs] = 0
+        slots = self._host_slots.numpy()
+        slots[:total] = sched.slots
+        slots[total:num_tokens] = -1
+        used = 2 * r + 1 + num_reqs * self.width    # only the rows the padded step reads
+        with torch.inference_mode(False):
+            self._dev_ints[:used].copy_(self._host_ints[:used], non_blocking=True)
+            self._dev_slots[:num_tokens].copy_(self._host_slots[:num_tokens], non_blocking=True)
+
+    def owns(self, meta: AttentionMetadata) -> bool:
+        """Whether ``meta`` was built into these buffers."""
+        return meta.padded is not None and meta.padded.owner is self
+
+
+__all__ = ["StepBuffers"]
