@@ -16,6 +16,7 @@ from .params import AttentionParams
 from .planner import GroupPlan, KVCachePlan, plan_kv_cache
 from .registry import get_attention_backend
 from .specs import AttentionKind, AttentionSpec, MambaSpec, MLASpec, parse_dtype
+from .step_buffers import StepBuffers
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,5 @@ __all__ = [
     "MLASpec", "MambaLayer", "MambaSpec", "PagePool", "PoolExhaustedError", "ScheduledRequest", "UnsupportedFeatureError", "allocate_kv_cache",
     "bind_kv_cache", "build_attention_metadata", "copy_blocks", "gather_kv", "get_attention_backend",
     "mamba_state_views", "order_decodes_first", "parse_dtype", "plan_capacity", "plan_kv_cache", "resolve_kv_cache_layout",
-    "StepContext", "step_context", "validate_attention_metadata", "write_kv", "zero_blocks",
+    "StepBuffers", "StepContext", "step_context", "validate_attention_metadata", "write_kv", "zero_blocks",
 ]

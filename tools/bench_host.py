@@ -1,5 +1,5 @@
 """Host cost of one engine step's metadata: ``build_attention_metadata`` (schedule checks included) and
-``validate_attention_metadata``, in CPU microseconds, on the step shapes a serving engine runs.
+``validate_attention_metadata``, and ``StepBuffers.build`` (persistent buffers for CUDA graphs), in CPU microseconds, on the step shapes a serving engine runs.
 
     python tools/bench_host.py [--threads 1] [--reps 50] [--json rows.json]
 
@@ -62,8 +62,17 @@ def run_rows(reps: int, device: str) -> list[dict]:
             t_build = host_time(build, reps, warmup=3)
             t_valid = host_time(lambda: kvl.validate_attention_metadata(meta, shared_block_ids=shared or None),
                                 reps, warmup=3)
-            rows.append({"step": name + (f", {prefix}-block shared prefix" if prefix else ""),
-                         "requests": len(reqs), "build_us": t_build * 1e6, "validate_us": t_valid * 1e6})
+            row = {"step": name + (f", {prefix}-block shared prefix" if prefix else ""),
+                   "requests": len(reqs), "build_us": t_build * 1e6, "validate_us": t_valid * 1e6}
+            if not prefix:                      # the persistent, padded buffers of CUDA-graph steps
+                tokens = sum(n for _, n in step)
+                bufs = kvl.StepBuffers(BLOCK, num_blocks=num_blocks, max_num_reqs=len(reqs), max_num_tokens=tokens,
+                                       max_blocks_per_request=max(-(-(c + n) // BLOCK) for c, n in step),
+                                       device=device)
+                decode_only = all(n == 1 for _, n in step)
+                row["buffers_us"] = 1e6 * host_time(lambda: bufs.build(reqs, num_reqs=len(reqs), num_tokens=tokens,
+                                                                      decode_only=decode_only), reps, warmup=3)
+            rows.append(row)
     return rows
 
 
@@ -77,9 +86,10 @@ def main(argv: Optional[list] = None) -> int:
     torch.set_num_threads(args.threads)
     rows = run_rows(args.reps, args.device)
     print(f"host cost per step (median of {args.reps}, {args.threads} thread(s), metadata on {args.device})")
-    print(f"{'step':<52}{'build us':>10}{'validate us':>13}")
+    print(f"{'step':<52}{'build us':>10}{'StepBuffers us':>16}{'validate us':>13}")
     for r in rows:
-        print(f"{r['step']:<52}{r['build_us']:>10.0f}{r['validate_us']:>13.0f}")
+        bufs = f"{r['buffers_us']:.0f}" if "buffers_us" in r else "-"
+        print(f"{r['step']:<52}{r['build_us']:>10.0f}{bufs:>16}{r['validate_us']:>13.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
