@@ -104,14 +104,16 @@ class StepBuffers:
         if self._copied is not None:
             self._copied.record()
         r1 = num_reqs + 1
-        meta = AttentionMetadata(
-            block_size=self.block_size, num_blocks=self.num_blocks, query_start_loc=self._qsl[:r1],
-            seq_lens=self._seq[:num_reqs], block_table=self._table[:num_reqs], slot_mapping=self._dev_slots[:num_tokens],
-            query_start_loc_cpu=self._host_ints[:r1].clone(), seq_lens_cpu=self._host_ints[self.max_num_reqs + 1:][:num_reqs].clone(),
-            max_query_len=1 if decode_only else num_tokens, max_seq_len=self.max_seq_len,
-            num_decodes=num_reqs if decode_only else 0, num_decode_tokens=num_tokens if decode_only else 0,
-            num_actual_tokens=num_tokens, padded=PaddedStep(n, total, decode_only, self))
-        return seal(meta)
+        with torch.inference_mode(False):           # views and host copies that keep version counters
+            meta = AttentionMetadata(
+                block_size=self.block_size, num_blocks=self.num_blocks, query_start_loc=self._qsl[:r1],
+                seq_lens=self._seq[:num_reqs], block_table=self._table[:num_reqs],
+                slot_mapping=self._dev_slots[:num_tokens], query_start_loc_cpu=self._host_ints[:r1].clone(),
+                seq_lens_cpu=self._host_ints[self.max_num_reqs + 1:][:num_reqs].clone(),
+                max_query_len=1 if decode_only else num_tokens, max_seq_len=self.max_seq_len,
+                num_decodes=num_reqs if decode_only else 0, num_decode_tokens=num_tokens if decode_only else 0,
+                num_actual_tokens=num_tokens, padded=PaddedStep(n, total, decode_only, self))
+            return seal(meta)
 
     def _stage(self, sched, num_reqs: int, num_tokens: int) -> None:
         """Write the padded arrays into the pinned staging tensors, then copy them to the device."""

@@ -157,3 +157,13 @@ def test_a_backend_without_padded_steps_refuses_them(rng):
     with pytest.raises(UnsupportedFeatureError, match="padded_steps"):
         layer.attend(q, k, v, meta, Plain())
     assert torch.equal(cache, before)
+
+
+def test_building_under_inference_mode(rng):
+    layer, cache, sched, _ = world(rng, [(3, 1), (0, 2)])
+    bufs = StepBuffers(BS, num_blocks=cache.shape[0], max_num_reqs=4, max_num_tokens=4, max_blocks_per_request=4)
+    with torch.inference_mode():
+        meta = bufs.build(sched, num_reqs=3, num_tokens=4)
+        q, k, v = step_inputs(rng, 4)
+        layer.attend(q, k, v, meta, "torch")
+    assert meta.is_validated

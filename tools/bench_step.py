@@ -157,8 +157,9 @@ def main(argv: Optional[list] = None) -> int:
     ceil = measure_ceilings(device)
     have_fi = available_backends(device).get("flashinfer") is None
     rows = []
-    for b in (int(x) for x in args.batches.split(",")):
-        rows += bench_batch(b, args.context, args.layers, args.steps, device, have_fi)
+    with torch.inference_mode():                       # as an engine step runs
+        for b in (int(x) for x in args.batches.split(",")):
+            rows += bench_batch(b, args.context, args.layers, args.steps, device, have_fi)
     print(f"{device_name(device)}: copy ceiling {ceil['copy_TBps']:.2f} TB/s; {args.layers}-layer decode step, "
           f"context {args.context}")
     print(f"{'batch':>6} {'mode':<18}{'step us':>10}{'host us':>10}{'TB/s':>8}{'% copy':>8}")

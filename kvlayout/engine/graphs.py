@@ -74,9 +74,11 @@ class StepGraphs:
         self._graphs: dict[GraphKey, _Captured] = {}
         self.num_replays = 0
 
+    @torch.inference_mode()
     def capture(self, progress: Optional[Callable[[GraphKey], None]] = None) -> None:
         """Capture every size, largest first, into one memory pool. Each capture runs an all-padding
-        step (no request, every slot -1), so capturing writes no page of the cache."""
+        step (no request, every slot -1), so capturing writes no page of the cache. Runs under
+        ``torch.inference_mode``, as the engine's steps do (the attention ops have no backward)."""
         pool = torch.cuda.graph_pool_handle()
         for key in sorted(self.keys, key=lambda k: (k.num_tokens, k.num_reqs), reverse=True):
             meta = self.buffers.build([], num_reqs=key.num_reqs, num_tokens=key.num_tokens,

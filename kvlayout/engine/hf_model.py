@@ -100,7 +100,7 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, hf_model: nn.Module, kv_dtype: torch.dtype, block_size: int):
         super().__init__()
-        self.hf = hf_model
+        self.hf = hf_model.requires_grad_(False)    # inference only: the attention ops have no backward
         self.config = hf_model.config
         mt = self.config.model_type
         specs = served_specs(self.config, kv_dtype, block_size)
