@@ -1,6 +1,7 @@
 """kvlayout: one packed, blocks-first KV-cache layout for every layer of a model, resolved once."""
 
 from .allocation import KVCache, allocate_kv_cache
+from .block_table import BlockTable
 from .capacity import Capacity, plan_capacity
 from .cache_ops import gather_kv, write_kv
 from .capabilities import BackendCapabilities, ConnectorWishes
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionKind", "AttentionLayer", "AttentionMetadata", "AttentionParams", "AttentionSpec",
-    "BackendCapabilities", "BackendUnavailableError", "Capacity", "ConnectorWishes", "GroupLayout", "GroupPlan", "KVCache",
+    "BackendCapabilities", "BlockTable", "BackendUnavailableError", "Capacity", "ConnectorWishes", "GroupLayout", "GroupPlan", "KVCache",
     "KVCacheLayout", "KVCachePlan", "KVLayoutError", "LayerLayout", "LayoutConflictError", "MLALayer",
     "MLASpec", "MambaLayer", "MambaSpec", "PagePool", "PoolExhaustedError", "ScheduledRequest", "UnsupportedFeatureError", "allocate_kv_cache",
     "bind_kv_cache", "build_attention_metadata", "copy_blocks", "gather_kv", "get_attention_backend",

@@ -113,6 +113,25 @@ def test_the_engines_captured_steps_give_the_eager_tokens(backend, compile):
     assert replayed == eager
     assert eng.graphs.num_replays > 0
     assert eng.num_free_blocks == eng.num_blocks
+    graphs = eng.graphs
+    key = graphs.pick(2, 2, True)
+    sched = [kvl.ScheduledRequest(3, 1, [0]), kvl.ScheduledRequest(5, 1, [1])]
+    other = StepBuffers(eng.plan, max_num_reqs=8, max_num_tokens=32, max_blocks_per_request=4, device="cuda")
+    before = {n: c.clone() for n, c in eng.caches.items()}
+    with pytest.raises(KVLayoutError, match="not built into these graphs"):
+        graphs.replay_metadata(key, other.build(sched, num_reqs=key.num_reqs, num_tokens=key.num_tokens,
+                                                decode_only=True), [5, 6], [3, 5])
+    stale = graphs.buffers.build(sched, num_reqs=key.num_reqs, num_tokens=key.num_tokens, decode_only=True)
+    graphs.buffers.build(sched, num_reqs=8, num_tokens=8, decode_only=True)
+    with pytest.raises(KVLayoutError, match="changed after it was built"):
+        graphs.replay_metadata(key, stale, [5, 6], [3, 5])
+    wrong = graphs.buffers.build(sched, num_reqs=8, num_tokens=8, decode_only=True)
+    with pytest.raises(KVLayoutError, match="does not match the captured size"):
+        graphs.replay_metadata(key, wrong, [5, 6], [3, 5])
+    too_big = [kvl.ScheduledRequest(3, 1, [i]) for i in range(9)]
+    with pytest.raises(KVLayoutError, match="more than the"):
+        graphs.replay(graphs.pick(8, 8, True), too_big, [5] * 9, [3] * 9)
+    assert all(torch.equal(c, before[n]) for n, c in eng.caches.items())
 
 
 def test_backends_that_cannot_be_captured_are_refused():

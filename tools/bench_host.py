@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -50,6 +52,29 @@ def requests_for(step: list[tuple[int, int]], rng: np.random.Generator, shared_p
     return reqs, shared, len(pool)
 
 
+def block_table_time(reqs, num_blocks: int, device: str, reps: int) -> float:
+    """Median host seconds of one step on a persistent ``BlockTable`` that holds the requests' rows: a
+    sixteenth of the requests get their next block (decodes cross a block boundary every 16 steps), then
+    the step's metadata is built. Between timed steps those blocks are dropped again (untimed)."""
+    width = max(len(r.block_ids) for r in reqs)
+    table = kvl.BlockTable(BLOCK, num_blocks=num_blocks, max_num_reqs=len(reqs), max_blocks_per_request=width,
+                           max_num_tokens=sum(r.num_new_tokens for r in reqs), device=device)
+    growing = set(range(0, len(reqs), 16))
+    for i, r in enumerate(reqs):
+        table.add(i, r.block_ids[:-1] if i in growing else r.block_ids)
+    ids, computed, new = list(range(len(reqs))), [r.num_computed_tokens for r in reqs], [r.num_new_tokens for r in reqs]
+    times = []
+    for rep in range(reps + 3):
+        t0 = time.perf_counter()
+        for i in growing:
+            table.append(i, reqs[i].block_ids[-1:])
+        table.build(ids, computed, new)
+        times.append(time.perf_counter() - t0)
+        for i in growing:
+            table.truncate(i, len(reqs[i].block_ids) - 1)
+    return statistics.median(times[3:])
+
+
 def run_rows(reps: int, device: str) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
@@ -72,6 +97,7 @@ def run_rows(reps: int, device: str) -> list[dict]:
                 decode_only = all(n == 1 for _, n in step)
                 row["buffers_us"] = 1e6 * host_time(lambda: bufs.build(reqs, num_reqs=len(reqs), num_tokens=tokens,
                                                                       decode_only=decode_only), reps, warmup=3)
+                row["table_us"] = 1e6 * block_table_time(reqs, num_blocks, device, reps)
             rows.append(row)
     return rows
 
@@ -86,10 +112,11 @@ def main(argv: Optional[list] = None) -> int:
     torch.set_num_threads(args.threads)
     rows = run_rows(args.reps, args.device)
     print(f"host cost per step (median of {args.reps}, {args.threads} thread(s), metadata on {args.device})")
-    print(f"{'step':<52}{'build us':>10}{'StepBuffers us':>16}{'validate us':>13}")
+    print(f"{'step':<52}{'build us':>10}{'StepBuffers us':>16}{'BlockTable us':>15}{'validate us':>13}")
     for r in rows:
         bufs = f"{r['buffers_us']:.0f}" if "buffers_us" in r else "-"
-        print(f"{r['step']:<52}{r['build_us']:>10.0f}{bufs:>16}{r['validate_us']:>13.0f}")
+        table = f"{r['table_us']:.0f}" if "table_us" in r else "-"
+        print(f"{r['step']:<52}{r['build_us']:>10.0f}{bufs:>16}{table:>15}{r['validate_us']:>13.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -18,7 +18,7 @@ import torch
 
 from ..custom_ops import step_context
 from ..errors import KVLayoutError
-from ..metadata import ScheduledRequest
+from ..metadata import AttentionMetadata, ScheduledRequest, require_validated
 from ..page_pool import PagePool
 from ..step_buffers import StepBuffers
 
@@ -115,14 +115,28 @@ class StepGraphs:
         """Run the step ``sched`` (token ids and positions of its ``T`` tokens) in the graph of ``key``;
         returns the logits of each request's last token, ``[len(sched), V]`` (a view of the graph's
         output, valid until the next replay)."""
-        captured = self._graphs.get(key)
-        if captured is None:
-            raise KVLayoutError(f"no graph was captured for {key}; captured: {sorted(self._graphs, key=str)}")
+        self._graph(key)
+        meta = self.buffers.build(sched, num_reqs=key.num_reqs, num_tokens=key.num_tokens,
+                                  decode_only=key.decode_only, pool=pool)
+        return self.replay_metadata(key, meta, input_ids, positions)
+
+    def replay_metadata(self, key: GraphKey, meta: AttentionMetadata, input_ids: Sequence[int],
+                        positions: Sequence[int]) -> torch.Tensor:
+        """``replay`` for metadata the caller built into this object's ``buffers`` (the last build):
+        metadata of other buffers, of an earlier build, or of other sizes than ``key`` is refused."""
+        captured = self._graph(key)
+        if not self.buffers.owns(meta):
+            raise KVLayoutError("this metadata was not built into these graphs' StepBuffers: the captured "
+                                "launches read only their own buffers; build it with graphs.buffers.build")
+        require_validated(meta)
+        p = meta.padded
+        if (meta.num_reqs, meta.num_actual_tokens, p.decode_only) != (key.num_reqs, key.num_tokens, key.decode_only):
+            raise KVLayoutError(f"metadata padded to {meta.num_reqs} requests and {meta.num_actual_tokens} tokens "
+                                f"(decode_only={p.decode_only}) does not match the captured size {key}")
         total = len(input_ids)
-        if len(positions) != total:
-            raise KVLayoutError(f"{total} token ids but {len(positions)} positions")
-        self.buffers.build(sched, num_reqs=key.num_reqs, num_tokens=key.num_tokens, decode_only=key.decode_only,
-                           pool=pool)
+        if len(positions) != total or total != p.num_tokens:
+            raise KVLayoutError(f"{total} token ids and {len(positions)} positions for a step of {p.num_tokens} "
+                                f"tokens")
         self._copied.synchronize()                    # the last replay's ids have left the staging buffer
         host = self._host.numpy()
         host[0, :total] = input_ids
@@ -133,7 +147,13 @@ class StepGraphs:
         self._copied.record()
         captured.graph.replay()
         self.num_replays += 1
-        return captured.logits[:len(sched)]
+        return captured.logits[:p.num_reqs]
+
+    def _graph(self, key: GraphKey) -> _Captured:
+        captured = self._graphs.get(key)
+        if captured is None:
+            raise KVLayoutError(f"no graph was captured for {key}; captured: {self.captured}")
+        return captured
 
     @property
     def captured(self) -> list[GraphKey]:

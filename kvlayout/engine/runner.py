@@ -23,8 +23,9 @@ from ..capabilities import ConnectorWishes
 from ..registry import get_attention_backend
 from ..errors import KVLayoutError
 from ..layers import bind_kv_cache
-from ..metadata import ScheduledRequest, build_attention_metadata, order_decodes_first
+from ..metadata import ScheduledRequest, order_decodes_first
 from ..page_pool import PagePool
+from ..block_table import BlockTable
 from ..step_buffers import StepBuffers
 from .graphs import GraphKey, StepGraphs, default_decode_sizes
 from .hf_model import HFCausalLM, build_model
@@ -126,6 +127,12 @@ class Engine:
         self.pool = PagePool(self.plan, order=None if block_order is None else block_order(self.num_blocks),
                              cache=self.caches)
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        # every request holding blocks has a row (running, held for a transfer, or loading remote K/V)
+        max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or self.num_blocks * self.block_size)
+        self.max_model_len = min(self.num_blocks, self._blocks_for(max_len)) * self.block_size
+        self.table = BlockTable(self.plan, group=self.group, max_num_reqs=max(4 * max_num_seqs, 256),
+                                max_blocks_per_request=self.max_model_len // self.block_size,
+                                max_num_tokens=max_num_batched_tokens, device=self.device, pool=self.pool)
         self.eos_token_id = eos_token_id
         self.validate = validate
         self.waiting: deque[Request] = deque()
@@ -142,15 +149,13 @@ class Engine:
     def _capture(self, decode_sizes: Sequence[int], mixed_token_sizes: Sequence[int], max_num_seqs: int,
                  max_num_batched_tokens: int) -> StepGraphs:
         self.model.check_backend(self.backend)
-        max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or self.num_blocks * self.block_size)
-        width = min(self.num_blocks, self._blocks_for(max_len))
+        width = self.max_model_len // self.block_size
         buffers = StepBuffers(self.plan, group=self.group, max_num_reqs=max(max_num_seqs, *decode_sizes),
                               max_num_tokens=max(max_num_batched_tokens, *mixed_token_sizes, *decode_sizes),
                               max_blocks_per_request=width, device=self.device)
         graphs = StepGraphs(self.model.run_step, self.backend, buffers, decode_sizes=decode_sizes,
                             mixed_token_sizes=mixed_token_sizes)
         graphs.capture()
-        self.max_model_len = width * self.block_size
         return graphs
 
     # ---- requests -------------------------------------------------------------------------------
@@ -170,9 +175,10 @@ class Engine:
         if need > self.num_blocks:
             raise KVLayoutError(f"request {request_id!r} needs {need} blocks of {self.block_size} tokens, the cache "
                                 f"has {self.num_blocks}; give the engine more memory or shorten the request")
-        if self.graphs is not None and len(prompt) + max_new_tokens - 1 > self.max_model_len:
+        if len(prompt) + max_new_tokens - 1 > self.max_model_len:
             raise KVLayoutError(f"request {request_id!r} holds up to {len(prompt) + max_new_tokens - 1} tokens, more "
-                                f"than the {self.max_model_len} the captured graphs' block tables hold")
+                                f"than the engine's longest request ({self.max_model_len} tokens: the model's "
+                                f"max_position_embeddings, or the whole cache)")
         return request_id
 
     def add_request(self, prompt: Sequence[int], max_new_tokens: int, request_id: Optional[str] = None, *,
@@ -198,7 +204,8 @@ class Engine:
         if not 0 <= int(first_token) < self.model.vocab_size:
             raise KVLayoutError(f"first_token {first_token} is not a token id")
         req = Request(request_id, [int(t) for t in prompt], int(max_new_tokens), output=[int(first_token)],
-                      num_computed=len(prompt), block_ids=self.pool.allocate(self.group, need))
+                      num_computed=len(prompt))
+        self._grow(req, need)
         self.requests[request_id] = req
         self.held[request_id] = req
         return list(req.block_ids)
@@ -229,7 +236,17 @@ class Engine:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _grow(self, req: Request, num_blocks: int) -> None:
+        """Give ``req`` ``num_blocks`` more blocks from the pool, and its row in the block table."""
+        ids = self.pool.allocate(self.group, num_blocks)
+        if req.request_id not in self.table:
+            self.table.add(req.request_id)
+        self.table.append(req.request_id, ids)
+        req.block_ids += ids
+
     def _free(self, req: Request) -> None:
+        if req.request_id in self.table:
+            self.table.remove(req.request_id)
         self.pool.free(self.group, req.block_ids)
         req.block_ids = []
 
@@ -260,7 +277,7 @@ class Engine:
                 self._preempt_last()                  # req itself: everything before it holds the blocks
                 preempted = True
                 break
-            req.block_ids += self.pool.allocate(self.group, need)
+            self._grow(req, need)
             scheduled.append((req, n))
             budget -= n
             i += 1
@@ -271,7 +288,7 @@ class Engine:
             if need > self.num_free_blocks:
                 break
             self.waiting.popleft()
-            req.block_ids += self.pool.allocate(self.group, need)
+            self._grow(req, need)
             self.running.append(req)
             scheduled.append((req, n))
             budget -= n
@@ -299,8 +316,8 @@ class Engine:
         if key is not None:
             logits = self.graphs.replay(key, sched, ids, positions, pool=self.pool if self.validate else None)
         else:
-            meta = build_attention_metadata(sched, self.plan, self.device, group=self.group,
-                                            pool=self.pool if self.validate else None)
+            meta = self.table.build([r.request_id for r, _ in scheduled], [r.num_computed for r, _ in scheduled],
+                                    [n for _, n in scheduled])
             input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model(input_ids, torch.from_numpy(positions).to(self.device, non_blocking=True), meta,
                                 self.backend, validate=self.validate)

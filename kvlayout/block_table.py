@@ -1,0 +1,265 @@
+"""A block table kept across steps: each running request owns one row, updated when its blocks change,
+so a step's metadata costs host work per request in the step, not per block it holds.
+
+``build_attention_metadata`` reads every block id of every request each step (65,536 ids for 256
+requests of 4,096 tokens) and checks them again. ``BlockTable`` instead checks ids once, when a request
+gets them (``add``/``append``: in range, not listed twice, not held by another row), keeps them in a host
+mirror and a device tensor, and copies to the device only the rows that changed. A step then names its
+requests by id with their token counts; the step's table rows are gathered on the device.
+
+Ownership is exclusive: a block is in at most one row. That makes the schedule rules of
+``build_attention_metadata`` hold by construction (no block twice in one request, no write into a block
+another request reads). Requests that share prefix blocks go through ``build_attention_metadata`` with
+``shared_block_ids``.
+
+    table = BlockTable(plan, max_num_reqs=256, max_blocks_per_request=512, device="cuda")
+    table.add("a", pool.allocate(group, 4))          # on admission
+    table.append("a", pool.allocate(group, 1))       # when it grows past its last block
+    meta = table.build(["a"], num_computed=[63], num_new=[1])   # once per step
+    table.remove("a")                                # when it finishes (then free its blocks)
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import KVLayoutError
+from .metadata import AttentionMetadata, as_device, resolve_group, seal
+from .page_pool import PagePool
+from .planner import KVCachePlan
+from .values import require_int
+
+
+class BlockTable:
+    """Rows of block ids for up to ``max_num_reqs`` requests of up to ``max_blocks_per_request`` blocks.
+
+    With ``pool`` (the ``PagePool`` the ids come from), ``add``/``append`` also check that the attention
+    group holds each id. ``build`` writes the step's metadata into persistent buffers (the previous
+    step's metadata is refused from then on, as with ``StepBuffers``)."""
+
+    def __init__(self, plan: Union[KVCachePlan, int], *, max_num_reqs: int, max_blocks_per_request: int,
+                 max_num_tokens: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                 num_blocks: Optional[int] = None, group: Optional[int] = None, pool: Optional[PagePool] = None):
+        self.block_size, self.num_blocks, self.group = resolve_group(plan, group, num_blocks, pool)
+        self.max_num_reqs = require_int(max_num_reqs, "max_num_reqs", minimum=1)
+        self.width = require_int(max_blocks_per_request, "max_blocks_per_request", minimum=1)
+        self.max_num_tokens = require_int(max_num_tokens if max_num_tokens is not None
+                                          else max_num_reqs * self.width * self.block_size, "max_num_tokens",
+                                          minimum=1)
+        self.device = as_device(device)
+        self.pool = pool
+        r, w = self.max_num_reqs, self.width
+        self._rows: dict[Hashable, int] = {}
+        self._free_rows = list(range(r - 1, -1, -1))
+        self._host = np.zeros((r, w), dtype=np.int32)            # the table's host mirror
+        self._lens = np.zeros(r, dtype=np.int64)                  # blocks per row
+        self._owner = np.full(self.num_blocks, -1, dtype=np.int32)
+        self._dirty: set[int] = set()
+        self._seen = np.zeros(r, dtype=np.int64)                  # scratch of build's duplicate check
+        self._order = np.arange(r, dtype=np.int64)
+        pin = self.device.type == "cuda"
+        with torch.inference_mode(False):
+            self._table = torch.zeros((r, w), dtype=torch.int32, device=self.device)
+            self._step_table = torch.zeros((r, w), dtype=torch.int32, device=self.device)
+            # staging: [rows of the step | query_start_loc | seq_lens] int32, slots int64
+            self._host_ints = torch.zeros(3 * r + 1, dtype=torch.int32, pin_memory=pin)
+            self._dev_ints = torch.zeros(3 * r + 1, dtype=torch.int32, device=self.device)
+            self._host_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
+            self._dev_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
+            self._host_dirty = torch.zeros((r, w + 1), dtype=torch.int32, pin_memory=pin)
+        self._copied = torch.cuda.Event() if pin else None
+
+    # ---- rows -------------------------------------------------------------------------------------
+    def __contains__(self, request_id: Hashable) -> bool:
+        return request_id in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def block_ids(self, request_id: Hashable) -> list[int]:
+        """The blocks ``request_id`` holds, in order."""
+        row = self._row(request_id)
+        return self._host[row, :self._lens[row]].tolist()
+
+    def add(self, request_id: Hashable, block_ids: Sequence[int] = ()) -> None:
+        """Give ``request_id`` a row holding ``block_ids`` (checked; nothing changes if refused)."""
+        if request_id in self._rows:
+            raise KVLayoutError(f"request {request_id!r} already has a row in the block table")
+        if not self._free_rows:
+            raise KVLayoutError(f"the block table holds {self.max_num_reqs} requests already; remove finished "
+                                f"ones or make it with a larger max_num_reqs")
+        ids = self._checked(request_id, block_ids, 0)
+        row = self._free_rows.pop()
+        self._rows[request_id] = row
+        self._lens[row] = 0
+        self._put(row, ids)
+
+    def append(self, request_id: Hashable, block_ids: Sequence[int]) -> None:
+        """Add ``block_ids`` at the end of ``request_id``'s row (checked; nothing changes if refused)."""
+        row = self._row(request_id)
+        self._put(row, self._checked(request_id, block_ids, int(self._lens[row])))
+
+    def remove(self, request_id: Hashable) -> list[int]:
+        """Drop ``request_id``'s row; returns the block ids it held (free them in the pool)."""
+        row = self._row(request_id)
+        n = int(self._lens[row])
+        ids = self._host[row, :n].copy()
+        self._owner[ids] = -1
+        self._lens[row] = 0
+        del self._rows[request_id]
+        self._free_rows.append(row)
+        return ids.tolist()
+
+    def truncate(self, request_id: Hashable, num_blocks: int) -> list[int]:
+        """Keep the first ``num_blocks`` blocks of ``request_id``'s row (e.g. after rejected draft tokens);
+        returns the dropped block ids (free them in the pool)."""
+        row = self._row(request_id)
+        have = int(self._lens[row])
+        require_int(num_blocks, "num_blocks", minimum=0)
+        if num_blocks > have:
+            raise KVLayoutError(f"request {request_id!r} holds {have} blocks, cannot keep {num_blocks}")
+        dropped = self._host[row, num_blocks:have].copy()
+        self._owner[dropped] = -1
+        self._lens[row] = num_blocks
+        return dropped.tolist()
+
+    def _row(self, request_id: Hashable) -> int:
+        row = self._rows.get(request_id)
+        if row is None:
+            raise KVLayoutError(f"request {request_id!r} has no row in the block table; add it first")
+        return row
+
+    def _checked(self, request_id: Hashable, block_ids, have: int) -> np.ndarray:
+        try:
+            ids = np.asarray(block_ids if not isinstance(block_ids, torch.Tensor) else block_ids.cpu().numpy())
+        except (TypeError, ValueError):
+            raise KVLayoutError(f"request {request_id!r}: block ids must be a sequence of integers") from None
+        if ids.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu" or isinstance(block_ids, (str, bytes)):
+            raise KVLayoutError(f"request {request_id!r}: block ids must be a 1-D sequence of integers, got "
+                                f"{type(block_ids).__name__} of {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if have + ids.size > self.width:
+            raise KVLayoutError(f"request {request_id!r} would hold {have + ids.size} blocks; the table's rows hold "
+                                f"{self.width} (max_blocks_per_request)")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.num_blocks:
+            raise KVLayoutError(f"request {request_id!r}: block id {lo if lo < 0 else hi} is out of range; the cache "
+                                f"has blocks 0..{self.num_blocks - 1}")
+        if np.unique(ids).size != ids.size:
+            raise KVLayoutError(f"request {request_id!r}: a block id is listed twice in {ids.tolist()[:16]}")
+        taken = self._owner[ids] >= 0
+        if taken.any():
+            b = int(ids[np.argmax(taken)])
+            other = next(r for r, row in self._rows.items() if row == self._owner[b])
+            raise KVLayoutError(f"request {request_id!r}: block {b} is already in request {other!r}'s row; a block "
+                                f"belongs to one request (shared prefixes go through build_attention_metadata)")
+        if self.pool is not None:
+            self.pool.check_held(self.group, ids, f"request {request_id!r}")
+        return ids
+
+    def _put(self, row: int, ids: np.ndarray) -> None:
+        n = int(self._lens[row])
+        self._host[row, n:n + ids.size] = ids
+        self._lens[row] = n + ids.size
+        self._owner[ids] = row
+        if ids.size:
+            self._dirty.add(row)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def build(self, request_ids: Sequence[Hashable], num_computed: Sequence[int], num_new: Sequence[int]
+              ) -> AttentionMetadata:
+        """The step's metadata for ``request_ids`` (decodes first, as ``order_decodes_first`` orders them),
+        each with ``num_computed`` tokens in the cache and ``num_new`` computed now. Checked on the host:
+        every request has a row, appears once, and holds the blocks its tokens need."""
+        n = len(request_ids)
+        if not (len(num_computed) == len(num_new) == n):
+            raise KVLayoutError(f"{n} request ids, {len(num_computed)} num_computed and {len(num_new)} num_new: "
+                                f"give one count of each per request")
+        try:
+            rows = np.fromiter((self._rows[r] for r in request_ids), dtype=np.int64, count=n)
+        except KeyError as e:
+            raise KVLayoutError(f"request {e.args[0]!r} has no row in the block table; add it first") from None
+        computed = _counts(num_computed, "num_computed")
+        new = _counts(num_new, "num_new")
+        if n > 1:                                    # a row listed twice: its later index overwrites the earlier
+            order = self._order[:n]
+            self._seen[rows] = order
+            if (self._seen[rows] != order).any():
+                dup = request_ids[int(np.argmax(self._seen[rows] != order))]
+                raise KVLayoutError(f"request {dup!r} is listed twice in the step")
+        seq = computed + new
+        bs = self.block_size
+        short = seq > self._lens[rows] * bs
+        if short.any():
+            i = int(np.argmax(short))
+            raise KVLayoutError(f"request {request_ids[i]!r} holds {int(seq[i])} tokens after this step, which need "
+                                f"{-(-int(seq[i]) // bs)} blocks of {bs}, but its row has {int(self._lens[rows[i]])}; "
+                                f"append blocks first")
+        total = int(new.sum())
+        if n > self.max_num_reqs or total > self.max_num_tokens:
+            raise KVLayoutError(f"the step has {total} tokens; the table's buffers hold {self.max_num_tokens}")
+        qsl = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(new, out=qsl[1:])
+        not_decode = np.flatnonzero(new != 1)
+        num_decodes = int(not_decode[0]) if not_decode.size else n
+        if not not_decode.size:                      # decode-only: one token per request
+            pos = computed
+            slot_rows = rows
+        else:
+            req = np.repeat(np.arange(n), new)
+            pos = np.arange(total) - qsl[:-1][req] + computed[req]
+            slot_rows = rows[req]
+        slots = self._host[slot_rows, pos // bs].astype(np.int64) * bs + pos % bs
+        return self._upload(rows, qsl, seq, slots, num_decodes, int(new.max(initial=0)), int(seq.max(initial=0)))
+
+    def _upload(self, rows, qsl, seq, slots, num_decodes: int, max_query_len: int, max_seq_len: int
+                ) -> AttentionMetadata:
+        if self._copied is not None:
+            self._copied.synchronize()              # the previous step's copies have left the staging buffers
+        n, total, r = rows.shape[0], slots.shape[0], self.max_num_reqs
+        with torch.inference_mode(False):
+            if self._dirty:                         # rows that changed since the last step: one copy
+                dirty = np.fromiter(self._dirty, dtype=np.int64, count=len(self._dirty))
+                stage = self._host_dirty.numpy()
+                stage[:dirty.size, 0] = dirty
+                stage[:dirty.size, 1:] = self._host[dirty]
+                dev = self._host_dirty[:dirty.size].to(self.device, non_blocking=True)
+                self._table.index_copy_(0, dev[:, 0].long(), dev[:, 1:])
+                self._dirty.clear()
+            ints = self._host_ints.numpy()
+            ints[:n] = rows
+            ints[r:r + n + 1] = qsl
+            ints[2 * r + 1:2 * r + 1 + n] = seq
+            self._dev_ints.copy_(self._host_ints, non_blocking=True)
+            self._host_slots.numpy()[:total] = slots
+            self._dev_slots[:total].copy_(self._host_slots[:total], non_blocking=True)
+            torch.index_select(self._table, 0, self._dev_ints[:n].long(), out=self._step_table[:n])
+            if self._copied is not None:
+                self._copied.record()
+            meta = AttentionMetadata(
+                block_size=self.block_size, num_blocks=self.num_blocks,
+                query_start_loc=self._dev_ints[r:r + n + 1], seq_lens=self._dev_ints[2 * r + 1:2 * r + 1 + n],
+                block_table=self._step_table[:n], slot_mapping=self._dev_slots[:total],
+                query_start_loc_cpu=torch.from_numpy(qsl.astype(np.int32)),
+                seq_lens_cpu=torch.from_numpy(seq.astype(np.int32)), max_query_len=max_query_len,
+                max_seq_len=max_seq_len, num_decodes=num_decodes, num_decode_tokens=num_decodes,
+                num_actual_tokens=total)
+            return seal(meta)
+
+
+def _counts(values, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1):
+        raise KVLayoutError(f"{what} must be a sequence of integers, got {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False).reshape(-1)
+    if arr.size and int(arr.min()) < 0:
+        raise KVLayoutError(f"{what} must be >= 0, got {int(arr.min())}")
+    return arr
+
+
+__all__ = ["BlockTable"]
