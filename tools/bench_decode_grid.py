@@ -1,0 +1,150 @@
+"""The decode grid of the performance issue in one table: batch {1, 2, 4, 8, 16, 64, 256} x context {512, 2k,
+8k, 32k, 128k}, the ``triton`` backend next to FlashInfer on the same inputs (32 query / 8 KV heads, D=128,
+bf16, block 16, pages in random order), each timed eagerly *and* as a replayed CUDA graph (the graph shows
+the kernels alone; eager adds the launch cost), next to the copy ceiling measured in the same run.
+
+    python tools/bench_decode_grid.py [--batches 1,2,4,8,16,64,256] [--contexts 512,2048,8192,32768,131072]
+                                      [--max-gib 40] [--json rows.json]
+
+Bytes are counted from the inputs (the cached K/V read once, q, out, the block table). Cells whose cache
+would exceed ``--max-gib`` are skipped and listed. Timing: CUDA events around 20 back-to-back calls (or
+replays), median of 5, after warm-up; no L2 flush, as the layers of a step run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from bench_attention import Setup, attn_bytes, make_step
+from bench_common import device_name, measure_ceilings
+
+import kvlayout as kvl
+from kvlayout.registry import available_backends, get_attention_backend
+
+ITERS = 20
+
+
+def events_time(fn: Callable[[], object]) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(ITERS):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / ITERS)
+    return statistics.median(times)
+
+
+def graph_time(fn: Callable[[], object]) -> float:
+    """Seconds per replay of a CUDA graph of one ``fn()`` call (warmed up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return events_time(graph.replay)
+
+
+def cell(batch: int, context: int, s: Setup, backends: list, device, gen) -> list[dict]:
+    pairs = [(context - 1, 1)] * batch
+    kv, meta, q = make_step(pairs, s, device, gen)
+    params = kvl.AttentionParams(s.heads, s.kv_heads, s.head_size)
+    out = torch.empty_like(q)
+    nbytes = attn_bytes(pairs, s)
+    rows = []
+    for be in backends:
+        def call(be=be):
+            be.forward(q, kv, meta, params, out=out, validate=False)
+        row = {"batch": batch, "context": context, "backend": be.name, "bytes": nbytes}
+        for mode, timer in (("eager", events_time), ("graph", graph_time)):
+            try:
+                row[f"{mode}_s"] = timer(call)
+            except Exception as e:                       # e.g. a backend that cannot be captured
+                row[f"{mode}_s"] = None
+                row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        rows.append(row)
+    del kv, q, out, meta
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,2,4,8,16,64,256")
+    ap.add_argument("--contexts", default="512,2048,8192,32768,131072")
+    ap.add_argument("--backends", default="triton,flashinfer")
+    ap.add_argument("--max-gib", type=float, default=40.0)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode_grid needs a CUDA device (it times CUDA-graph replay)")
+        return 2
+    device = torch.device("cuda")
+    s = Setup(32, 8, 128, 16, torch.bfloat16)
+    usable = [n for n in args.backends.split(",") if available_backends(device).get(n) is None]
+    backends = [get_attention_backend(n, device) for n in usable]
+    ceil = measure_ceilings(device)
+    gen = torch.Generator(device).manual_seed(0)
+    rows, skipped = [], []
+    for b in (int(x) for x in args.batches.split(",")):
+        for c in (int(x) for x in args.contexts.split(",")):
+            gib = b * c * s.kv_heads * 2 * s.head_size * s.dtype.itemsize / 2 ** 30
+            if gib > args.max_gib:
+                skipped.append(f"{b}x{c} ({gib:.0f} GiB)")
+                continue
+            print(f"... {b} x {c}", file=sys.stderr, flush=True)
+            rows += cell(b, c, s, backends, device, gen)
+    copy = ceil["copy_TBps"]
+    peer = "flashinfer" if "flashinfer" in usable else None
+    print(f"{device_name(device)}: copy ceiling {copy:.2f} TB/s (this run); decode, 32 q / 8 KV heads, D=128, bf16, "
+          f"block 16")
+    print(f"{'batch x context':<16}{'backend':<12}{'eager us':>10}{'TB/s':>7}{'graph us':>10}{'TB/s':>7}"
+          f"{'% copy':>8}{'x FI eager':>11}{'x FI graph':>11}")
+    for r in rows:
+        p = next((x for x in rows if peer and x["backend"] == peer and x["batch"] == r["batch"]
+                  and x["context"] == r["context"]), None)
+
+        def fmt(key, ref=None):
+            v = r.get(key)
+            return "-" if v is None else f"{v * 1e6:.1f}"
+
+        def tb(key):
+            v = r.get(key)
+            return "-" if v is None else f"{r['bytes'] / v / 1e12:.2f}"
+
+        def ratio(key):
+            if p is None or p is r or p.get(key) is None or r.get(key) is None:
+                return "-"
+            return f"{p[key] / r[key]:.2f}"
+        pct = "-" if r.get("graph_s") is None else f"{100 * r['bytes'] / r['graph_s'] / 1e12 / copy:.0f}%"
+        print(f"{str(r['batch']) + ' x ' + str(r['context']):<16}{r['backend']:<12}{fmt('eager_s'):>10}"
+              f"{tb('eager_s'):>7}{fmt('graph_s'):>10}{tb('graph_s'):>7}{pct:>8}{ratio('eager_s'):>11}"
+              f"{ratio('graph_s'):>11}")
+        for mode in ("eager", "graph"):
+            if f"{mode}_error" in r:
+                print(f"    {mode} failed: {r[mode + '_error']}")
+    if skipped:
+        print(f"skipped (over {args.max_gib:g} GiB of cache): {', '.join(skipped)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceil, "rows": rows, "skipped": skipped}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
