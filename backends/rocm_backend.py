@@ -34,9 +34,11 @@ ROCM_CAPABILITIES = dataclasses.replace(TRITON_CAPABILITIES, name="rocm")
 
 @dataclass(frozen=True)
 class RocmStepKey:
-    """Key of the rocm backend's per-step plan: the plan depends on the prefill tile height only."""
+    """Key of the rocm backend's per-step plan: the prefill tile height, and whether a CUDA graph is being
+    captured (a padded step's tile list is device work the graph must record, not the warm-up's tensor)."""
 
     block_m: int
+    capturing: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def _make_step_plan(meta: AttentionMetadata, block_m: int) -> RocmStepPlan:
 
 def step_plan(meta: AttentionMetadata, block_m: int) -> RocmStepPlan:
     """The step's plan for ``block_m``, made on the first call and reused by every later layer."""
-    return meta.step_state.get_or_make(RocmStepKey(block_m), lambda: _make_step_plan(meta, block_m))
+    capturing = meta.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return meta.step_state.get_or_make(RocmStepKey(block_m, capturing), lambda: _make_step_plan(meta, block_m))
 
 
 class RocmBackend(TritonBackend):

@@ -38,27 +38,22 @@ class StepStateCache:
     def __init__(self):
         self._entries: dict[Hashable, Any] = {}
 
-    @staticmethod
-    def _key(key: Hashable) -> tuple:
-        return (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing(), key)
-
     def get(self, key: Hashable, kind: type[S]) -> Optional[S]:
         """The state under ``key`` (None when there is none yet); it must be a ``kind``."""
-        state = self._entries.get(self._key(key))
+        state = self._entries.get(key)
         if state is not None and not isinstance(state, kind):
             raise TypeError(f"step state under {key!r} is a {type(state).__name__}, not a {kind.__name__}")
         return state
 
     def get_or_make(self, key: Hashable, make: Callable[[], S]) -> S:
         """The state under ``key``, made by ``make()`` and kept on first use."""
-        k = self._key(key)
-        if k not in self._entries:
-            self._entries[k] = make()
-        return self._entries[k]
+        if key not in self._entries:
+            self._entries[key] = make()
+        return self._entries[key]
 
     def put(self, key: Hashable, state: S) -> S:
         """Keep ``state`` under ``key``, replacing what was there (e.g. a plan made again in another mode)."""
-        self._entries[self._key(key)] = state
+        self._entries[key] = state
         return state
 
     def states(self, kind: Optional[type[S]] = None) -> list[S]:
@@ -69,7 +64,7 @@ class StepStateCache:
         return len(self._entries)
 
     def __repr__(self) -> str:
-        return f"StepStateCache({', '.join(type(k).__name__ for _, k in self._entries)})"
+        return f"StepStateCache({', '.join(type(k).__name__ for k in self._entries)})"
 
 
 @dataclass(frozen=True)

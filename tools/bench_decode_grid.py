@@ -72,6 +72,8 @@ def cell(batch: int, context: int, s: Setup, backends: list, device, gen) -> lis
             be.forward(q, kv, meta, params, out=out, validate=False)
         row = {"batch": batch, "context": context, "backend": be.name, "bytes": nbytes}
         for mode, timer in (("eager", events_time), ("graph", graph_time)):
+            if mode == "graph" and hasattr(be, "plan"):     # FlashInfer: its CUDA-graph plan, made before capture
+                be.plan(meta, params, kv.dtype, q.dtype, cuda_graph=True)
             try:
                 row[f"{mode}_s"] = timer(call)
             except Exception as e:                       # e.g. a backend that cannot be captured
