@@ -15,48 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from typing import Callable, Optional
 
 import torch
 
 from bench_attention import Setup, attn_bytes, make_step
-from bench_common import device_name, measure_ceilings
+from bench_common import device_name, measure_ceilings, timed
 
 import kvlayout as kvl
+from kvlayout.engine.graphs import capture_graph
 from kvlayout.registry import available_backends, get_attention_backend
 
 ITERS = 20
 
 
 def events_time(fn: Callable[[], object]) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(ITERS):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / ITERS)
-    return statistics.median(times)
+    return timed(fn, "cuda", iters=ITERS)
 
 
 def graph_time(fn: Callable[[], object]) -> float:
-    """Seconds per replay of a CUDA graph of one ``fn()`` call (warmed up on a side stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Seconds per replay of a CUDA graph of one ``fn()`` call."""
+    graph, _ = capture_graph(fn)
     return events_time(graph.replay)
 
 

@@ -23,9 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
-from bench_common import device_name, measure_ceilings
+from bench_common import device_name, measure_ceilings, timed
 
 import kvlayout as kvl
+from kvlayout.engine.graphs import capture_graph
 from kvlayout.registry import available_backends
 from kvlayout.step_buffers import StepBuffers
 
@@ -61,17 +62,7 @@ def step_time(run_step: Callable[[], None], steps: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         run_step()
         host.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(steps):
-            run_step()
-        b.record()
-        b.synchronize()
-        per.append(a.elapsed_time(b) / 1e3 / steps)
-    return statistics.median(per), statistics.median(host)
+    return timed(run_step, "cuda", iters=steps), statistics.median(host)
 
 
 def bench_batch(batch: int, context: int, num_layers: int, steps: int, device, have_fi: bool) -> list[dict]:
@@ -116,14 +107,7 @@ def bench_batch(batch: int, context: int, num_layers: int, steps: int, device, h
         def body():
             for layer in layers:
                 layer.attend(q, k, v, meta, "triton", validate=False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
+        graph, _ = capture_graph(body)
 
         def run():
             bufs.build(sched, num_reqs=batch, num_tokens=batch, decode_only=True)

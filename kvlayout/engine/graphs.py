@@ -38,6 +38,21 @@ class _Captured:
     logits: torch.Tensor                   # [num_reqs, vocab], the captured output
 
 
+def capture_graph(fn: Callable[[], object], pool=None) -> tuple["torch.cuda.CUDAGraph", object]:
+    """``(graph, output)`` of one ``fn()`` call captured in a CUDA graph, after two warm-up calls on a side
+    stream (they compile kernels and settle lazy state outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def default_decode_sizes(max_num_seqs: int) -> tuple[int, ...]:
     """1, 2, 4, 8, then every multiple of 8 up to 64 and of 32 above, up to ``max_num_seqs``."""
     sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
@@ -89,15 +104,7 @@ class StepGraphs:
                 with step_context(meta, self.backend, validate=False):
                     return self.run(ids, pos, meta.query_start_loc[1:].long() - 1)
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):            # compiles the kernels and settles lazy state
-                step()
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = step()
+            graph, logits = capture_graph(step, pool)
             self._graphs[key] = _Captured(graph, logits)
             if progress is not None:
                 progress(key)
