@@ -403,6 +403,9 @@ def validate_attention_metadata(meta: AttentionMetadata, *,
     tokens (then -1 padding), ``num_decodes`` the leading one-token requests, the maxima exact."""
     if not isinstance(meta, AttentionMetadata):
         raise KVLayoutError(f"meta must be AttentionMetadata, got {type(meta).__name__}")
+    if meta.padded is not None:
+        raise KVLayoutError("padded metadata (StepBuffers) is checked when it is built; build the step again "
+                            "with StepBuffers.build instead of validating an edited copy")
     require_int(meta.block_size, "meta.block_size", minimum=1)
     require_int(meta.num_blocks, "meta.num_blocks", minimum=1)
     shapes = {"query_start_loc": 1, "seq_lens": 1, "block_table": 2, "slot_mapping": 1, "query_start_loc_cpu": 1,

@@ -167,3 +167,11 @@ def test_building_under_inference_mode(rng):
         q, k, v = step_inputs(rng, 4)
         layer.attend(q, k, v, meta, "torch")
     assert meta.is_validated
+
+
+def test_padded_metadata_is_not_revalidated_by_hand(rng):
+    _, cache, sched, _ = world(rng, [(3, 1)])
+    bufs = StepBuffers(BS, num_blocks=cache.shape[0], max_num_reqs=2, max_num_tokens=2, max_blocks_per_request=2)
+    meta = bufs.build(sched, num_reqs=2, num_tokens=2, decode_only=True)
+    with pytest.raises(KVLayoutError, match="StepBuffers.build"):
+        kvl.validate_attention_metadata(meta)
