@@ -566,3 +566,15 @@ def compact(cache: Union[KVCache, torch.Tensor], src: BlockIds, dst: Optional[Bl
     for part, frm, to in parts:
         copy_pages(frm, ids[pos: pos + len(part)], to, ids[n + pos: n + pos + len(part)])
         pos += len(part)
+
+
+_TREE_OPS = ("tree_attention", "tree_masks", "accept_drafts", "check_tree_attention")
+
+
+def __getattr__(name: str):
+    """Tree attention (speculative decoding) lives in ``kvlayout.tree``, which builds on this module's
+    checks; it is reachable here too, imported on first use."""
+    if name in _TREE_OPS:
+        from . import tree
+        return getattr(tree, name)
+    raise AttributeError(f"module 'kvlayout.ops' has no attribute {name!r}")
