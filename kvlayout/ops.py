@@ -568,13 +568,16 @@ def compact(cache: Union[KVCache, torch.Tensor], src: BlockIds, dst: Optional[Bl
         pos += len(part)
 
 
-_TREE_OPS = ("tree_attention", "tree_masks", "accept_drafts", "check_tree_attention")
+_VARIANT_OPS = {"tree_attention": "tree", "tree_masks": "tree", "accept_drafts": "tree",
+                "check_tree_attention": "tree", "sparse_decode": "sparse_decode",
+                "check_sparse_decode": "sparse_decode"}
 
 
 def __getattr__(name: str):
-    """Tree attention (speculative decoding) lives in ``kvlayout.tree``, which builds on this module's
-    checks; it is reachable here too, imported on first use."""
-    if name in _TREE_OPS:
-        from . import tree
-        return getattr(tree, name)
+    """The attention variants (tree attention in ``kvlayout.tree``, block-sparse decode in
+    ``kvlayout.sparse_decode``) build on this module's checks; they are reachable here too, imported on
+    first use."""
+    if name in _VARIANT_OPS:
+        import importlib
+        return getattr(importlib.import_module(f"kvlayout.{_VARIANT_OPS[name]}"), name)
     raise AttributeError(f"module 'kvlayout.ops' has no attribute {name!r}")

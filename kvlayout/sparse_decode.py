@@ -1,0 +1,141 @@
+"""Block-sparse decode: each decoding request attends only to the pages a selector picked (top-k page
+selection in the style of Quest or NSA's selected blocks), so its cost follows the tokens it reads, not its
+context length.
+
+``selected [B, S]`` lists, per request, indices into its block-table row (page ``i`` holds positions
+``i*N .. i*N + N``), increasing, padded at the end with -1. The request attends to every valid key of the
+selected pages (the last page only up to the request's length) and to nothing else; with every page
+selected it is plain decode. One selection serves all heads of a request. Positions only order pages here:
+sparse decode takes no sliding window (the selection is the window). A request that selects nothing gets
+output 0 and LSE -inf.
+
+Worked example, page size 4, a request of 10 tokens (pages 0, 1, 2; page 2 holds 2 tokens),
+``selected = [0, 2, -1]``: keys at positions 0-3 and 8-9 are seen, 6 keys in all.
+
+The Triton path is the split-KV decode kernel over a block table of the selected pages (gathered on the
+device, with each request's length recounted): no new kernel, no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .cache_ops import check_kv_cache
+from .checks import check_out_buffer
+from .conventions import soft_cap_value, softmax_scale
+from .errors import KVLayoutError, UnsupportedFeatureError
+from .ops import ATTENTION_OP_DTYPES, _check_inner_contiguous, _index_tensor, _run_attention, _use_triton
+from .params import AttentionParams
+from .reference import dense_attention
+from .specs import dtype_name
+
+
+def check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_soft_cap=None, out=None,
+                        lse=None) -> None:
+    """Every check ``sparse_decode`` makes, without touching memory (reads the index tensors on the host)."""
+    num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
+    if kv_cache.dtype not in ATTENTION_OP_DTYPES:
+        raise UnsupportedFeatureError(f"sparse_decode does not take a {dtype_name(kv_cache.dtype)} cache (fp16, "
+                                      f"bf16 or fp32)")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != d or q.shape[1] % h_kv:
+        raise KVLayoutError(f"q must be [requests, heads, {d}] with heads a multiple of the cache's {h_kv} KV heads, "
+                            f"got {tuple(getattr(q, 'shape', ()))}")
+    if q.dtype != kv_cache.dtype or q.device != kv_cache.device:
+        raise KVLayoutError(f"q is {dtype_name(q.dtype)} on {q.device}; the cache is {dtype_name(kv_cache.dtype)} "
+                            f"on {kv_cache.device}")
+    _check_inner_contiguous(q=q)
+    dev = kv_cache.device
+    for name, t, dim in (("block_table", block_table, 2), ("seq_lens", seq_lens, 1), ("selected", selected, 2)):
+        _index_tensor(t, name, dim, dev)
+    b = q.shape[0]
+    if seq_lens.shape[0] != b or block_table.shape[0] != b or selected.shape[0] != b:
+        raise KVLayoutError(f"q has {b} requests but seq_lens has {seq_lens.shape[0]}, block_table "
+                            f"{block_table.shape[0]} rows and selected {selected.shape[0]} rows")
+    soft_cap_value(logits_soft_cap)
+    check_out_buffer(out, tuple(q.shape), q.dtype, dev, "out")
+    check_out_buffer(lse, tuple(q.shape[:2]), torch.float32, dev, "lse")
+    lens = seq_lens.cpu().long()
+    sel = selected.cpu().long()
+    table = block_table.cpu().long()
+    if b and int(lens.min()) < 0:
+        raise KVLayoutError(f"seq_lens has a negative length ({int(lens.min())})")
+    pages = (lens + page - 1) // page
+    if b and int(pages.max()) > table.shape[1]:
+        r = int(torch.argmax((pages > table.shape[1]).int()))
+        raise KVLayoutError(f"request {r} holds {int(lens[r])} tokens, {int(pages[r])} pages, but its block-table row "
+                            f"has {table.shape[1]}")
+    valid = sel >= 0
+    if bool((sel < -1).any()) or bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise KVLayoutError("selected must hold page indices >= 0, padded only at the end with -1")
+    if bool((valid & (sel >= pages[:, None])).any()):
+        r = int(torch.nonzero(valid & (sel >= pages[:, None]))[0, 0])
+        raise KVLayoutError(f"request {r} selects a page past its {int(pages[r])} pages")
+    if sel.shape[1] > 1 and bool((valid[:, 1:] & (sel[:, 1:] <= sel[:, :-1])).any()):
+        raise KVLayoutError("selected page indices must increase along each row (each page once)")
+    blocks = torch.gather(table, 1, sel.clamp(min=0))[valid]
+    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= num_blocks):
+        raise KVLayoutError(f"a selected page maps to a block outside the cache's {num_blocks}")
+
+
+def selected_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, selected: torch.Tensor, page: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(table [B, S] int32, lens [B] int32)``: the selected pages as a block table of their own and the
+    keys each request sees in them (the request's last page counted up to its length). Device ops only."""
+    valid = selected >= 0
+    sel = selected.long().clamp(min=0)
+    table = torch.gather(block_table.long(), 1, sel).to(torch.int32)
+    count = valid.sum(1)
+    last_sel = torch.gather(sel, 1, (count - 1).clamp(min=0)[:, None])[:, 0]
+    last_page = (seq_lens.long() - 1).clamp(min=0) // page
+    fill = seq_lens.long() - last_page * page
+    short = torch.where((count > 0) & (last_sel == last_page), page - fill, torch.zeros_like(fill))
+    return table, (count * page - short).to(torch.int32)
+
+
+def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  selected: torch.Tensor, *, scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
+                  out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False,
+                  impl=None, validate: bool = True):
+    """Decode attention of ``q [B, H, D]`` (one token per request, already in the cache at position
+    ``seq_lens[b] - 1``) over the selected pages only (see the module docstring). Returns ``out [B, H,
+    D]`` (and ``lse [B, H]`` float32, base e, with ``return_lse`` or ``lse`` given). GQA; soft cap as in
+    ``kvlayout.conventions``; ``impl`` as in ``kvlayout.ops``."""
+    if validate:
+        check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_soft_cap, out, lse)
+    scale = softmax_scale(scale, q.shape[2])
+    cap = soft_cap_value(logits_soft_cap)
+    page = kv_cache.shape[2]
+    table, lens = selected_pages(block_table, seq_lens, selected, page)
+    if _use_triton(impl, q.device, "sparse_decode", q.dtype):
+        from .kernels.decode import split_kv_decode
+        params = AttentionParams(q.shape[1], kv_cache.shape[1], q.shape[2], scale, False, None, cap)
+        rows = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+
+        def launch(o, l):
+            split_kv_decode(q, kv_cache, rows, lens, table, params, max_seq_len=selected.shape[1] * page, out=o,
+                            lse=l)
+        return _run_attention(q, q.shape[:2], out, lse, return_lse, launch=launch)
+    return _run_attention(q, q.shape[:2], out, lse, return_lse,
+                          reference=lambda: _reference(q, kv_cache, table, lens, scale, cap))
+
+
+def _reference(q, kv_cache, table, lens, scale: float, cap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense float32 attention of each request over the keys of its selected pages."""
+    n, d = kv_cache.shape[2], q.shape[2]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
+    for r, s in enumerate(lens.tolist()):
+        if s == 0:
+            continue
+        pos = torch.arange(s, device=q.device)
+        kv = kv_cache[table[r].long()[pos // n], :, pos % n].float()
+        o, l = dense_attention(q[r:r + 1].float(), kv[..., :d], kv[..., d:], scale, q_offset=s - 1, causal=False,
+                               soft_cap=cap)
+        out[r] = o[0].to(out.dtype)
+        lse[r] = l[0]
+    return out, lse
+
+
+__all__ = ["check_sparse_decode", "selected_pages", "sparse_decode"]

@@ -1,0 +1,121 @@
+"""Block-sparse decode: a request attends to the keys of the pages it selected (its last page only up to
+its length). Triton (the split-KV decode kernel over the selected pages; the interpreter here) and the
+PyTorch path agree with a dense float64 oracle; selecting every page is plain decode; bad selections are
+refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvlayout as kvl
+from kvlayout import ops
+from kvlayout.errors import KVLayoutError
+from kvlayout.kernels import interpreting
+from kvlayout.reference import dense_attention
+from kvlayout.sparse_decode import selected_pages
+
+BS = 4
+IMPLS = ["torch"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+
+
+def case(rng, lens, hq, hkv, d=64, dtype=torch.float32, device="cpu"):
+    pages = [-(-n // BS) for n in lens]
+    nb = sum(pages) + 2
+    kv = torch.randn(nb, hkv, BS, 2 * d, generator=rng).to(device, dtype)
+    perm = torch.randperm(nb, generator=rng).tolist()
+    table = torch.zeros(len(lens), max(pages + [1]), dtype=torch.int32)
+    at = 0
+    for r, p in enumerate(pages):
+        table[r, :p] = torch.tensor(perm[at:at + p], dtype=torch.int32)
+        at += p
+    q = torch.randn(len(lens), hq, d, generator=rng).to(device, dtype)
+    return kv, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), q
+
+
+def random_selection(rng, lens, width):
+    rows = []
+    for n in lens:
+        p = -(-n // BS)
+        k = int(torch.randint(0, p + 1, (1,), generator=rng)) if p else 0
+        pick = sorted(torch.randperm(p, generator=rng)[:k].tolist()) if p else []
+        rows.append(pick + [-1] * (width - len(pick)))
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def oracle(kv, table, lens, sel, q, scale):
+    d = q.shape[2]
+    outs = []
+    for r, n in enumerate(lens.tolist()):
+        pos = [p for i in sel[r].tolist() if i >= 0 for p in range(i * BS, min(i * BS + BS, n))]
+        if not pos:
+            outs.append(torch.zeros(q.shape[1], d, dtype=torch.float64))
+            continue
+        pos = torch.tensor(pos)
+        k = kv[table[r].long()[pos // BS], :, pos % BS].double()
+        o, _ = dense_attention(q[r:r + 1].double(), k[..., :d], k[..., d:], scale, q_offset=n - 1, causal=False)
+        outs.append(o[0])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lens, hq, hkv", [([10, 16, 1, 33], 4, 2), ([40, 7], 4, 1), ([64, 0, 5], 8, 8)])
+def test_sparse_decode_matches_the_oracle(rng, impl, lens, hq, hkv):
+    kv, table, seq, q = case(rng, lens, hq, hkv)
+    sel = random_selection(rng, lens, table.shape[1] + 1)
+    before = kv.clone()
+    out = torch.full_like(q, float("nan"))
+    out, lse = ops.sparse_decode(q, kv, table, seq, sel, out=out, return_lse=True, impl=impl)
+    want = oracle(kv, table, seq, sel, q, 64 ** -0.5)
+    assert float((out.double() - want).norm() / max(float(want.norm()), 1e-30)) < 1e-4
+    empty = (sel >= 0).sum(1) == 0
+    assert torch.isinf(lse[empty]).all() and torch.isfinite(lse[~empty]).all()
+    assert torch.equal(kv, before)
+
+
+def test_the_worked_example_and_every_page_is_plain_decode(rng):
+    kv, table, seq, q = case(rng, [10, 13], 4, 2)
+    _, lens = selected_pages(table, seq, torch.tensor([[0, 2, -1, -1], [1, 3, -1, -1]]), BS)
+    assert lens.tolist() == [6, 5]
+    full = torch.tensor([[0, 1, 2, -1], [0, 1, 2, 3]], dtype=torch.int32)
+    got = ops.sparse_decode(q, kv, table, seq, full, impl="torch")
+    meta = kvl.build_attention_metadata([kvl.ScheduledRequest(9, 1, table[0, :3].tolist()),
+                                         kvl.ScheduledRequest(12, 1, table[1, :4].tolist())], BS,
+                                        num_blocks=kv.shape[0])
+    want = kvl.get_attention_backend("torch").forward(q, kv, meta, kvl.AttentionParams(4, 2, 64))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("sel, match", [
+    ([[0, -1, 1], [0, -1, -1]], "padded only at the end"),
+    ([[1, 0, -1], [0, -1, -1]], "increase"),
+    ([[0, 0, -1], [0, -1, -1]], "increase"),
+    ([[3, -1, -1], [0, -1, -1]], "past its"),
+    ([[-2, -1, -1], [0, -1, -1]], ">= 0"),
+])
+def test_bad_selections_are_refused(rng, sel, match):
+    kv, table, seq, q = case(rng, [10, 3], 4, 2)
+    with pytest.raises(KVLayoutError, match=match):
+        ops.sparse_decode(q, kv, table, seq, torch.tensor(sel, dtype=torch.int32))
+
+
+def test_bad_shapes_are_refused(rng):
+    kv, table, seq, q = case(rng, [10, 3], 4, 2)
+    sel = torch.tensor([[0, -1, -1], [0, -1, -1]], dtype=torch.int32)
+    with pytest.raises(KVLayoutError, match="requests"):
+        ops.sparse_decode(q[:1], kv, table, seq, sel)
+    with pytest.raises(KVLayoutError, match="heads"):
+        ops.sparse_decode(q[:, :3], kv, table, seq, sel)
+    with pytest.raises(KVLayoutError, match="pages"):
+        ops.sparse_decode(q, kv, table[:, :1], seq, sel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_sparse_decode_matches_the_reference(rng, dtype):
+    lens = [4096, 17, 1, 65536]
+    kv, table, seq, q = case(rng, lens, 32, 8, 128, dtype, "cuda")
+    sel = random_selection(rng, lens, table.shape[1]).cuda()
+    out = ops.sparse_decode(q, kv, table, seq, sel, impl="triton")
+    want = ops.sparse_decode(q, kv, table, seq, sel, impl="torch")
+    assert float((out.float() - want.float()).norm() / want.float().norm()) < 1e-2
