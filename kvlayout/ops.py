@@ -570,12 +570,13 @@ def compact(cache: Union[KVCache, torch.Tensor], src: BlockIds, dst: Optional[Bl
 
 _VARIANT_OPS = {"tree_attention": "tree", "tree_masks": "tree", "accept_drafts": "tree",
                 "check_tree_attention": "tree", "sparse_decode": "sparse_decode",
-                "check_sparse_decode": "sparse_decode"}
+                "check_sparse_decode": "sparse_decode", "gated_decode": "gated_decode",
+                "check_gated_decode": "gated_decode", "write_gates": "gated_decode"}
 
 
 def __getattr__(name: str):
     """The attention variants (tree attention in ``kvlayout.tree``, block-sparse decode in
-    ``kvlayout.sparse_decode``) build on this module's checks; they are reachable here too, imported on
+    ``kvlayout.sparse_decode``, gated decode in ``kvlayout.gated_decode``) build on this module's checks; they are reachable here too, imported on
     first use."""
     if name in _VARIANT_OPS:
         import importlib
