@@ -22,27 +22,33 @@ from typing import Optional
 
 import torch
 
-from .cache_ops import check_kv_cache
+from .cache_ops import check_kv_cache, gather_kv
 from .checks import check_out_buffer
 from .conventions import soft_cap_value, softmax_scale
 from .errors import KVLayoutError, UnsupportedFeatureError
+from .fp8 import check_scales
 from .ops import ATTENTION_OP_DTYPES, _check_inner_contiguous, _index_tensor, _run_attention, _use_triton
 from .params import AttentionParams
 from .reference import dense_attention
-from .specs import dtype_name
+from .specs import dtype_name, is_fp8
 
 
 def check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_soft_cap=None, out=None,
-                        lse=None) -> None:
+                        lse=None, k_scale=None, v_scale=None) -> None:
     """Every check ``sparse_decode`` makes, without touching memory (reads the index tensors on the host)."""
     num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
-    if kv_cache.dtype not in ATTENTION_OP_DTYPES:
+    if kv_cache.dtype not in ATTENTION_OP_DTYPES and not is_fp8(kv_cache.dtype):
         raise UnsupportedFeatureError(f"sparse_decode does not take a {dtype_name(kv_cache.dtype)} cache (fp16, "
-                                      f"bf16 or fp32)")
+                                      f"bf16, fp32 or fp8 with scales)")
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != d or q.shape[1] % h_kv:
         raise KVLayoutError(f"q must be [requests, heads, {d}] with heads a multiple of the cache's {h_kv} KV heads, "
                             f"got {tuple(getattr(q, 'shape', ()))}")
-    if q.dtype != kv_cache.dtype or q.device != kv_cache.device:
+    check_scales(k_scale, v_scale, kv_cache.dtype, h_kv, kv_cache.device)
+    if is_fp8(kv_cache.dtype):
+        if q.dtype not in ATTENTION_OP_DTYPES or q.device != kv_cache.device:
+            raise KVLayoutError(f"q must be fp16, bf16 or fp32 on {kv_cache.device} over an fp8 cache, got "
+                                f"{dtype_name(q.dtype)} on {q.device}")
+    elif q.dtype != kv_cache.dtype or q.device != kv_cache.device:
         raise KVLayoutError(f"q is {dtype_name(q.dtype)} on {q.device}; the cache is {dtype_name(kv_cache.dtype)} "
                             f"on {kv_cache.device}")
     _check_inner_contiguous(q=q)
@@ -97,13 +103,16 @@ def selected_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, selected: 
 def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                   selected: torch.Tensor, *, scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
                   out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False,
+                  k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
                   impl=None, validate: bool = True):
     """Decode attention of ``q [B, H, D]`` (one token per request, already in the cache at position
     ``seq_lens[b] - 1``) over the selected pages only (see the module docstring). Returns ``out [B, H,
     D]`` (and ``lse [B, H]`` float32, base e, with ``return_lse`` or ``lse`` given). GQA; soft cap as in
-    ``kvlayout.conventions``; ``impl`` as in ``kvlayout.ops``."""
+    ``kvlayout.conventions``; fp8 caches with their ``k_scale``/``v_scale`` (``kvlayout.fp8``); ``impl`` as
+    in ``kvlayout.ops``."""
     if validate:
-        check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_soft_cap, out, lse)
+        check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_soft_cap, out, lse, k_scale,
+                            v_scale)
     scale = softmax_scale(scale, q.shape[2])
     cap = soft_cap_value(logits_soft_cap)
     page = kv_cache.shape[2]
@@ -114,25 +123,24 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         rows = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
 
         def launch(o, l):
-            split_kv_decode(q, kv_cache, rows, lens, table, params, max_seq_len=selected.shape[1] * page, out=o,
-                            lse=l)
+            split_kv_decode(q, kv_cache, rows, lens, table, params, max_seq_len=selected.shape[1] * page,
+                            k_scale=k_scale, v_scale=v_scale, out=o, lse=l)
         return _run_attention(q, q.shape[:2], out, lse, return_lse, launch=launch)
     return _run_attention(q, q.shape[:2], out, lse, return_lse,
-                          reference=lambda: _reference(q, kv_cache, table, lens, scale, cap))
+                          reference=lambda: _reference(q, kv_cache, table, lens, scale, cap, k_scale, v_scale))
 
 
-def _reference(q, kv_cache, table, lens, scale: float, cap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense float32 attention of each request over the keys of its selected pages."""
-    n, d = kv_cache.shape[2], q.shape[2]
+def _reference(q, kv_cache, table, lens, scale: float, cap: Optional[float], k_scale=None, v_scale=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense float32 attention of each request over the keys of its selected pages (fp8 dequantized)."""
+    n = kv_cache.shape[2]
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
     for r, s in enumerate(lens.tolist()):
         if s == 0:
             continue
-        pos = torch.arange(s, device=q.device)
-        kv = kv_cache[table[r].long()[pos // n], :, pos % n].float()
-        o, l = dense_attention(q[r:r + 1].float(), kv[..., :d], kv[..., d:], scale, q_offset=s - 1, causal=False,
-                               soft_cap=cap)
+        k, v = gather_kv(kv_cache, table[r, : -(-s // n)], s, k_scale, v_scale, dtype=torch.float32)
+        o, l = dense_attention(q[r:r + 1].float(), k, v, scale, q_offset=s - 1, causal=False, soft_cap=cap)
         out[r] = o[0].to(out.dtype)
         lse[r] = l[0]
     return out, lse

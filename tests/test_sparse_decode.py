@@ -119,3 +119,24 @@ def test_gpu_sparse_decode_matches_the_reference(rng, dtype):
     out = ops.sparse_decode(q, kv, table, seq, sel, impl="triton")
     want = ops.sparse_decode(q, kv, table, seq, sel, impl="torch")
     assert float((out.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fp8_sparse_decode_matches_the_dequantized_oracle(rng, impl, per_head):
+    lens = [10, 21]
+    kv, table, seq, q = case(rng, lens, 4, 2)
+    scale_k = torch.tensor([0.5, 0.25] if per_head else [0.5])
+    scale_v = torch.tensor([2.0, 1.0] if per_head else [2.0])
+    quant = torch.empty(kv.shape, dtype=torch.float8_e4m3fn)
+    sk = scale_k.view(1, -1, 1, 1) if per_head else scale_k
+    sv = scale_v.view(1, -1, 1, 1) if per_head else scale_v
+    quant[..., :64] = (kv[..., :64] / sk).to(torch.float8_e4m3fn)
+    quant[..., 64:] = (kv[..., 64:] / sv).to(torch.float8_e4m3fn)
+    deq = torch.cat([quant[..., :64].float() * sk, quant[..., 64:].float() * sv], dim=-1)
+    sel = random_selection(rng, lens, table.shape[1])
+    out = ops.sparse_decode(q, quant, table, seq, sel, k_scale=scale_k, v_scale=scale_v, impl=impl)
+    want = oracle(deq, table, seq, sel, q, 64 ** -0.5)
+    assert float((out.double() - want).norm() / max(float(want.norm()), 1e-30)) < 1e-4
+    with pytest.raises(KVLayoutError, match="only for fp8"):
+        ops.sparse_decode(q, kv, table, seq, sel, k_scale=scale_k, v_scale=scale_v)
