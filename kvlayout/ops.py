@@ -24,7 +24,8 @@ from .cache_ops import check_kv_cache
 from .conventions import LSE_BASES, lse_factor, soft_cap_value, softmax_scale
 from .errors import KVLayoutError, UnsupportedFeatureError
 from .kernels import interpreting
-from .specs import dtype_name
+from .fp8 import check_scales
+from .specs import dtype_name, is_fp8
 
 ATTENTION_OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_STATES = 256
@@ -105,14 +106,20 @@ def _run_attention(q: torch.Tensor, lse_shape, out, lse, return_lse: bool, *, la
 
 
 def check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
-                                    logits_soft_cap=None, out=None, lse=None, shared_block_ids=None) -> None:
+                                    logits_soft_cap=None, out=None, lse=None, shared_block_ids=None, *,
+                                    fp8_ok: bool = False, k_scale=None, v_scale=None, what: str =
+                                    "paged_prefill_with_append") -> None:
     """Every check ``paged_prefill_with_append`` makes, without touching memory (reads the index tensors
     on the host). The schedule is held to the rules of ``build_attention_metadata`` (``check_schedule``),
     so a step the backends refuse is refused here too."""
     num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
-    if kv_cache.dtype not in ATTENTION_OP_DTYPES:
-        raise UnsupportedFeatureError(f"paged_prefill_with_append does not take a {dtype_name(kv_cache.dtype)} cache "
-                                      f"(fp16, bf16 or fp32); run quantized caches through a backend")
+    fp8 = fp8_ok and is_fp8(kv_cache.dtype)
+    if kv_cache.dtype not in ATTENTION_OP_DTYPES and not fp8:
+        raise UnsupportedFeatureError(f"{what} does not take a {dtype_name(kv_cache.dtype)} cache "
+                                      f"(fp16, bf16 or fp32{', or fp8 with scales' if fp8_ok else ''}); run quantized "
+                                      f"caches through a backend")
+    check_scales(k_scale, v_scale, kv_cache.dtype, h_kv, kv_cache.device)
+    io_dtype = q.dtype if fp8 and isinstance(q, torch.Tensor) and q.dtype in ATTENTION_OP_DTYPES else kv_cache.dtype
     _tensor(q, "q", 3)
     t, h = q.shape[:2]
     if q.shape[2] != d:
@@ -125,8 +132,9 @@ def check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cac
             raise KVLayoutError(f"{name} must be [{t}, {h_kv}, {d}] (q's tokens, the cache's KV heads and head size), "
                                 f"got {tuple(x.shape)}")
     for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
-        if x.dtype != kv_cache.dtype:
-            raise KVLayoutError(f"{name} is {dtype_name(x.dtype)} but the cache is {dtype_name(kv_cache.dtype)}")
+        if x.dtype != io_dtype:
+            raise KVLayoutError(f"{name} is {dtype_name(x.dtype)} but the cache is {dtype_name(kv_cache.dtype)}"
+                                + (f" (fp16, bf16 or fp32 inputs, all of one dtype, over an fp8 cache)" if fp8 else ""))
     dev = kv_cache.device
     _check_same_device(dev, q=q, k_new=k_new, v_new=v_new)
     _check_inner_contiguous(q=q, k_new=k_new, v_new=v_new)

@@ -27,12 +27,11 @@ import numpy as np
 import torch
 
 from . import ops_reference as ref
-from .cache_ops import check_kv_cache
+from .cache_ops import check_kv_cache, gather_kv, write_kv
 from .conventions import soft_cap_value, softmax_scale
-from .errors import KVLayoutError, UnsupportedFeatureError
-from .ops import ATTENTION_OP_DTYPES, _index_tensor, _run_attention, _use_triton, check_paged_prefill_with_append
+from .errors import KVLayoutError
+from .ops import _index_tensor, _run_attention, _use_triton, check_paged_prefill_with_append
 from .reference import dense_attention
-from .specs import dtype_name
 
 MAX_DRAFTS = 64
 
@@ -56,16 +55,13 @@ def tree_masks(parents: Sequence[Sequence[int]], device="cpu") -> torch.Tensor:
 
 
 def check_tree_attention(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table, tree_mask,
-                         logits_soft_cap=None, out=None, lse=None) -> int:
+                         logits_soft_cap=None, out=None, lse=None, k_scale=None, v_scale=None) -> int:
     """Every check ``tree_attention`` makes, without touching memory; returns the most drafts of a request.
     The schedule is held to ``paged_prefill_with_append``'s rules (pages in range, none twice, no shared
     page written), and each token's mask must set its own bit and no bit of a later draft."""
-    num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
-    if kv_cache.dtype not in ATTENTION_OP_DTYPES:
-        raise UnsupportedFeatureError(f"tree_attention does not take a {dtype_name(kv_cache.dtype)} cache (fp16, "
-                                      f"bf16 or fp32)")
     check_paged_prefill_with_append(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
-                                    logits_soft_cap, out, lse)
+                                    logits_soft_cap, out, lse, fp8_ok=True, k_scale=k_scale, v_scale=v_scale,
+                                    what="tree_attention")
     _index_tensor(tree_mask, "tree_mask", 1, kv_cache.device)
     if tree_mask.dtype != torch.int64 or tree_mask.shape[0] != q.shape[0]:
         raise KVLayoutError(f"tree_mask must be int64 [{q.shape[0]}] (one ancestor bit mask per draft token, "
@@ -91,15 +87,17 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv
                    cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor,
                    tree_mask: torch.Tensor, *, scale: Optional[float] = None, logits_soft_cap: Optional[float] = None,
                    out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False,
+                   k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
                    impl=None, validate: bool = True, max_drafts: Optional[int] = None):
     """Append each request's draft K/V (``k_new``/``v_new [T, H_kv, D]``, packed by ``cu_seqlens_q``) at
     positions ``cache_seqlens[b] + i`` of its pages, then attend every draft query ``q [T, H, D]`` over the
     prefix and its tree ancestors (``tree_mask``, see the module docstring). GQA, soft cap, LSE (base e)
-    as in ``kvlayout.ops.paged_prefill_with_append``; ``impl`` as there. ``max_drafts`` (a host bound on
+    as in ``kvlayout.ops.paged_prefill_with_append``; fp8 caches with ``k_scale``/``v_scale`` (the drafts
+    are quantized as ``write_kv`` quantizes); ``impl`` as there. ``max_drafts`` (a host bound on
     drafts per request; read from ``cu_seqlens_q`` when validating) sizes the launch."""
     if validate:
         max_drafts = check_tree_attention(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table,
-                                          tree_mask, logits_soft_cap, out, lse)
+                                          tree_mask, logits_soft_cap, out, lse, k_scale, v_scale)
     elif max_drafts is None:
         raise KVLayoutError("tree_attention(validate=False) needs max_drafts (a host bound on drafts per request)")
     scale = softmax_scale(scale, q.shape[2])
@@ -111,22 +109,22 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv
         from .kernels.write import write_kv as triton_write_kv
 
         def launch(o, l):
-            triton_write_kv(kv_cache, k_new, v_new, slots, validate=False)
+            triton_write_kv(kv_cache, k_new, v_new, slots, k_scale, v_scale, validate=False)
             tree_attention_launch(q, kv_cache, cu_seqlens_q, cache_seqlens, block_table, tree_mask, o, l,
-                                  max_drafts=max_drafts, scale=scale, soft_cap=cap)
+                                  max_drafts=max_drafts, scale=scale, soft_cap=cap, k_scale=k_scale, v_scale=v_scale)
         return _run_attention(q, q.shape[:2], out, lse, return_lse, launch=launch)
     return _run_attention(q, q.shape[:2], out, lse, return_lse, reference=lambda: tree_attention_reference(
         q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table, tree_mask, slots, scale=scale,
-        logits_soft_cap=cap))
+        logits_soft_cap=cap, k_scale=k_scale, v_scale=v_scale))
 
 
 def tree_attention_reference(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seqlens, block_table, tree_mask, slots,
-                             *, scale: float, logits_soft_cap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch reference (float32 math): write the drafts, then dense attention per request with the
-    prefix visible and the drafts masked by the tree."""
-    n, d = kv_cache.shape[2], q.shape[2]
-    kv_cache[..., :d][slots // n, :, slots % n] = k_new
-    kv_cache[..., d:][slots // n, :, slots % n] = v_new
+                             *, scale: float, logits_soft_cap: Optional[float], k_scale=None, v_scale=None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch reference (float32 math): write the drafts (``write_kv``, fp8 quantized), then dense
+    attention per request with the prefix visible and the drafts masked by the tree."""
+    n = kv_cache.shape[2]
+    write_kv(kv_cache, k_new, v_new, slots, k_scale, v_scale, validate=False)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     cu, lens = cu_seqlens_q.tolist(), cache_seqlens.tolist()
@@ -136,11 +134,11 @@ def tree_attention_reference(q, k_new, v_new, kv_cache, cu_seqlens_q, cache_seql
         if q1 == q0:
             continue
         ctx, nd = lens[r], q1 - q0
-        pos = torch.arange(ctx + nd, device=q.device)
-        kv = kv_cache[block_table[r].long()[pos // n], :, pos % n].float()
+        k, v = gather_kv(kv_cache, block_table[r, : -(-(ctx + nd) // n)], ctx + nd, k_scale, v_scale,
+                         dtype=torch.float32)
         bits = (masks[q0:q1, None] >> torch.arange(nd)) & 1                       # [drafts, drafts]
         seen = torch.cat([torch.ones(nd, ctx, dtype=torch.bool), bits.bool()], dim=1).to(q.device)
-        o, l = dense_attention(q[q0:q1].float(), kv[..., :d], kv[..., d:], scale, q_offset=ctx, causal=False,
+        o, l = dense_attention(q[q0:q1].float(), k, v, scale, q_offset=ctx, causal=False,
                                soft_cap=logits_soft_cap, key_mask=seen)
         out[q0:q1] = o.to(out.dtype)
         lse[q0:q1] = l

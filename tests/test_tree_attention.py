@@ -175,3 +175,31 @@ def test_gpu_tree_attention_matches_the_reference(rng, dtype, hq, hkv, d):
     want = ops.tree_attention(q, k, v, ref_kv, cu, lens, table, masks, impl="torch")
     assert torch.equal(kv, ref_kv)
     assert float((out.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fp8_tree_attention_matches_the_reference_path(rng, impl, per_head):
+    rnd = random.Random(int(torch.randint(1 << 30, (1,), generator=rng)))
+    ctxs, drafts = [5, 8], [4, 7]
+    parents = [random_parents(rnd, n) for n in drafts]
+    kv, table, lens, cu, q, k, v = case(rng, ctxs, drafts, 4, 2)
+    scales = (torch.tensor([0.5, 0.25]), torch.tensor([2.0, 1.0])) if per_head else (torch.tensor([0.5]),
+                                                                                        torch.tensor([2.0]))
+    cache = torch.zeros(kv.shape, dtype=torch.float8_e4m3fn)
+    kvl.write_kv(cache, kv.transpose(1, 2).reshape(-1, 2, 128)[:, :, :64].contiguous(),
+                 kv.transpose(1, 2).reshape(-1, 2, 128)[:, :, 64:].contiguous(),
+                 torch.arange(kv.shape[0] * BS), *scales)
+    deq_k, deq_v = kvl.gather_kv(cache, list(range(kv.shape[0])), kv.shape[0] * BS, *scales)
+    ref = torch.cat([deq_k, deq_v], dim=-1).reshape(kv.shape[0], BS, 2, 128).transpose(1, 2).contiguous()
+    masks = ops.tree_masks(parents)
+    out = ops.tree_attention(q, k, v, cache, cu, lens, table, masks, k_scale=scales[0], v_scale=scales[1], impl=impl)
+    # the oracle sees the dequantized prefix and the drafts as quantized and dequantized by the write
+    dk, dv = [], []
+    for r in range(2):
+        kk, vv = kvl.gather_kv(cache, table[r].tolist()[: -(-(ctxs[r] + drafts[r]) // BS)], ctxs[r] + drafts[r],
+                               *scales)
+        dk.append(kk[ctxs[r]:])
+        dv.append(vv[ctxs[r]:])
+    want = oracle(ref, table, lens, cu, q, torch.cat(dk), torch.cat(dv), parents, 64 ** -0.5)
+    assert float((out.double() - want).norm() / want.norm()) < 1e-4

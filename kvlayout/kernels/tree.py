@@ -16,17 +16,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import dot, finalize_heads, score_tile, softmax_init, softmax_update
+from kvlayout.fp8 import scale_arg
+
+from .softmax import dot, finalize_heads, fold_k_scale, score_tile, softmax_init, softmax_update
 from .tiles import attend_paged_span, dot_pad, full_tiles_end, load_tile, packed_rows, store_rows, tile_rows
 
 
 @triton.jit
 def _tree_attention_kernel(
-        q_ptr, kv_ptr, out_ptr, lse_ptr, qsl_ptr, ctx_ptr, bt_ptr, mask_ptr, sm_scale, soft_cap,
-        stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, stride_kb, stride_kh, stride_kn, stride_bt,
-        HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        q_ptr, kv_ptr, out_ptr, lse_ptr, qsl_ptr, ctx_ptr, bt_ptr, mask_ptr, k_scale_ptr, v_scale_ptr, sm_scale,
+        soft_cap, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, stride_kb, stride_kh, stride_kn,
+        stride_bt, k_scale_stride, v_scale_stride, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr,
-        SOFT_CAP: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE: tl.constexpr):
+        SOFT_CAP: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr, WRITE_LSE: tl.constexpr,
+        IEEE: tl.constexpr):
     M: tl.constexpr = BLOCK_Q * GROUP_PAD
     D_MASK: tl.constexpr = HEAD_PAD != HEAD
     req = tl.program_id(0)
@@ -47,6 +50,7 @@ def _tree_attention_kernel(
     q_pos = ctx + tok
     bt_row = bt_ptr + req.to(tl.int64) * stride_bt
     head_off = kvh.to(tl.int64) * stride_kh
+    sm_scale = fold_k_scale(sm_scale, k_scale_ptr, kvh, k_scale_stride, K_SCALE)
     m, l, acc = softmax_init(M, HEAD_PAD)
     # the cached prefix: every draft sees all of it
     m, l, acc = attend_paged_span(m, l, acc, q, q_pos, 0, 0, full_tiles_end(0, ctx, BLOCK_N), ctx, kv_ptr, bt_row,
@@ -67,7 +71,7 @@ def _tree_attention_kernel(
     seen = ((tree[:, None] >> j[None, :].to(tl.int64)) & 1) != 0
     s = tl.where(seen, s, float("-inf"))
     m, l, acc = softmax_update(m, l, acc, s, v.to(q.dtype), IEEE)
-    out, lse = finalize_heads(m, l, acc, q_ptr, head, row_ok, q_ptr, 0, False, False)
+    out, lse = finalize_heads(m, l, acc, q_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, False, V_SCALE)
     store_rows(out_ptr, lse_ptr, t_glob * stride_ot + head * stride_oh, t_glob * stride_lt + head * stride_lh, d,
                row_ok, d_ok, out, lse, WRITE_LSE, True)
 
@@ -75,7 +79,8 @@ def _tree_attention_kernel(
 def tree_attention_launch(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           cache_seqlens: torch.Tensor, block_table: torch.Tensor, tree_mask: torch.Tensor,
                           out: torch.Tensor, lse: Optional[torch.Tensor], *, max_drafts: int, scale: float,
-                          soft_cap: Optional[float]) -> None:
+                          soft_cap: Optional[float], k_scale: Optional[torch.Tensor] = None,
+                          v_scale: Optional[torch.Tensor] = None) -> None:
     """Launch over requests ``0 .. len(cache_seqlens)`` whose drafts (at most ``max_drafts`` each, a host
     bound) are already in the cache; inputs are trusted (``kvlayout.tree`` validates)."""
     num_reqs = cache_seqlens.shape[0]
@@ -87,12 +92,13 @@ def tree_attention_launch(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q:
     block_q = max(1, 16 // group_pad)
     block_t = max(16, triton.next_power_of_2(max(max_drafts, 1)))
     lse_t = lse if lse is not None else out
+    ks, vs = scale_arg(k_scale, kv_cache.dtype, cache_seqlens), scale_arg(v_scale, kv_cache.dtype, cache_seqlens)
     grid = (num_reqs, triton.cdiv(max(max_drafts, 1), block_q), h_kv)
     _tree_attention_kernel[grid](
-        q, kv_cache, out, lse_t, cu_seqlens_q, cache_seqlens, block_table, tree_mask, scale, soft_cap or 0.0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, kv_cache, out, lse_t, cu_seqlens_q, cache_seqlens, block_table, tree_mask, ks.tensor, vs.tensor, scale,
+        soft_cap or 0.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         lse_t.stride(0) if lse is not None else 0, lse_t.stride(1) if lse is not None else 0,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks.stride, vs.stride,
         HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=16, BLOCK_T=block_t,
-        PAGE=page, SOFT_CAP=soft_cap is not None, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
+        PAGE=page, SOFT_CAP=soft_cap is not None, K_SCALE=ks.on, V_SCALE=vs.on, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=1)
