@@ -21,29 +21,33 @@ from typing import Optional
 
 import torch
 
-from .cache_ops import check_kv_cache
+from .cache_ops import check_kv_cache, gather_kv
 from .checks import check_out_buffer, check_slot_values
 from .conventions import softmax_scale
 from .errors import KVLayoutError, UnsupportedFeatureError
+from .fp8 import check_scales
 from .ops import ATTENTION_OP_DTYPES, _check_inner_contiguous, _index_tensor, _run_attention, _use_triton
-from .specs import dtype_name
+from .specs import dtype_name, is_fp8
 
 GATES = ("logsigmoid", "linear")
 
 
 def check_gated_decode(q, kv_cache, delta_cache, alpha, block_table, seq_lens, gate="logsigmoid", out=None,
-                       lse=None) -> None:
-    """Every check ``gated_decode`` makes, without touching memory (reads the index tensors on the host)."""
+                       lse=None, k_scale=None, v_scale=None) -> int:
+    """Every check ``gated_decode`` makes, without touching memory (reads the index tensors on the host);
+    returns the longest request."""
     num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
-    if kv_cache.dtype not in ATTENTION_OP_DTYPES:
-        raise UnsupportedFeatureError(f"gated_decode does not take a {dtype_name(kv_cache.dtype)} cache (fp16, bf16 "
-                                      f"or fp32)")
+    fp8 = is_fp8(kv_cache.dtype)
+    if kv_cache.dtype not in ATTENTION_OP_DTYPES and not fp8:
+        raise UnsupportedFeatureError(f"gated_decode does not take a {dtype_name(kv_cache.dtype)} cache (fp16, bf16, "
+                                      f"fp32 or fp8 with scales)")
+    check_scales(k_scale, v_scale, kv_cache.dtype, h_kv, kv_cache.device)
     if gate not in GATES:
         raise KVLayoutError(f"gate must be one of {GATES}, got {gate!r}")
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != d or q.shape[1] % h_kv:
         raise KVLayoutError(f"q must be [requests, heads, {d}] with heads a multiple of the cache's {h_kv} KV heads, "
                             f"got {tuple(getattr(q, 'shape', ()))}")
-    if q.dtype != kv_cache.dtype or q.device != kv_cache.device:
+    if (q.dtype not in ATTENTION_OP_DTYPES if fp8 else q.dtype != kv_cache.dtype) or q.device != kv_cache.device:
         raise KVLayoutError(f"q is {dtype_name(q.dtype)} on {q.device}; the cache is {dtype_name(kv_cache.dtype)} "
                             f"on {kv_cache.device}")
     _check_inner_contiguous(q=q)
@@ -73,17 +77,22 @@ def check_gated_decode(q, kv_cache, delta_cache, alpha, block_table, seq_lens, g
     used = table[torch.arange(table.shape[1])[None, :] < pages[:, None]]
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
         raise KVLayoutError(f"block_table names a block outside the cache's {num_blocks}")
+    return int(lens.max()) if b else 0
 
 
 def gated_decode(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: torch.Tensor, alpha: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, *, gate: str = "logsigmoid",
                  scale: Optional[float] = None, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                 return_lse: bool = False, impl=None, validate: bool = True):
+                 return_lse: bool = False, k_scale: Optional[torch.Tensor] = None,
+                 v_scale: Optional[torch.Tensor] = None, impl=None, validate: bool = True):
     """Gated decode of ``q [B, H, D]`` (one token per request, already in the cache at ``seq_lens[b] - 1``)
     over every cached key of its request, with ``alpha [B, H]`` and the keys' ``delta_cache`` gates (see
-    the module docstring). Returns ``out [B, H, D]`` (and ``lse [B, H]``, base e)."""
+    the module docstring). Returns ``out [B, H, D]`` (and ``lse [B, H]``, base e). fp8 caches take their
+    ``k_scale``/``v_scale`` (``kvlayout.fp8``)."""
+    max_seq_len = block_table.shape[1] * kv_cache.shape[2]         # a host bound without reading seq_lens
     if validate:
-        check_gated_decode(q, kv_cache, delta_cache, alpha, block_table, seq_lens, gate, out, lse)
+        max_seq_len = check_gated_decode(q, kv_cache, delta_cache, alpha, block_table, seq_lens, gate, out, lse,
+                                         k_scale, v_scale)
     scale = softmax_scale(scale, q.shape[2])
     logsigmoid = gate == "logsigmoid"
     if _use_triton(impl, q.device, "gated_decode", q.dtype):
@@ -91,15 +100,16 @@ def gated_decode(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: torch.Ten
 
         def launch(o, l):
             gated_decode_launch(q, kv_cache, delta_cache, alpha, block_table, seq_lens, o, l, scale=scale,
-                                logsigmoid=logsigmoid)
+                                logsigmoid=logsigmoid, max_seq_len=max_seq_len, k_scale=k_scale, v_scale=v_scale)
         return _run_attention(q, q.shape[:2], out, lse, return_lse, launch=launch)
     return _run_attention(q, q.shape[:2], out, lse, return_lse, reference=lambda: gated_decode_reference(
-        q, kv_cache, delta_cache, alpha, block_table, seq_lens, scale=scale, logsigmoid=logsigmoid))
+        q, kv_cache, delta_cache, alpha, block_table, seq_lens, scale=scale, logsigmoid=logsigmoid, k_scale=k_scale,
+        v_scale=v_scale))
 
 
 def gated_decode_reference(q, kv_cache, delta_cache, alpha, block_table, seq_lens, *, scale: float,
-                           logsigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch reference, float32 math, one request at a time."""
+                           logsigmoid: bool, k_scale=None, v_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch reference, float32 math (fp8 dequantized), one request at a time."""
     n, d = kv_cache.shape[2], q.shape[2]
     h, h_kv = q.shape[1], kv_cache.shape[1]
     out = torch.zeros_like(q)
@@ -109,7 +119,9 @@ def gated_decode_reference(q, kv_cache, delta_cache, alpha, block_table, seq_len
             continue
         pos = torch.arange(s, device=q.device)
         blk = block_table[r].long()[pos // n]
-        kv = kv_cache[blk, :, pos % n].float().repeat_interleave(h // h_kv, dim=1)     # [S, H, 2D]
+        k, v = gather_kv(kv_cache, block_table[r, : -(-s // n)], s, k_scale, v_scale,
+                         dtype=torch.float32)
+        kv = torch.cat([k, v], dim=-1).repeat_interleave(h // h_kv, dim=1)             # [S, H, 2D]
         delta = delta_cache[blk, :, pos % n].repeat_interleave(h // h_kv, dim=1)       # [S, H]
         g = alpha[r][None, :] * delta
         if logsigmoid:

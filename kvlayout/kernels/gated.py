@@ -3,8 +3,10 @@
 Program ``(request, kv_head)`` takes the ``GROUP`` query heads of one KV head (padded to at least 16 rows)
 over every key of the request, reading K/V from the packed cache and the keys' gate values ``delta`` from a
 companion paged tensor ``(blocks, H_kv, N)`` with the same block table. Score of head ``h`` and key ``j``:
-``scale * (q_h . k_j + G(alpha_h * delta_j))``, ``G`` log-sigmoid (``LOGSIGMOID``) or the identity. One
-program per request and KV head (no split of the keys): long single requests leave most of the GPU idle.
+``scale * (q_h . k_j + G(alpha_h * delta_j))``, ``G`` log-sigmoid (``LOGSIGMOID``) or the identity. Split-KV as in
+``kernels/decode.py``: with ``num_splits > 1`` each program takes one key range and writes a partial state
+(log2 LSE) to a float32 workspace, and the merge kernel combines them. fp8 caches: the K scale multiplies
+``q . k`` (not the gate), the V scale the output.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kvlayout.fp8 import scale_arg
+
+from .decode import choose_num_splits, device_sms
+from .merge import merge_states_launch
 from .softmax import LOG2E, dot, finalize_heads, softmax_init, softmax_update
 from .tiles import dot_pad, load_group_query, load_tile, store_rows, tile_rows
 
@@ -26,25 +32,33 @@ def _log_sigmoid(x):
 
 @triton.jit
 def _gated_decode_kernel(
-        q_ptr, kv_ptr, delta_ptr, alpha_ptr, out_ptr, lse_ptr, seq_lens_ptr, bt_ptr, sm_scale,
-        stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, stride_kb, stride_kh, stride_kn,
-        stride_db, stride_dh, stride_at, stride_bt,
+        q_ptr, kv_ptr, delta_ptr, alpha_ptr, out_ptr, lse_ptr, seq_lens_ptr, bt_ptr, k_scale_ptr, v_scale_ptr,
+        num_splits, sm_scale, stride_qt, stride_qh, stride_or, stride_oh, stride_os, stride_lr, stride_lh, stride_ls,
+        stride_kb, stride_kh, stride_kn, stride_db, stride_dh, stride_at, stride_bt, k_scale_stride, v_scale_stride,
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGE: tl.constexpr, LOGSIGMOID: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE: tl.constexpr):
+        PAGE: tl.constexpr, LOGSIGMOID: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
+        PARTIAL: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE: tl.constexpr):
     D_MASK: tl.constexpr = HEAD_PAD != HEAD
     req = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     tok = req.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + req)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    s_lo = split * chunk
+    s_hi = tl.minimum(s_lo + chunk, seq_len)
     q, head, row_ok, d, d_ok = load_group_query(q_ptr, tok, kvh, stride_qt, stride_qh, GROUP, M, HEAD, HEAD_PAD)
     alpha = tl.load(alpha_ptr + tok * stride_at + head, mask=row_ok, other=0.0)
     bt_row = bt_ptr + tok * stride_bt
     head_off = kvh.to(tl.int64) * stride_kh
+    k_scale = 1.0
+    if K_SCALE:
+        k_scale = tl.load(k_scale_ptr + kvh * k_scale_stride)
     m, l, acc = softmax_init(M, HEAD_PAD)
-    for start in range(0, seq_len, BLOCK_N):
+    for start in range(s_lo, s_hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < seq_len
-        base, rows = tile_rows(bt_row, start, k_pos, seq_len, head_off, stride_kb, stride_kn, PAGE, BLOCK_N, True,
+        k_ok = k_pos < s_hi
+        base, rows = tile_rows(bt_row, start, k_pos, s_hi, head_off, stride_kb, stride_kn, PAGE, BLOCK_N, True,
                                False)
         k_ptrs = kv_ptr + base + rows[:, None] + d[None, :]
         k = load_tile(k_ptrs, k_ok, d_ok, True, D_MASK, True)
@@ -54,30 +68,55 @@ def _gated_decode_kernel(
         gate = alpha[:, None] * delta[None, :]
         if LOGSIGMOID:
             gate = _log_sigmoid(gate)
-        s = dot(q, tl.trans(k.to(q.dtype)), gate, IEEE) * (sm_scale * LOG2E)
+        if K_SCALE:
+            s = (dot(q, tl.trans(k.to(q.dtype)), None, IEEE) * k_scale + gate) * (sm_scale * LOG2E)
+        else:
+            s = dot(q, tl.trans(k.to(q.dtype)), gate, IEEE) * (sm_scale * LOG2E)
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m, l, acc = softmax_update(m, l, acc, s, v.to(q.dtype), IEEE)
-    out, lse = finalize_heads(m, l, acc, q_ptr, head, row_ok, q_ptr, 0, False, False)
-    store_rows(out_ptr, lse_ptr, tok * stride_ot + head * stride_oh, tok * stride_lt + head * stride_lh, d, row_ok,
-               d_ok, out, lse, WRITE_LSE, True)
+    out, lse = finalize_heads(m, l, acc, q_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, False, V_SCALE)
+    if PARTIAL:           # rows (request, head, split) of the workspace; LSE stays in log2 units
+        store_rows(out_ptr, lse_ptr, tok * stride_or + head * stride_oh + split * stride_os,
+                   tok * stride_lr + head * stride_lh + split * stride_ls, d, row_ok, d_ok, out, lse, True, False)
+    else:
+        store_rows(out_ptr, lse_ptr, tok * stride_or + head * stride_oh, tok * stride_lr + head * stride_lh, d,
+                   row_ok, d_ok, out, lse, WRITE_LSE, True)
 
 
 def gated_decode_launch(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: torch.Tensor, alpha: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
-                        lse: Optional[torch.Tensor], *, scale: float, logsigmoid: bool) -> None:
-    """Launch for requests ``0 .. len(seq_lens)`` (query ``q[r]``); inputs are trusted
-    (``kvlayout.gated_decode`` validates)."""
+                        lse: Optional[torch.Tensor], *, scale: float, logsigmoid: bool, max_seq_len: int,
+                        k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                        num_splits: Optional[int] = None) -> None:
+    """Launch for requests ``0 .. len(seq_lens)`` (query ``q[r]``); ``max_seq_len`` (a host bound on the
+    lengths) steers the split count. Inputs are trusted (``kvlayout.gated_decode`` validates)."""
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0:
         return
     h_kv, page, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
-    group = q.shape[1] // h_kv
-    lse_t = lse if lse is not None else out
-    _gated_decode_kernel[(num_reqs, h_kv)](
-        q, kv_cache, delta_cache, alpha, out, lse_t, seq_lens, block_table, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        lse_t.stride(0) if lse is not None else 0, lse_t.stride(1) if lse is not None else 0,
+    h = q.shape[1]
+    group = h // h_kv
+    if num_splits is None:
+        num_splits = choose_num_splits(num_reqs, h_kv, max_seq_len, device_sms(q.device))
+    partial = num_splits > 1
+    if partial:
+        o_dst = torch.empty(num_reqs, h, num_splits, d, dtype=torch.float32, device=q.device)
+        l_dst = torch.empty(num_reqs, h, num_splits, dtype=torch.float32, device=q.device)
+        o_strides, l_strides = o_dst.stride()[:3], l_dst.stride()
+    else:
+        o_dst, l_dst = out, (lse if lse is not None else out)
+        o_strides = (out.stride(0), out.stride(1), 0)
+        l_strides = (lse.stride(0), lse.stride(1), 0) if lse is not None else (0, 0, 0)
+    ks, vs = scale_arg(k_scale, kv_cache.dtype, seq_lens), scale_arg(v_scale, kv_cache.dtype, seq_lens)
+    _gated_decode_kernel[(num_reqs, h_kv, num_splits)](
+        q, kv_cache, delta_cache, alpha, o_dst, l_dst, seq_lens, block_table, ks.tensor, vs.tensor, num_splits, scale,
+        q.stride(0), q.stride(1), *o_strides, *l_strides,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), delta_cache.stride(0), delta_cache.stride(1),
-        alpha.stride(0), block_table.stride(0),
+        alpha.stride(0), block_table.stride(0), ks.stride, vs.stride,
         HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, M=dot_pad(group), BLOCK_N=16, PAGE=page, LOGSIGMOID=logsigmoid,
-        WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=1)
+        K_SCALE=ks.on, V_SCALE=vs.on, PARTIAL=partial, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=1)
+    if partial:
+        rows = torch.arange(num_reqs + 1, device=q.device, dtype=torch.int32)
+        merge_states_launch(o_dst.permute(0, 2, 1, 3), l_dst.permute(0, 2, 1), out, lse, in_base="2", out_base="e",
+                            rows=rows, sinks=None, num_states=num_splits)
