@@ -89,10 +89,11 @@ def gated_decode(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: torch.Ten
     over every cached key of its request, with ``alpha [B, H]`` and the keys' ``delta_cache`` gates (see
     the module docstring). Returns ``out [B, H, D]`` (and ``lse [B, H]``, base e). fp8 caches take their
     ``k_scale``/``v_scale`` (``kvlayout.fp8``)."""
-    max_seq_len = block_table.shape[1] * kv_cache.shape[2]         # a host bound without reading seq_lens
     if validate:
         max_seq_len = check_gated_decode(q, kv_cache, delta_cache, alpha, block_table, seq_lens, gate, out, lse,
                                          k_scale, v_scale)
+    else:
+        max_seq_len = block_table.shape[1] * kv_cache.shape[2]     # a host bound without reading seq_lens
     scale = softmax_scale(scale, q.shape[2])
     logsigmoid = gate == "logsigmoid"
     if _use_triton(impl, q.device, "gated_decode", q.dtype):
@@ -127,8 +128,12 @@ def gated_decode_reference(q, kv_cache, delta_cache, alpha, block_table, seq_len
         if logsigmoid:
             g = torch.nn.functional.logsigmoid(g)
         scores = (torch.einsum("hd,shd->hs", q[r].float(), kv[..., :d]) + g.transpose(0, 1)) * scale
-        lse[r] = torch.logsumexp(scores, dim=-1)
-        out[r] = torch.einsum("hs,shd->hd", torch.softmax(scores, dim=-1), kv[..., d:]).to(out.dtype)
+        l = torch.logsumexp(scores, dim=-1)
+        empty = l == float("-inf")             # every gate -inf: output 0, LSE -inf (as the kernels give)
+        probs = torch.exp(scores - torch.where(empty, torch.zeros_like(l), l)[:, None])
+        probs = torch.where(empty[:, None], torch.zeros_like(probs), probs)
+        lse[r] = l
+        out[r] = torch.einsum("hs,shd->hd", probs, kv[..., d:]).to(out.dtype)
     return out, lse
 
 

@@ -350,6 +350,23 @@ CALLS = [
     Call("gather_kv", lambda w: dict(ids=torch.tensor([7, 2]), n=6),
          lambda w, b, a: kvl.gather_kv(w.caches["f32"], a["ids"], a["n"]), backend_free=True,
          allowed=[("ids", "a list")]),
+    Call("tree_attention", lambda w: dict(
+        q=w.q, k_new=w.k, v_new=w.v, kv_cache=w.caches["f32"], cu_seqlens_q=w.meta.query_start_loc,
+        cache_seqlens=w.meta.seq_lens - torch.diff(w.meta.query_start_loc), block_table=w.meta.block_table,
+        tree_mask=ops.tree_masks([[-1], [-1, 0, 0, 1], [-1, 0]]), out=w.out, lse=w.lse),
+         lambda w, b, a: ops.tree_attention(**a, impl=_impl(b)),
+         allowed=[("kv_cache", "one row fewer")]),
+    Call("sparse_decode", lambda w: dict(
+        q=w.q[:3], kv_cache=w.caches["f32"], block_table=w.meta.block_table, seq_lens=w.meta.seq_lens,
+        selected=torch.tensor([[0, 1], [0, -1], [1, -1]], dtype=torch.int32)),
+         lambda w, b, a: ops.sparse_decode(**a, impl=_impl(b)),
+         allowed=[("kv_cache", "one row fewer"), ("selected", "index -1")]),
+    Call("gated_decode", lambda w: dict(
+        q=w.q[:3], kv_cache=w.caches["f32"], delta_cache=torch.randn(NB, H, BS, generator=torch.Generator()
+                                                                      .manual_seed(1)),
+        alpha=torch.randn(3, HQ, generator=torch.Generator().manual_seed(2)), block_table=w.meta.block_table,
+        seq_lens=w.meta.seq_lens),
+         lambda w, b, a: ops.gated_decode(**a, impl=_impl(b))),
     Call("AttentionParams", lambda w: dict(num_heads=HQ, num_kv_heads=H, head_size=D, scale=0.3, window=3,
                                            cap=30.0),
          lambda w, b, a: kvl.AttentionParams(a["num_heads"], a["num_kv_heads"], a["head_size"], scale=a["scale"],
