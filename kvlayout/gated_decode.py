@@ -21,13 +21,11 @@ from typing import Optional
 
 import torch
 
-from .cache_ops import check_kv_cache, gather_kv
-from .checks import check_out_buffer, check_slot_values
+from .cache_ops import gather_kv
+from .checks import check_slot_values
 from .conventions import softmax_scale
-from .errors import KVLayoutError, UnsupportedFeatureError
-from .fp8 import check_scales
-from .ops import ATTENTION_OP_DTYPES, _check_inner_contiguous, _index_tensor, _run_attention, _use_triton
-from .specs import dtype_name, is_fp8
+from .errors import KVLayoutError
+from .ops import _index_tensor, _run_attention, _use_triton, check_paged_decode
 
 GATES = ("logsigmoid", "linear")
 
@@ -36,47 +34,18 @@ def check_gated_decode(q, kv_cache, delta_cache, alpha, block_table, seq_lens, g
                        lse=None, k_scale=None, v_scale=None) -> int:
     """Every check ``gated_decode`` makes, without touching memory (reads the index tensors on the host);
     returns the longest request."""
-    num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
-    fp8 = is_fp8(kv_cache.dtype)
-    if kv_cache.dtype not in ATTENTION_OP_DTYPES and not fp8:
-        raise UnsupportedFeatureError(f"gated_decode does not take a {dtype_name(kv_cache.dtype)} cache (fp16, bf16, "
-                                      f"fp32 or fp8 with scales)")
-    check_scales(k_scale, v_scale, kv_cache.dtype, h_kv, kv_cache.device)
     if gate not in GATES:
         raise KVLayoutError(f"gate must be one of {GATES}, got {gate!r}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != d or q.shape[1] % h_kv:
-        raise KVLayoutError(f"q must be [requests, heads, {d}] with heads a multiple of the cache's {h_kv} KV heads, "
-                            f"got {tuple(getattr(q, 'shape', ()))}")
-    if (q.dtype not in ATTENTION_OP_DTYPES if fp8 else q.dtype != kv_cache.dtype) or q.device != kv_cache.device:
-        raise KVLayoutError(f"q is {dtype_name(q.dtype)} on {q.device}; the cache is {dtype_name(kv_cache.dtype)} "
-                            f"on {kv_cache.device}")
-    _check_inner_contiguous(q=q)
+    lens, _, _ = check_paged_decode(q, kv_cache, block_table, seq_lens, out, lse, k_scale, v_scale,
+                                    what="gated_decode")
     b, h = q.shape[:2]
+    num_blocks, h_kv, page = kv_cache.shape[:3]
     dev = kv_cache.device
     for name, t, shape in (("delta_cache", delta_cache, (num_blocks, h_kv, page)), ("alpha", alpha, (b, h))):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32 \
                 or t.device != dev or t.stride(-1) != 1:
             raise KVLayoutError(f"{name} must be float32 {list(shape)} on {dev} with a contiguous last dim, got "
                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    _index_tensor(block_table, "block_table", 2, dev)
-    _index_tensor(seq_lens, "seq_lens", 1, dev)
-    if seq_lens.shape[0] != b or block_table.shape[0] != b:
-        raise KVLayoutError(f"q has {b} requests but seq_lens has {seq_lens.shape[0]} and block_table "
-                            f"{block_table.shape[0]} rows")
-    check_out_buffer(out, tuple(q.shape), q.dtype, dev, "out")
-    check_out_buffer(lse, (b, h), torch.float32, dev, "lse")
-    lens = seq_lens.cpu().long()
-    if b and int(lens.min()) < 0:
-        raise KVLayoutError(f"seq_lens has a negative length ({int(lens.min())})")
-    pages = (lens + page - 1) // page
-    if b and int(pages.max()) > block_table.shape[1]:
-        r = int(torch.argmax((pages > block_table.shape[1]).int()))
-        raise KVLayoutError(f"request {r} holds {int(lens[r])} tokens, {int(pages[r])} pages, but its block-table row "
-                            f"has {block_table.shape[1]}")
-    table = block_table.cpu().long()
-    used = table[torch.arange(table.shape[1])[None, :] < pages[:, None]]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-        raise KVLayoutError(f"block_table names a block outside the cache's {num_blocks}")
     return int(lens.max()) if b else 0
 
 

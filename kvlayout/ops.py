@@ -87,6 +87,52 @@ def _check_inner_contiguous(**tensors) -> None:
             raise KVLayoutError(f"{name}: the last dim must be contiguous (stride 1), got stride {t.stride(-1)}")
 
 
+# ------------------------------------------------------------------------------ decode-request checks
+
+def check_paged_decode(q, kv_cache, block_table, seq_lens, out=None, lse=None, k_scale=None, v_scale=None, *,
+                       what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checks a decode op over paged requests shares (one query token per request, ``q [B, H, D]``,
+    ``seq_lens [B]`` tokens in the cache, ``block_table [B, W]``): the cache (fp16/bf16/fp32, or fp8 with
+    its scales and 16/32-bit queries), q's shape, dtype and device, the index tensors, ``out``/``lse``,
+    and every page a request's tokens need is in its row and in the cache. Returns the host copies
+    ``(lens, pages per request, table)`` (int64) for the op's own checks."""
+    num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
+    fp8 = is_fp8(kv_cache.dtype)
+    if kv_cache.dtype not in ATTENTION_OP_DTYPES and not fp8:
+        raise UnsupportedFeatureError(f"{what} does not take a {dtype_name(kv_cache.dtype)} cache (fp16, bf16, fp32 "
+                                      f"or fp8 with scales)")
+    check_scales(k_scale, v_scale, kv_cache.dtype, h_kv, kv_cache.device)
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != d or q.shape[1] % h_kv:
+        raise KVLayoutError(f"q must be [requests, heads, {d}] with heads a multiple of the cache's {h_kv} KV heads, "
+                            f"got {tuple(getattr(q, 'shape', ()))}")
+    if (q.dtype not in ATTENTION_OP_DTYPES if fp8 else q.dtype != kv_cache.dtype) or q.device != kv_cache.device:
+        raise KVLayoutError(f"q is {dtype_name(q.dtype)} on {q.device}; the cache is {dtype_name(kv_cache.dtype)} on "
+                            f"{kv_cache.device}" + (" (fp16, bf16 or fp32 queries over an fp8 cache)" if fp8 else ""))
+    _check_inner_contiguous(q=q)
+    dev = kv_cache.device
+    _index_tensor(block_table, "block_table", 2, dev)
+    _index_tensor(seq_lens, "seq_lens", 1, dev)
+    b = q.shape[0]
+    if seq_lens.shape[0] != b or block_table.shape[0] != b:
+        raise KVLayoutError(f"q has {b} requests but seq_lens has {seq_lens.shape[0]} and block_table "
+                            f"{block_table.shape[0]} rows")
+    check_out_buffer(out, tuple(q.shape), q.dtype, dev, "out")
+    check_out_buffer(lse, tuple(q.shape[:2]), torch.float32, dev, "lse")
+    lens = seq_lens.cpu().long()
+    table = block_table.cpu().long()
+    if b and int(lens.min()) < 0:
+        raise KVLayoutError(f"seq_lens has a negative length ({int(lens.min())})")
+    pages = (lens + page - 1) // page
+    if b and int(pages.max()) > table.shape[1]:
+        r = int(torch.argmax((pages > table.shape[1]).int()))
+        raise KVLayoutError(f"request {r} holds {int(lens[r])} tokens, {int(pages[r])} pages, but its block-table row "
+                            f"has {table.shape[1]}")
+    used = table[torch.arange(table.shape[1])[None, :] < pages[:, None]]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
+        raise KVLayoutError(f"block_table names a block outside the cache's {num_blocks}")
+    return lens, pages, table
+
+
 # ------------------------------------------------------------------------------ paged prefill with append
 
 def _run_attention(q: torch.Tensor, lse_shape, out, lse, return_lse: bool, *, launch=None, reference=None):

@@ -22,56 +22,24 @@ from typing import Optional
 
 import torch
 
-from .cache_ops import check_kv_cache, gather_kv
-from .checks import check_out_buffer
+from .cache_ops import gather_kv
 from .conventions import soft_cap_value, softmax_scale
-from .errors import KVLayoutError, UnsupportedFeatureError
-from .fp8 import check_scales
-from .ops import ATTENTION_OP_DTYPES, _check_inner_contiguous, _index_tensor, _run_attention, _use_triton
+from .errors import KVLayoutError
+from .ops import _index_tensor, _run_attention, _use_triton, check_paged_decode
 from .params import AttentionParams
 from .reference import dense_attention
-from .specs import dtype_name, is_fp8
 
 
 def check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_soft_cap=None, out=None,
                         lse=None, k_scale=None, v_scale=None) -> None:
     """Every check ``sparse_decode`` makes, without touching memory (reads the index tensors on the host)."""
-    num_blocks, h_kv, page, d = check_kv_cache(kv_cache)
-    if kv_cache.dtype not in ATTENTION_OP_DTYPES and not is_fp8(kv_cache.dtype):
-        raise UnsupportedFeatureError(f"sparse_decode does not take a {dtype_name(kv_cache.dtype)} cache (fp16, "
-                                      f"bf16, fp32 or fp8 with scales)")
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[2] != d or q.shape[1] % h_kv:
-        raise KVLayoutError(f"q must be [requests, heads, {d}] with heads a multiple of the cache's {h_kv} KV heads, "
-                            f"got {tuple(getattr(q, 'shape', ()))}")
-    check_scales(k_scale, v_scale, kv_cache.dtype, h_kv, kv_cache.device)
-    if is_fp8(kv_cache.dtype):
-        if q.dtype not in ATTENTION_OP_DTYPES or q.device != kv_cache.device:
-            raise KVLayoutError(f"q must be fp16, bf16 or fp32 on {kv_cache.device} over an fp8 cache, got "
-                                f"{dtype_name(q.dtype)} on {q.device}")
-    elif q.dtype != kv_cache.dtype or q.device != kv_cache.device:
-        raise KVLayoutError(f"q is {dtype_name(q.dtype)} on {q.device}; the cache is {dtype_name(kv_cache.dtype)} "
-                            f"on {kv_cache.device}")
-    _check_inner_contiguous(q=q)
-    dev = kv_cache.device
-    for name, t, dim in (("block_table", block_table, 2), ("seq_lens", seq_lens, 1), ("selected", selected, 2)):
-        _index_tensor(t, name, dim, dev)
-    b = q.shape[0]
-    if seq_lens.shape[0] != b or block_table.shape[0] != b or selected.shape[0] != b:
-        raise KVLayoutError(f"q has {b} requests but seq_lens has {seq_lens.shape[0]}, block_table "
-                            f"{block_table.shape[0]} rows and selected {selected.shape[0]} rows")
+    _, pages, _ = check_paged_decode(q, kv_cache, block_table, seq_lens, out, lse, k_scale, v_scale,
+                                     what="sparse_decode")
     soft_cap_value(logits_soft_cap)
-    check_out_buffer(out, tuple(q.shape), q.dtype, dev, "out")
-    check_out_buffer(lse, tuple(q.shape[:2]), torch.float32, dev, "lse")
-    lens = seq_lens.cpu().long()
+    _index_tensor(selected, "selected", 2, kv_cache.device)
+    if selected.shape[0] != q.shape[0]:
+        raise KVLayoutError(f"q has {q.shape[0]} requests but selected has {selected.shape[0]} rows")
     sel = selected.cpu().long()
-    table = block_table.cpu().long()
-    if b and int(lens.min()) < 0:
-        raise KVLayoutError(f"seq_lens has a negative length ({int(lens.min())})")
-    pages = (lens + page - 1) // page
-    if b and int(pages.max()) > table.shape[1]:
-        r = int(torch.argmax((pages > table.shape[1]).int()))
-        raise KVLayoutError(f"request {r} holds {int(lens[r])} tokens, {int(pages[r])} pages, but its block-table row "
-                            f"has {table.shape[1]}")
     valid = sel >= 0
     if bool((sel < -1).any()) or bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise KVLayoutError("selected must hold page indices >= 0, padded only at the end with -1")
@@ -80,9 +48,6 @@ def check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_sof
         raise KVLayoutError(f"request {r} selects a page past its {int(pages[r])} pages")
     if sel.shape[1] > 1 and bool((valid[:, 1:] & (sel[:, 1:] <= sel[:, :-1])).any()):
         raise KVLayoutError("selected page indices must increase along each row (each page once)")
-    blocks = torch.gather(table, 1, sel.clamp(min=0))[valid]
-    if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= num_blocks):
-        raise KVLayoutError(f"a selected page maps to a block outside the cache's {num_blocks}")
 
 
 def selected_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, selected: torch.Tensor, page: int
