@@ -30,8 +30,8 @@ TRITON_CAPABILITIES = BackendCapabilities(
     q_dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     head_sizes=frozenset({64, 80, 96, 128, 256}),
     block_sizes=None,
-    features=frozenset({"non_causal", "sliding_window", "soft_cap", "sinks", "fp8_kv", "lse", "cross_layer", "padded_steps",
-                        "cuda_graphs"}),
+    features=frozenset({"non_causal", "sliding_window", "soft_cap", "sinks", "fp8_kv", "lse", "cross_layer",
+                        "padded_steps", "cuda_graphs"}),
     lse_base="e",
 )
 

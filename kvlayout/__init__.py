@@ -24,10 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionKind", "AttentionLayer", "AttentionMetadata", "AttentionParams", "AttentionSpec",
-    "BackendCapabilities", "BlockTable", "BackendUnavailableError", "Capacity", "ConnectorWishes", "GroupLayout", "GroupPlan", "KVCache",
-    "KVCacheLayout", "KVCachePlan", "KVLayoutError", "LayerLayout", "LayoutConflictError", "MLALayer",
-    "MLASpec", "MambaLayer", "MambaSpec", "PagePool", "PoolExhaustedError", "ScheduledRequest", "UnsupportedFeatureError", "allocate_kv_cache",
-    "bind_kv_cache", "build_attention_metadata", "copy_blocks", "gather_kv", "get_attention_backend",
-    "mamba_state_views", "order_decodes_first", "parse_dtype", "plan_capacity", "plan_kv_cache", "resolve_kv_cache_layout",
-    "StepBuffers", "StepContext", "step_context", "validate_attention_metadata", "write_kv", "zero_blocks",
+    "BackendCapabilities", "BackendUnavailableError", "BlockTable", "Capacity", "ConnectorWishes", "GroupLayout",
+    "GroupPlan", "KVCache", "KVCacheLayout", "KVCachePlan", "KVLayoutError", "LayerLayout", "LayoutConflictError",
+    "MLALayer", "MLASpec", "MambaLayer", "MambaSpec", "PagePool", "PoolExhaustedError", "ScheduledRequest",
+    "StepBuffers", "StepContext", "UnsupportedFeatureError", "allocate_kv_cache", "bind_kv_cache",
+    "build_attention_metadata", "copy_blocks", "gather_kv", "get_attention_backend", "mamba_state_views",
+    "order_decodes_first", "parse_dtype", "plan_capacity", "plan_kv_cache", "resolve_kv_cache_layout",
+    "step_context", "validate_attention_metadata", "write_kv", "zero_blocks",
 ]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import KVLayoutError
-from .metadata import AttentionMetadata, as_device, resolve_group, seal
+from .metadata import AttentionMetadata, as_device, new_token_slots, resolve_group, seal, token_counts
 from .page_pool import PagePool
 from .planner import KVCachePlan
 from .values import require_int
@@ -184,8 +184,8 @@ class BlockTable:
             rows = np.fromiter((self._rows[r] for r in request_ids), dtype=np.int64, count=n)
         except KeyError as e:
             raise KVLayoutError(f"request {e.args[0]!r} has no row in the block table; add it first") from None
-        computed = _counts(num_computed, "num_computed")
-        new = _counts(num_new, "num_new")
+        computed = token_counts(num_computed, lambda i: f"num_computed[{i}]")
+        new = token_counts(num_new, lambda i: f"num_new[{i}]")
         if n > 1:                                    # a row listed twice: its later index overwrites the earlier
             order = self._order[:n]
             self._seen[rows] = order
@@ -207,14 +207,7 @@ class BlockTable:
         np.cumsum(new, out=qsl[1:])
         not_decode = np.flatnonzero(new != 1)
         num_decodes = int(not_decode[0]) if not_decode.size else n
-        if not not_decode.size:                      # decode-only: one token per request
-            pos = computed
-            slot_rows = rows
-        else:
-            req = np.repeat(np.arange(n), new)
-            pos = np.arange(total) - qsl[:-1][req] + computed[req]
-            slot_rows = rows[req]
-        slots = self._host[slot_rows, pos // bs].astype(np.int64) * bs + pos % bs
+        slots = new_token_slots(self._host, rows, computed, new, qsl, bs)
         return self._upload(rows, qsl, seq, slots, num_decodes, int(new.max(initial=0)), int(seq.max(initial=0)))
 
     def _upload(self, rows, qsl, seq, slots, num_decodes: int, max_query_len: int, max_seq_len: int
@@ -250,16 +243,6 @@ class BlockTable:
                 max_seq_len=max_seq_len, num_decodes=num_decodes, num_decode_tokens=num_decodes,
                 num_actual_tokens=total)
             return seal(meta)
-
-
-def _counts(values, what: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1):
-        raise KVLayoutError(f"{what} must be a sequence of integers, got {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False).reshape(-1)
-    if arr.size and int(arr.min()) < 0:
-        raise KVLayoutError(f"{what} must be >= 0, got {int(arr.min())}")
-    return arr
 
 
 __all__ = ["BlockTable"]

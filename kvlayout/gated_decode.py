@@ -26,6 +26,7 @@ from .checks import check_slot_values
 from .conventions import softmax_scale
 from .errors import KVLayoutError
 from .ops import _index_tensor, _run_attention, _use_triton, check_paged_decode
+from .reference import dense_attention
 
 GATES = ("logsigmoid", "linear")
 
@@ -79,9 +80,10 @@ def gated_decode(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: torch.Ten
 
 def gated_decode_reference(q, kv_cache, delta_cache, alpha, block_table, seq_lens, *, scale: float,
                            logsigmoid: bool, k_scale=None, v_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch reference, float32 math (fp8 dequantized), one request at a time."""
-    n, d = kv_cache.shape[2], q.shape[2]
-    h, h_kv = q.shape[1], kv_cache.shape[1]
+    """The PyTorch reference, float32 math (fp8 dequantized), one request at a time: dense attention with
+    the gate terms ``scale * G(alpha * delta)`` added to the scaled scores."""
+    n = kv_cache.shape[2]
+    group = q.shape[1] // kv_cache.shape[1]
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
     for r, s in enumerate(seq_lens.tolist()):
@@ -89,20 +91,14 @@ def gated_decode_reference(q, kv_cache, delta_cache, alpha, block_table, seq_len
             continue
         pos = torch.arange(s, device=q.device)
         blk = block_table[r].long()[pos // n]
-        k, v = gather_kv(kv_cache, block_table[r, : -(-s // n)], s, k_scale, v_scale,
-                         dtype=torch.float32)
-        kv = torch.cat([k, v], dim=-1).repeat_interleave(h // h_kv, dim=1)             # [S, H, 2D]
-        delta = delta_cache[blk, :, pos % n].repeat_interleave(h // h_kv, dim=1)       # [S, H]
-        g = alpha[r][None, :] * delta
+        k, v = gather_kv(kv_cache, block_table[r, : -(-s // n)], s, k_scale, v_scale, dtype=torch.float32)
+        g = alpha[r][:, None] * delta_cache[blk, :, pos % n].repeat_interleave(group, dim=1).T     # [H, S]
         if logsigmoid:
             g = torch.nn.functional.logsigmoid(g)
-        scores = (torch.einsum("hd,shd->hs", q[r].float(), kv[..., :d]) + g.transpose(0, 1)) * scale
-        l = torch.logsumexp(scores, dim=-1)
-        empty = l == float("-inf")             # every gate -inf: output 0, LSE -inf (as the kernels give)
-        probs = torch.exp(scores - torch.where(empty, torch.zeros_like(l), l)[:, None])
-        probs = torch.where(empty[:, None], torch.zeros_like(probs), probs)
-        lse[r] = l
-        out[r] = torch.einsum("hs,shd->hd", probs, kv[..., d:]).to(out.dtype)
+        o, l = dense_attention(q[r:r + 1].float(), k, v, scale, q_offset=s - 1, causal=False,
+                               score_bias=(scale * g)[:, None, :])
+        out[r] = o[0].to(out.dtype)
+        lse[r] = l[0]
     return out, lse
 
 

@@ -182,17 +182,38 @@ def order_decodes_first(requests: Sequence[ScheduledRequest]) -> list[int]:
     return sorted(range(len(requests)), key=lambda i: requests[i].num_new_tokens != 1)
 
 
+def token_counts(values: Sequence, name: Callable[[int], str]) -> np.ndarray:
+    """``values`` (token counts, one per request) as an int64 array; refuses a non-integer or a negative
+    count, naming it with ``name(i)``."""
+    arr = np.array(values)
+    if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1):
+        bad = next(i for i, x in enumerate(values) if isinstance(x, bool) or not isinstance(x, (int, np.integer)))
+        raise KVLayoutError(f"{name(bad)} must be an integer, got {values[bad]!r}")
+    arr = arr.astype(np.int64).reshape(-1)
+    if (arr < 0).any():
+        bad = int(np.nonzero(arr < 0)[0][0])
+        raise KVLayoutError(f"{name(bad)}: token counts must be >= 0, got {int(arr[bad])}")
+    return arr
+
+
 def _count_array(requests: Sequence[ScheduledRequest], attr: str) -> np.ndarray:
-    values = np.array([getattr(r, attr) for r in requests])
-    if values.size and (values.dtype.kind not in "iu" or values.ndim != 1):
-        bad = next(i for i, r in enumerate(requests) if isinstance(getattr(r, attr), bool)
-                   or not isinstance(getattr(r, attr), (int, np.integer)))
-        raise KVLayoutError(f"requests[{bad}].{attr} must be an integer, got {getattr(requests[bad], attr)!r}")
-    values = values.astype(np.int64)
-    if (values < 0).any():
-        bad = int(np.nonzero(values < 0)[0][0])
-        raise KVLayoutError(f"requests[{bad}]: token counts must be >= 0, got {attr}={int(values[bad])}")
-    return values
+    return token_counts([getattr(r, attr) for r in requests], lambda i: f"requests[{i}].{attr}")
+
+
+def new_token_slots(table: np.ndarray, rows: np.ndarray, computed: np.ndarray, new: np.ndarray, qsl: np.ndarray,
+                    block_size: int) -> np.ndarray:
+    """The cache slot (int64) of every new token of the step, packed in request order: request ``r``'s
+    token ``i`` sits at position ``p = computed[r] + i`` of the sequence whose blocks are ``table[rows[r]]``,
+    so in slot ``table[rows[r], p // block_size] * block_size + p % block_size``. E.g. block size 4, a
+    request with blocks ``[7, 2]``, 5 cached and 2 new: positions 5, 6 -> slots ``2*4+1, 2*4+2`` = 9, 10."""
+    n = rows.shape[0]
+    total = int(qsl[-1])
+    if total == n and (new == 1).all():             # decode-only: one token per request, no repeat needed
+        req, pos = np.arange(n), computed
+    else:
+        req = np.repeat(np.arange(n), new)
+        pos = np.arange(total) - qsl[:-1][req] + computed[req]
+    return table[rows[req], pos // block_size].astype(np.int64) * block_size + pos % block_size
 
 
 def _block_id_rows(requests: Sequence[ScheduledRequest], need: np.ndarray, block_size: int) -> np.ndarray:
@@ -276,8 +297,8 @@ def build_attention_metadata(
     ``plan`` is a ``KVCachePlan`` (its token-indexed ``group``; the only one when ``group`` is None) or a
     block size (then ``num_blocks`` bounds the ids). With ``pool`` (the ``PagePool`` the ids came from)
     every block id must be a block ``group`` holds now: a freed block, another group's block or a state
-    page is refused, naming the group and the block. One metadata per attention group per step. ``max_blocks_per_request`` fixes the block table width and ``pad_tokens_to`` pads
-    ``slot_mapping`` with -1, so buffers keep one shape across steps (CUDA graphs). All checks run on the
+    page is refused, naming the group and the block. One metadata per attention group per step.
+    ``max_blocks_per_request`` fixes the block table width and ``pad_tokens_to`` pads ``slot_mapping`` with -1, so buffers keep one shape across steps (CUDA graphs). All checks run on the
     host on data the caller passed in; nothing is read back from the device."""
     block_size, num_blocks, group = resolve_group(plan, group, num_blocks, pool)
     sched = host_schedule(requests, block_size, num_blocks, max_blocks_per_request=max_blocks_per_request,
@@ -355,11 +376,7 @@ def host_schedule(requests: Sequence[ScheduledRequest], block_size: int, num_blo
 
     qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(new, out=qsl[1:])
-    total = int(qsl[-1])
-    # slot of every new token: block_table[req, pos // bs] * bs + pos % bs
-    req_of_tok = np.repeat(np.arange(n), new)
-    pos = np.arange(total) - qsl[:-1][req_of_tok] + computed[req_of_tok]
-    slots = table[req_of_tok, pos // block_size] * block_size + pos % block_size
+    slots = new_token_slots(table, np.arange(n), computed, new, qsl, block_size)
     not_decode = np.nonzero(new != 1)[0]
     num_decodes = int(not_decode[0]) if not_decode.size else n
     return HostSchedule(qsl, seq, table, slots, num_decodes, max_query_len=int(new.max(initial=0)),

@@ -630,8 +630,8 @@ _VARIANT_OPS = {"tree_attention": "tree", "tree_masks": "tree", "accept_drafts":
 
 def __getattr__(name: str):
     """The attention variants (tree attention in ``kvlayout.tree``, block-sparse decode in
-    ``kvlayout.sparse_decode``, gated decode in ``kvlayout.gated_decode``) build on this module's checks; they are reachable here too, imported on
-    first use."""
+    ``kvlayout.sparse_decode``, gated decode in ``kvlayout.gated_decode``) build on this module's checks;
+    they are reachable here too, imported on first use."""
     if name in _VARIANT_OPS:
         import importlib
         return getattr(importlib.import_module(f"kvlayout.{_VARIANT_OPS[name]}"), name)

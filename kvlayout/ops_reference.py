@@ -12,11 +12,13 @@ from .reference import dense_attention
 
 
 def append_slots(cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor,
-                 block_size: int) -> torch.Tensor:
-    """The cache slot (``block * block_size + offset``) each packed new token is appended to, int64 [T]."""
+                 block_size: int, num_tokens: Optional[int] = None) -> torch.Tensor:
+    """The cache slot (``block * block_size + offset``) each packed new token is appended to, int64 [T].
+    Device ops only when ``num_tokens`` (``T``, a host integer) is given; otherwise it is read back."""
     cu = cu_seqlens_q.long()
     q_lens = cu[1:] - cu[:-1]
-    num_tokens = int(cu[-1])
+    if num_tokens is None:
+        num_tokens = int(cu[-1])
     req = torch.repeat_interleave(torch.arange(q_lens.numel(), device=cu.device), q_lens, output_size=num_tokens)
     pos = cache_seqlens.long()[req] + torch.arange(num_tokens, device=cu.device) - cu[:-1][req]
     blocks = block_table.long()[req, pos // block_size]

@@ -13,19 +13,23 @@ from .conventions import visible
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, q_offset: int,
                     causal: bool = True, sliding_window: Optional[int] = None,
                     soft_cap: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
-                    key_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    key_mask: Optional[torch.Tensor] = None, score_bias: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [Q, Hq, D]`` over ``k [S, Hkv, D]``, ``v [S, Hkv, Dv]`` in the dtype of the inputs
     (pass float32 or float64). Query t sits at position ``q_offset + t``. Returns ``(out [Q, Hq, Dv],
     lse [Q, Hq])`` with the natural-log LSE of the whole softmax denominator (sink included). Scale, window
     and soft-cap follow ``kvlayout.conventions``. A NaN in ``q``, or in the K or V of a key a query sees,
     makes that query's output NaN (``kvlayout.conventions``, "Non-finite inputs"). ``key_mask [Q, S]`` bool,
-    when given, says which keys each query sees instead of ``causal``/``sliding_window`` (tree attention)."""
+    when given, says which keys each query sees instead of ``causal``/``sliding_window`` (tree attention);
+    ``score_bias [Hq, Q, S]`` is added to the scaled (and capped) scores (gated decode's gate terms)."""
     nq, hq, _ = q.shape
     s, hk, dv = v.shape
     g = hq // hk
     k = k.repeat_interleave(g, dim=1)
     v = v.repeat_interleave(g, dim=1)
     scores = apply_soft_cap(torch.einsum("qhd,khd->hqk", q, k) * scale, soft_cap)
+    if score_bias is not None:
+        scores = scores + score_bias
     qpos = torch.arange(nq, device=q.device).unsqueeze(1) + q_offset
     kpos = torch.arange(s, device=q.device).unsqueeze(0)
     seen = key_mask if key_mask is not None else visible(qpos, kpos, causal=causal, window=sliding_window)

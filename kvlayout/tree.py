@@ -103,7 +103,7 @@ def tree_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv
     scale = softmax_scale(scale, q.shape[2])
     cap = soft_cap_value(logits_soft_cap)
     n = kv_cache.shape[2]
-    slots = ref.append_slots(cu_seqlens_q, cache_seqlens, block_table, n)
+    slots = ref.append_slots(cu_seqlens_q, cache_seqlens, block_table, n, q.shape[0])     # no host sync
     if _use_triton(impl, q.device, "tree_attention", q.dtype):
         from .kernels.tree import tree_attention_launch
         from .kernels.write import write_kv as triton_write_kv
