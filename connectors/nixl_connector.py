@@ -135,6 +135,8 @@ class NixlConnector:
         engine_id: a name for logs and records (default: host-pid-random).
         tp_rank, tp_size: this engine's tensor-parallel position; attention blocks hold heads
             ``[tp_rank*H, (tp_rank+1)*H)`` of ``H*tp_size``.
+        num_kv_heads: the model's KV heads over all ranks (one count, or one per layer name); give it when
+            there may be fewer than ranks: each rank then holds a replica (``kvlayout.tp.kv_head_range``).
         host, port: where the side channel listens (default 127.0.0.1 and a free port; IPv6 works).
         advertise_host: the host peers are told to connect to (``address``), when it differs from the bound
             one (binding 0.0.0.0 or a container address); a name is resolved once, here.
@@ -181,7 +183,8 @@ class NixlConnector:
                  max_message_bytes: int = MAX_MESSAGE_BYTES, telemetry: bool = False,
                  backends: Sequence[str] = ("UCX",), secret: Union[bytes, str, None] = None,
                  allow_unauthenticated: bool = False, model_id: str = "", advertise_host: Optional[str] = None,
-                 digests: bool = False, canary_block: Optional[int] = None):
+                 digests: bool = False, canary_block: Optional[int] = None,
+                 num_kv_heads: Union[int, Mapping[str, int], None] = None):
         if not isinstance(caches, KVCache):
             raise KVLayoutError("NixlConnector needs the KVCache returned by kvlayout.allocate_kv_cache")
         for name, v in (("load_timeout_s", load_timeout_s), ("hold_timeout_s", hold_timeout_s),
@@ -226,7 +229,8 @@ class NixlConnector:
         self._telemetry = telemetry
         self._reg = self._agent.register_memory(list(caches.buffers))   # once per allocation
         self.record: CompatRecord = build_record(caches, engine_id=self.engine_id, agent_name=agent_name,
-                                                 tp_rank=tp_rank, tp_size=tp_size, specs=specs, model_id=model_id)
+                                                 tp_rank=tp_rank, tp_size=tp_size, specs=specs, model_id=model_id,
+                                                 num_kv_heads=num_kv_heads)
         if not isinstance(digests, bool):
             raise KVLayoutError(f"digests must be True or False, got {digests!r}")
         self._digester = Digester(caches, self._regions, self.record) if digests else None

@@ -9,11 +9,12 @@ refuses a mismatch with a message naming every differing field and both engines'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from kvlayout.allocation import KVCache
 from kvlayout.errors import KVLayoutError
 from kvlayout.specs import MambaSpec, dtype_name
+from kvlayout.tp import kv_head_range
 
 from .schema import (MAX_NAME, HandshakeError, bounded_list, boolean, exact_keys, integer, malformed, optional_integer,
                      string)
@@ -108,10 +109,13 @@ class CompatRecord:
 
 
 def build_record(caches: KVCache, *, engine_id: str, agent_name: str, tp_rank: int = 0, tp_size: int = 1,
-                 specs: Optional[Mapping[str, Any]] = None, model_id: str = "") -> CompatRecord:
+                 specs: Optional[Mapping[str, Any]] = None, model_id: str = "",
+                 num_kv_heads: Union[int, Mapping[str, int], None] = None) -> CompatRecord:
     """The record of a local cache. ``specs`` (``plan.specs``) adds the Mamba state layouts, which lets
     two engines with differently padded Mamba pages exchange the states. ``model_id`` names the model
-    (and its weights) the engine serves; engines with different ids refuse each other."""
+    (and its weights) the engine serves; engines with different ids refuse each other. ``num_kv_heads``:
+    the model's KV heads over all ranks (one count, or one per layer name); needed when there are fewer
+    than ranks (each rank then holds a replica, ``kvlayout.tp.kv_head_range``), else ``H * tp_size``."""
     if not isinstance(model_id, str) or len(model_id) > MAX_NAME:
         raise KVLayoutError(f"model_id must be a string of at most {MAX_NAME} characters, got {model_id!r}"[:300])
     if not (isinstance(tp_size, int) and isinstance(tp_rank, int) and 0 <= tp_rank < tp_size):
@@ -121,7 +125,15 @@ def build_record(caches: KVCache, *, engine_id: str, agent_name: str, tp_rank: i
         _, h, n, c = lay.shape
         page = lay.block_bytes
         if lay.kind == "attention":
-            num_heads, head_start, total = h, tp_rank * h, h * tp_size
+            total = num_kv_heads.get(lay.name) if isinstance(num_kv_heads, Mapping) else num_kv_heads
+            if total is None:
+                num_heads, head_start, total = h, tp_rank * h, h * tp_size
+            else:
+                head_start, count = kv_head_range(tp_rank, tp_size, total)
+                if count != h:
+                    raise KVLayoutError(f"layer {lay.name!r} holds {h} KV heads, but {total} KV heads at "
+                                        f"tensor-parallel size {tp_size} give {count} per rank")
+                num_heads = h
             block_size = n
         else:
             num_heads, head_start, total = 1, 0, 1

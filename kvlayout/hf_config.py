@@ -35,6 +35,7 @@ import torch
 
 from .errors import KVLayoutError
 from .specs import AttentionSpec, KVCacheSpec, MambaSpec, MLASpec, parse_dtype
+from .tp import kv_head_range
 
 SHIPPED_DIR = "configs"
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
@@ -140,10 +141,10 @@ def _int_field(cfg, *names, model_type: str, minimum: int = 1, **kw) -> int:
 
 
 def _per_rank(total: int, tp_size: int, what: str, replicate: bool = False) -> int:
-    if total % tp_size == 0:
-        return total // tp_size
-    if replicate and tp_size % total == 0:
-        return 1                       # fewer KV heads than ranks: each rank keeps one (replicated)
+    """What one rank holds of ``total``; ``replicate``: fewer than ranks is one replicated copy each
+    (``kvlayout.tp.kv_head_range``)."""
+    if total % tp_size == 0 or (replicate and tp_size % total == 0):
+        return kv_head_range(0, tp_size, total)[1]
     raise KVLayoutError(f"{what} ({total}) cannot be split over tensor-parallel size {tp_size}")
 
 

@@ -32,6 +32,8 @@ from ..hf_config import load_hf_config, specs_from_hf_config
 from ..layers import AttentionLayer
 from ..metadata import AttentionMetadata
 from ..specs import AttentionSpec
+from ..tp import query_head_range
+from .tensor_parallel import TensorParallel, shard_model
 
 IMPLEMENTATION = "kvlayout"
 
@@ -83,10 +85,10 @@ def _attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
-def served_specs(cfg, kv_dtype: torch.dtype, block_size: int) -> dict[str, AttentionSpec]:
-    """The layer specs of a transformers config the runner can serve (attention-only), or a one-line
-    refusal; cheap, so it runs before any weight is made."""
-    specs = specs_from_hf_config(cfg.to_dict(), kv_dtype=kv_dtype, block_size=block_size)
+def served_specs(cfg, kv_dtype: torch.dtype, block_size: int, tp_size: int = 1) -> dict[str, AttentionSpec]:
+    """The layer specs (of one tensor-parallel rank) of a transformers config the runner can serve
+    (attention-only), or a one-line refusal; cheap, so it runs before any weight is made."""
+    specs = specs_from_hf_config(cfg.to_dict(), kv_dtype=kv_dtype, block_size=block_size, tp_size=tp_size)
     if not all(isinstance(s, AttentionSpec) for s in specs.values()):
         kinds = sorted({type(s).__name__ for s in specs.values()} - {"AttentionSpec"})
         raise KVLayoutError(f"{cfg.model_type}: the runner serves attention-only decoders; this model has {kinds} "
@@ -96,25 +98,33 @@ def served_specs(cfg, kv_dtype: torch.dtype, block_size: int) -> dict[str, Atten
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM (``self.hf``) plus one ``KVLayoutAttention`` per attention layer."""
+    """A transformers causal LM (``self.hf``) plus one ``KVLayoutAttention`` per attention layer.
+    ``tp``: this rank's place in a tensor-parallel group; the model is then sharded (``shard_model``) and
+    the layers and specs hold this rank's heads."""
 
-    def __init__(self, hf_model: nn.Module, kv_dtype: torch.dtype, block_size: int):
+    def __init__(self, hf_model: nn.Module, kv_dtype: torch.dtype, block_size: int,
+                 tp: Optional[TensorParallel] = None):
         super().__init__()
         self.hf = hf_model.requires_grad_(False)    # inference only: the attention ops have no backward
         self.config = hf_model.config
+        self.tp = tp or TensorParallel()
         mt = self.config.model_type
-        specs = served_specs(self.config, kv_dtype, block_size)
+        specs = served_specs(self.config, kv_dtype, block_size, self.tp.size)
         modules = _attention_modules(hf_model)
         want = {int(name.split(".")[2]): name for name in specs}
         if sorted(want) != sorted(modules):
             raise KVLayoutError(f"{mt}: the runner needs one cache per attention layer; layers "
                                 f"{sorted(set(modules) - set(want))} own no cache (they read another layer's KV)")
+        if getattr(hf_model, "_kvlayout_tp", (0, 1)) != (self.tp.rank, self.tp.size):
+            raise KVLayoutError(f"{mt}: the model is not sharded for tensor-parallel rank {self.tp.rank} of "
+                                f"{self.tp.size}; build it with build_model(..., tp=)")
+        num_heads = query_head_range(self.tp.rank, self.tp.size, int(self.config.num_attention_heads))[1]
         layers = {}
         for idx, module in sorted(modules.items()):
             spec = specs[want[idx]]
             head_dim = getattr(module, "head_dim", spec.head_size)
             groups = getattr(module, "num_key_value_groups", None)
-            kv_heads = self.config.num_attention_heads // groups if groups else spec.num_kv_heads
+            kv_heads = num_heads // groups if groups else spec.num_kv_heads
             if head_dim != spec.head_size or kv_heads != spec.num_kv_heads:
                 raise KVLayoutError(f"{mt}: layer {idx} attends with {kv_heads} KV heads of size {head_dim}, but its "
                                     f"config says {spec.num_kv_heads} of {spec.head_size}; fix the config")
@@ -124,7 +134,7 @@ class HFCausalLM(nn.Module):
             if sinks is not None:
                 spec = dataclasses.replace(spec, has_sinks=True)
                 specs[want[idx]] = spec
-            layer = KVLayoutAttention(layer_name=want[idx], spec=spec, num_heads=self.config.num_attention_heads,
+            layer = KVLayoutAttention(layer_name=want[idx], spec=spec, num_heads=num_heads,
                                       scale=float(module.scaling),
                                       sinks=None if sinks is None else sinks.detach().float())
             object.__setattr__(module, "_kvlayout_layer", layer)       # not a submodule of transformers' module
@@ -188,10 +198,11 @@ def hf_model_config(config: Union[dict, str, Path]):
 
 def build_model(config, *, weights: Union[str, Path, None] = None, seed: int = 0,
                 dtype: torch.dtype = torch.float32, block_size: int = 16,
-                device: Union[str, torch.device] = "cpu") -> HFCausalLM:
+                device: Union[str, torch.device] = "cpu", tp: Optional[TensorParallel] = None) -> HFCausalLM:
     """transformers' model for ``config`` (a ``config.json`` dict, path, folder or shipped name, or a
     transformers config) with weights from a local ``weights`` checkpoint (safetensors, never fetched) or
-    seeded random ones, in ``dtype`` on ``device``, its attention on kvlayout caches."""
+    seeded random ones, in ``dtype`` on ``device``, its attention on kvlayout caches; with ``tp``, this
+    rank's shard of it (every rank builds the same whole model first, then keeps its part)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
@@ -200,7 +211,7 @@ def build_model(config, *, weights: Union[str, Path, None] = None, seed: int = 0
     register_attention()
     cfg = config if hasattr(config, "to_dict") else hf_model_config(config)
     cfg._attn_implementation = IMPLEMENTATION
-    served_specs(cfg, dtype, block_size)                      # refuse before any weight is made
+    served_specs(cfg, dtype, block_size, tp.size if tp else 1)     # refuse before any weight is made
     if weights is not None:
         path = Path(weights)
         if not path.exists():
@@ -220,5 +231,7 @@ def build_model(config, *, weights: Union[str, Path, None] = None, seed: int = 0
             except ValueError as e:
                 raise KVLayoutError(f"{cfg.model_type}: transformers has no causal LM for this config "
                                     f"({' '.join(str(e).split())[:200]})") from None
+    if tp is not None and tp.enabled:
+        shard_model(hf, _attention_modules(hf), tp)
     hf = hf.to(device=device, dtype=dtype).eval()
-    return HFCausalLM(hf, kv_dtype=dtype, block_size=block_size).to(device)
+    return HFCausalLM(hf, kv_dtype=dtype, block_size=block_size, tp=tp).to(device)

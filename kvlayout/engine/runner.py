@@ -29,6 +29,7 @@ from ..block_table import BlockTable
 from ..step_buffers import StepBuffers
 from .graphs import GraphKey, StepGraphs, default_decode_sizes
 from .hf_model import HFCausalLM, build_model
+from .tensor_parallel import TensorParallel
 from ..planner import plan_kv_cache
 
 
@@ -90,6 +91,10 @@ class Engine:
     ``graph_mixed_token_sizes`` tokens (default: ``max_num_batched_tokens``) over up to ``max_num_seqs``
     requests; a step is padded to the smallest size that holds it, and one that fits none runs eagerly.
     The attention backend must support capture (``triton``, ``rocm``).
+    ``tp``: this process's rank of a tensor-parallel group (``TensorParallel.from_env()`` under torchrun):
+    the model is sharded, the cache holds this rank's KV heads, and every rank of the group must make the
+    same calls (requests, releases, steps) in the same order, since each step all-reduces across them;
+    the tokens each step samples are rank 0's, on every rank.
     """
 
     def __init__(self, config: Union[dict, str, Path], *, weights: Union[str, Path, None] = None,
@@ -101,7 +106,8 @@ class Engine:
                  block_order: Optional[Callable[[int], Sequence[int]]] = None, validate: bool = True,
                  compile: Union[bool, dict] = False, cuda_graphs: bool = False,
                  graph_decode_sizes: Optional[Sequence[int]] = None,
-                 graph_mixed_token_sizes: Optional[Sequence[int]] = None):
+                 graph_mixed_token_sizes: Optional[Sequence[int]] = None,
+                 tp: Optional[TensorParallel] = None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise KVLayoutError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if (num_blocks is None) == (memory_bytes is None):
@@ -109,9 +115,13 @@ class Engine:
         self.device = torch.device(device)
         if cuda_graphs and self.device.type != "cuda":
             raise KVLayoutError(f"cuda_graphs=True needs a CUDA device, the engine runs on {self.device}")
+        self.tp = tp or TensorParallel()
+        if self.tp.enabled and (compile or cuda_graphs):
+            raise KVLayoutError("compile=True and cuda_graphs=True do not run with tensor parallelism yet (the "
+                                "all-reduce hooks are eager collectives); use tp with the eager engine")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model: HFCausalLM = build_model(config, weights=weights, seed=seed, dtype=self.dtype,
-                                             block_size=block_size, device=self.device)
+                                             block_size=block_size, device=self.device, tp=self.tp)
         specs = self.model.kv_specs
         self.backend = get_attention_backend(backend, self.device, specs)
         if num_blocks is not None:
@@ -321,7 +331,7 @@ class Engine:
             input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model(input_ids, torch.from_numpy(positions).to(self.device, non_blocking=True), meta,
                                 self.backend, validate=self.validate)
-        sampled = logits.argmax(dim=-1).tolist()
+        sampled = self.tp.broadcast_(logits.argmax(dim=-1)).tolist()   # every rank goes on with rank 0's
         new_tokens, finished = {}, []
         for (req, n), tok in zip(scheduled, sampled):
             req.num_computed += n
