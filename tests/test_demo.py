@@ -48,3 +48,33 @@ def test_demo_refuses_a_request_larger_than_the_cache(capsys):
     rc = cli.main(SMALL + ["--num-blocks", "4", "--max-prompt", "60", "--min-prompt", "60"])
     assert rc == 2
     assert "needs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp,kv_heads", [(2, 1, 2), (1, 2, 2), (2, 4, 1)])
+def test_demo_between_tensor_parallel_sizes(tmp_path, capsys, prefill_tp, decode_tp, kv_heads):
+    """Prefill and decode fleets of different TP sizes (gloo groups of worker processes): every decode rank
+    pulls exactly its KV heads, each from one prefill rank (with one KV head, the replicas of prefill rank 1
+    are never read), and the tokens equal the single-process TP 1 run."""
+    if not nixl_installed():
+        pytest.skip("needs NIXL (pip install kvlayout[nixl])")
+    from kvlayout.hf_config import load_hf_config
+    cfg = load_hf_config("tiny-llama")
+    cfg.update(num_key_value_heads=kv_heads, num_hidden_layers=2)
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps(cfg))
+    out = tmp_path / "demo.json"
+    rc = cli.main(SMALL + ["--model", str(model), "--requests", "2", "--prefill-tp", str(prefill_tp),
+                           "--decode-tp", str(decode_tp), "--summary-json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    s = json.loads(out.read_text())
+    assert s["ok"] and (s["prefill_tp"], s["decode_tp"]) == (prefill_tp, decode_tp)
+    kv_bytes_per_head = s["page_bytes"] // (kv_heads // min(kv_heads, prefill_tp))   # one prefill rank's page
+    for i, ref in enumerate(s["reference_tokens"]):
+        r = s["requests"][f"r{i}"]
+        assert r["tokens"] == ref and r["released"] is True
+        per_rank_heads = max(kv_heads // decode_tp, 1)
+        assert r["bytes"] == r["blocks"] * kv_bytes_per_head * per_rank_heads * decode_tp
+        assert r["holding_ranks"] == ([0] if kv_heads == 1 else list(range(prefill_tp)))
+        for rank, pull in r["pulls"].items():
+            assert len(pull["sources"]) == (2 if decode_tp == 1 and prefill_tp == 2 else 1)

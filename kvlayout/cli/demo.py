@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from rich.table import Table
 from ..connectors.nixl_api import nixl_installed
 from ..errors import KVLayoutError
 from ..engine.runner import Engine
+from ..engine.tensor_parallel import total_kv_heads
+from ..tp import kv_head_range, query_head_range
 from .demo_worker import engine_threads
 from ..specs import parse_dtype
 
@@ -44,21 +47,39 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
 def _engine_cfg(args, role: str) -> dict:
     # The worker runs in a neutral folder (see Worker), so a model given as a relative path is made absolute.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    return {"role": role, "model": model, "seed": args.seed, "backend": args.backend, "device": args.device,
+    mine, peer = (args.prefill_tp, args.decode_tp) if role == "prefill" else (args.decode_tp, args.prefill_tp)
+    return {"role": role, "tp_size": mine, "peer_tp": peer, "num_processes": args.prefill_tp + args.decode_tp,
+            "model": model, "seed": args.seed, "backend": args.backend, "device": args.device,
             "dtype": args.dtype, "block_size": args.block_size, "num_blocks": args.num_blocks,
             "max_num_batched_tokens": args.token_budget, "cross_layer": args.cross_layer or None,
             "scramble_seed": (args.seed + 1) if (args.scramble and role == "decode") else None,
             "load_timeout_s": args.timeout}
 
 
-class Worker:
-    """One engine process: JSON lines in, ``@@``-prefixed JSON lines out (read on a thread)."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, cfg: dict, events: queue.Queue):
+
+class Worker:
+    """One engine process (rank ``rank`` of its fleet of ``cfg["tp_size"]``, in the ``torchrun``
+    environment): JSON lines in, ``@@``-prefixed JSON lines out (read on a thread)."""
+
+    def __init__(self, cfg: dict, rank: int, master_port: int, events: queue.Queue, slot: int = 0):
         self.role = cfg["role"]
-        self.log = tempfile.NamedTemporaryFile(prefix=f"kvlayout-demo-{self.role}-", suffix=".log", delete=False)
+        self.name = self.role if cfg["tp_size"] == 1 else f"{self.role} rank {rank}"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"kvlayout-demo-{self.role}{rank}-", suffix=".log",
+                                               delete=False)
         env = dict(os.environ)
         env.setdefault("UCX_NET_DEVICES", "lo")
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg["tp_size"]),
+                   LOCAL_WORLD_SIZE=str(cfg["tp_size"]), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+        if cfg["device"] == "cuda" and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            gpus = list(range(torch.cuda.device_count()))
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)]) if gpus else ""
+            env["LOCAL_RANK"] = "0"
+        self.rank = rank
         self.proc = subprocess.Popen([sys.executable, "-m", "kvlayout.cli.demo_worker", json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env, cwd=tempfile.gettempdir())
@@ -69,8 +90,8 @@ class Worker:
     def _read(self, events: queue.Queue) -> None:
         for line in self.proc.stdout:
             if line.startswith("@@"):
-                events.put((self.role, json.loads(line[2:])))
-        events.put((self.role, {"event": "exited", "code": self.proc.wait()}))
+                events.put((self, json.loads(line[2:])))
+        events.put((self, {"event": "exited", "code": self.proc.wait()}))
 
     def send(self, obj: dict) -> None:
         self.proc.stdin.write(json.dumps(obj) + "\n")
@@ -117,66 +138,95 @@ def _progress(console: Console, args) -> Progress:
 
 
 def run_disaggregated(args, prompts, console: Console) -> dict:
-    """Prefill on one process, NIXL pull, decode on another. Returns per-request records and totals."""
+    """Prefill on one fleet of processes (``--prefill-tp`` ranks), NIXL pull, decode on another
+    (``--decode-tp`` ranks); each decode rank pulls its KV heads from the prefill ranks that hold them.
+    Returns per-request records and totals."""
     events: queue.Queue = queue.Queue()
-    workers = {role: Worker(_engine_cfg(args, role), events) for role in ("prefill", "decode")}
-    recs = {f"r{i}": {"prompt_len": len(p)} for i, p in enumerate(prompts)}
-    ready: dict[str, dict] = {}
+    fleets: dict[str, list[Worker]] = {}
+    slot = 0
+    for role in ("prefill", "decode"):
+        cfg, port = _engine_cfg(args, role), _free_port()
+        fleets[role] = []
+        for rank in range(cfg["tp_size"]):
+            fleets[role].append(Worker(cfg, rank, port, events, slot))
+            slot += 1
+    num_workers = slot
+    recs = {f"r{i}": {"prompt_len": len(p), "holds": {}, "pulls": {}, "released_by": {}} for i, p in enumerate(prompts)}
+    ready: dict[tuple[str, int], dict] = {}
     deadline = time.monotonic() + args.timeout
     t0 = None
+    wall = None
+    ptp, dtp = len(fleets["prefill"]), len(fleets["decode"])
+
+    def released(r: dict) -> bool:
+        return len(r["released_by"]) == ptp
+
     try:
         with _progress(console, args) as bar:
             tasks = {k: bar.add_task(k, total=len(prompts)) for k in ("prefill", "transfer", "decode")}
             done = 0
-            while done < len(prompts):
+            while done < len(prompts) or not all(released(r) for r in recs.values()):
+                if done == len(prompts) and wall is None:
+                    wall = time.perf_counter() - t0
                 try:
-                    role, ev = events.get(timeout=max(deadline - time.monotonic(), 0.01))
+                    worker, ev = events.get(timeout=max(deadline - time.monotonic(), 0.01))
                 except queue.Empty:
+                    if done == len(prompts):
+                        break                            # the tokens are in; report the unreleased holds
                     raise KVLayoutError(f"the demo did not finish within {args.timeout:g} s") from None
                 kind = ev["event"]
                 if kind in ("error", "exited"):
-                    raise KVLayoutError(f"the {role} engine stopped ({ev.get('reason', 'exit code %s' % ev.get('code'))}); "
-                                        f"its log ends with:\n{workers[role].log_tail()}")
+                    raise KVLayoutError(f"the {worker.name} engine stopped ({ev.get('reason', 'exit code %s' % ev.get('code'))}); "
+                                        f"its log ends with:\n{worker.log_tail()}")
                 if kind == "ready":
-                    ready[role] = ev
-                    if len(ready) == 2:
+                    ready[(worker.role, worker.rank)] = ev
+                    if len(ready) == num_workers:
                         t0 = time.perf_counter()
                         for i, p in enumerate(prompts):
-                            workers["prefill"].send({"cmd": "prefill", "id": f"r{i}", "prompt": p})
+                            fleets["prefill"][0].send({"cmd": "prefill", "id": f"r{i}", "prompt": p})
                 elif kind == "prefilled":
                     rid = ev["id"]
-                    recs[rid].update(prefill_s=ev["seconds"], blocks=ev["blocks"], first_token=ev["first_token"])
-                    workers["decode"].send({"cmd": "load", "id": rid, "prompt": prompts[int(rid[1:])],
-                                            "first_token": ev["first_token"], "max_new_tokens": args.new_tokens,
-                                            "params": ev["params"]})
-                    bar.advance(tasks["prefill"])
+                    r = recs[rid]
+                    r["holds"][worker.rank] = ev["params"]
+                    if ev["params"] is None:             # this rank's heads are replicas another rank serves
+                        r["released_by"][worker.rank] = True
+                    if worker.rank == 0:
+                        r.update(prefill_s=ev["seconds"], blocks=ev["blocks"], first_token=ev["first_token"])
+                    if len(r["holds"]) == ptp:
+                        fleets["decode"][0].send({"cmd": "load", "id": rid, "prompt": prompts[int(rid[1:])],
+                                                  "first_token": r["first_token"], "max_new_tokens": args.new_tokens,
+                                                  "params": [r["holds"][k] for k in range(ptp)]})
+                        bar.advance(tasks["prefill"])
                 elif kind == "transferred":
-                    recs[ev["id"]].update({k: ev[k] for k in ("seconds", "bytes", "indices", "descriptors",
-                                                              "index_us", "nixl_prepare_us", "post_us")})
-                    recs[ev["id"]]["transfer_s"] = recs[ev["id"]].pop("seconds")
-                    bar.advance(tasks["transfer"])
+                    r = recs[ev["id"]]
+                    r["pulls"][worker.rank] = {k: ev[k] for k in ("seconds", "bytes", "indices", "descriptors",
+                                                                  "index_us", "nixl_prepare_us", "post_us", "sources")}
+                    if len(r["pulls"]) == dtp:
+                        pulls = r["pulls"].values()
+                        r.update({k: sum(p[k] for p in pulls) for k in ("bytes", "indices", "descriptors",
+                                                                        "index_us", "nixl_prepare_us", "post_us")})
+                        r["transfer_s"] = max(p["seconds"] for p in pulls)
+                        bar.advance(tasks["transfer"])
                 elif kind == "failed":
                     raise KVLayoutError(f"transfer of {ev['id']} failed: {ev['reason']}")
                 elif kind == "released":
-                    recs[ev["id"]]["released"] = ev["ok"]
+                    recs[ev["id"]]["released_by"][worker.rank] = ev["ok"]
                 elif kind == "done":
                     recs[ev["id"]].update(decode_s=ev["seconds"], tokens=ev["tokens"])
                     bar.advance(tasks["decode"])
                     done += 1
-        wall = time.perf_counter() - t0
-        # the prefill side frees each request's blocks once the decode side's read notification arrives
-        while not all("released" in r for r in recs.values()) and time.monotonic() < deadline:
-            try:
-                role, ev = events.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if ev["event"] == "released":
-                recs[ev["id"]]["released"] = ev["ok"]
+        if wall is None:
+            wall = time.perf_counter() - t0
+        for r in recs.values():                          # every rank's hold was read (or was no hold)
+            r["released"] = released(r) and all(r["released_by"].values())
+            r["holding_ranks"] = sorted(k for k, h in r.pop("holds").items() if h is not None)   # tokens stay here
     finally:
-        for w in workers.values():
-            w.stop()
-    return {"requests": recs, "wall_s": wall, "plans": {r: ready[r]["plan"] for r in ready},
-            "page_bytes": ready["prefill"]["page_bytes"]}
+        for fleet in fleets.values():
+            for w in fleet:                              # rank 0 first: it tells the other ranks to stop
+                w.stop()
+    return {"requests": recs, "wall_s": wall, "prefill_tp": ptp, "decode_tp": dtp,
+            "plans": {role: ready[(role, 0)]["plan"] for role in fleets},
+            "page_bytes": ready[("prefill", 0)]["page_bytes"]}
 
 
 def _ms(s: Optional[float]) -> str:
@@ -184,7 +234,9 @@ def _ms(s: Optional[float]) -> str:
 
 
 def report(console: Console, prompts, ref, single_s, dis: dict) -> bool:
-    table = Table(title="requests: prefill engine -> NIXL pull -> decode engine", title_justify="left")
+    tp = f" (prefill TP {dis['prefill_tp']}, decode TP {dis['decode_tp']}; bytes and descriptors summed " \
+         f"over the decode ranks)" if dis["prefill_tp"] * dis["decode_tp"] > 1 else ""
+    table = Table(title=f"requests: prefill engine -> NIXL pull -> decode engine{tp}", title_justify="left")
     for col in ("id", "prompt", "blocks", "prefill ms", "pull ms", "bytes", "descriptors", "prep us",
                 "decode ms", "tokens"):
         table.add_column(col, justify="left" if col in ("id", "tokens") else "right")
@@ -222,14 +274,22 @@ def run(args) -> int:
     if args.requests < 1 or not 1 <= args.min_prompt <= args.max_prompt or args.new_tokens < 2:
         raise KVLayoutError("need --requests >= 1, 1 <= --min-prompt <= --max-prompt and --new-tokens >= 2 "
                             "(the first token comes from the prefill engine, the rest from the decode engine)")
+    if args.prefill_tp < 1 or args.decode_tp < 1:
+        raise KVLayoutError("--prefill-tp and --decode-tp must be >= 1")
     if args.backend is None:
         args.backend = "torch" if args.device == "cpu" else "auto"   # auto: the first that serves the model
     from ..engine.hf_model import hf_model_config
-    vocab = int(hf_model_config(args.model).vocab_size)
+    model_cfg = hf_model_config(args.model)
+    vocab = int(model_cfg.vocab_size)
+    for size in {args.prefill_tp, args.decode_tp}:        # refuse a TP size the heads do not split over, now
+        query_head_range(0, size, int(model_cfg.num_attention_heads))
+        kv_head_range(0, size, total_kv_heads(model_cfg))
     prompts = make_prompts(args.requests, args.min_prompt, args.max_prompt, vocab, args.seed)
     console.print(f"kvlayout demo: model {args.model}, {args.requests} requests (prompts {args.min_prompt}-"
                   f"{args.max_prompt} tokens, {args.new_tokens} new), backend {args.backend}, device "
-                  f"{args.device}, {args.dtype}, token budget {args.token_budget}/step")
+                  f"{args.device}, {args.dtype}, token budget {args.token_budget}/step"
+                  + (f", prefill TP {args.prefill_tp}, decode TP {args.decode_tp}"
+                     if args.prefill_tp * args.decode_tp > 1 else ""))
     ref, single_s, eng = run_single(args, prompts, console)
     args.backend = eng.backend.name                  # both engines run what "auto" chose here
     console.print(f"attention backend: {args.backend}")
@@ -271,6 +331,8 @@ def add_parser(sub) -> None:
     p.add_argument("--num-blocks", type=int, default=256, help="cache blocks per engine (default 256)")
     p.add_argument("--token-budget", type=int, default=64, help="tokens per engine step (chunked prefill)")
     p.add_argument("--cross-layer", action="store_true", help="one allocation per group: one descriptor per block")
+    p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel ranks of the prefill engine (default 1)")
+    p.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel ranks of the decode engine (default 1)")
     p.add_argument("--scramble", action="store_true", help="the decode engine hands out blocks in random order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the demo gives up")

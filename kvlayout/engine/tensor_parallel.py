@@ -197,6 +197,11 @@ def _shard_mlp(mlp: nn.Module, tp: TensorParallel) -> None:
     _columns(mlp.down_proj, lo, hi, tp)
 
 
+def total_kv_heads(config) -> int:
+    """The KV heads of a transformers config over all ranks."""
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
 def shard_model(hf_model: nn.Module, attention_modules: dict, tp: TensorParallel) -> None:
     """Keep rank ``tp.rank``'s part of every decoder layer of ``hf_model`` (see the module docstring);
     ``attention_modules``: the decoder's attention modules by layer index. Checks every layer before it
@@ -204,7 +209,7 @@ def shard_model(hf_model: nn.Module, attention_modules: dict, tp: TensorParallel
     cfg = hf_model.config
     mt = cfg.model_type
     heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    kv_heads = total_kv_heads(cfg)
     query_head_range(tp.rank, tp.size, heads)
     kv_head_range(tp.rank, tp.size, kv_heads)
     plan = []
