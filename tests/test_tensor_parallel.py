@@ -138,15 +138,21 @@ def test_engine_tp_refusals():
 # ----------------------------------------------------------------------------- engines over gloo
 
 RANK_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import json, os, sys, torch
     from kvlayout.engine.runner import Engine
     from kvlayout.engine.tensor_parallel import TensorParallel
     torch.set_num_threads(1)
     cases, prompts, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-    tp = TensorParallel.from_env()
+    device = sys.argv[4]
+    two_gpus = device == "cuda" and torch.cuda.device_count() >= 2
+    if device == "cuda":                      # one GPU per rank over NCCL, or both ranks on one GPU over gloo
+        device = f"cuda:{int(os.environ['RANK'])}" if two_gpus else "cuda:0"
+        torch.cuda.set_device(device)
+    tp = TensorParallel.from_env(backend="nccl" if two_gpus else "gloo")
     results = []
     for cfg in cases:
-        eng = Engine(cfg, num_blocks=48, block_size=4, max_num_batched_tokens=16, tp=tp)
+        eng = Engine(cfg, num_blocks=48, block_size=4, max_num_batched_tokens=16, tp=tp, device=device,
+                     dtype=torch.float32)
         results.append({"tokens": eng.generate(prompts, 6), "kv_heads": eng.model.kv_specs[
             "model.layers.0.self_attn"].num_kv_heads, "heads": eng.model.attention_layers()[
             "model.layers.0.self_attn"].attn_params.num_heads})
@@ -161,7 +167,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path, size: int, cases: list, prompts: list) -> list[list[dict]]:
+def run_ranks(tmp_path, size: int, cases: list, prompts: list, device: str = "cpu") -> list[list[dict]]:
     """Every case on ``size`` gloo ranks (one process each, torchrun environment); per rank, its results."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
@@ -171,7 +177,7 @@ def run_ranks(tmp_path, size: int, cases: list, prompts: list) -> list[list[dict
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(cases), json.dumps(prompts),
-                                       str(tmp_path / f"out{size}-%d.json")], env=env, cwd=tmp_path,
+                                       str(tmp_path / f"out{size}-%d.json"), device], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
@@ -197,3 +203,14 @@ def test_tp_engines_over_gloo_give_the_tokens_of_tp1(tmp_path):
                 assert got["tokens"] == want, (size, rank, cfg["model_type"], cfg["num_key_value_heads"])
                 assert got["heads"] == 4 // size
                 assert got["kv_heads"] == kv_head_range(rank, size, cfg["num_key_value_heads"])[1]
+
+
+@pytest.mark.gpu
+def test_tp2_on_the_gpu_gives_the_tokens_of_tp1(tmp_path):
+    """TP 2 with CUDA tensors, fp32: on two GPUs one rank each over NCCL, on one GPU both ranks over gloo
+    (NCCL refuses two ranks on one device); the tokens of a TP 1 engine on one GPU."""
+    cases = CASES[:2] + CASES[-1:]
+    ref = [Engine(cfg, num_blocks=48, block_size=4, max_num_batched_tokens=16, device="cuda",
+                  dtype=torch.float32).generate(PROMPTS, 6) for cfg in cases]
+    for rank, results in enumerate(run_ranks(tmp_path, 2, cases, PROMPTS, device="cuda")):
+        assert [r["tokens"] for r in results] == ref, rank

@@ -146,6 +146,9 @@ def run_disaggregated(args, prompts, console: Console) -> dict:
     slot = 0
     for role in ("prefill", "decode"):
         cfg, port = _engine_cfg(args, role), _free_port()
+        gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+        # NCCL wants one GPU per rank; ranks that share a GPU (or the CPU) talk over gloo
+        cfg["dist_backend"] = "nccl" if gpus >= cfg["tp_size"] > 1 else "gloo"
         fleets[role] = []
         for rank in range(cfg["tp_size"]):
             fleets[role].append(Worker(cfg, rank, port, events, slot))

@@ -100,7 +100,7 @@ def serve(cfg: dict) -> None:
     role = cfg["role"]
     if cfg["device"] == "cpu":                 # the engines share the cores
         torch.set_num_threads(engine_threads(cfg.get("num_processes", 2)))
-    tp = TensorParallel.from_env(backend="gloo" if cfg["device"] == "cpu" else None)
+    tp = TensorParallel.from_env(backend=cfg.get("dist_backend", "gloo"))
     peer_tp = int(cfg.get("peer_tp", 1))
     eng = build_engine(cfg, tp)
     kv_heads = total_kv_heads(eng.model.config)
