@@ -21,6 +21,8 @@ another request reads). Requests that share prefix blocks go through ``build_att
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import Hashable, Optional, Sequence, Union
 
 import numpy as np
@@ -59,16 +61,20 @@ class BlockTable:
         self._owner = np.full(self.num_blocks, -1, dtype=np.int32)
         self._dirty: set[int] = set()
         self._seen = np.zeros(r, dtype=np.int64)                  # scratch of build's duplicate check
-        self._order = np.arange(r, dtype=np.int64)
+        self._order = np.arange(r + 1, dtype=np.int64)
+        self._views: dict[tuple[int, int], _StepViews] = {}
         pin = self.device.type == "cuda"
         with torch.inference_mode(False):
             self._table = torch.zeros((r, w), dtype=torch.int32, device=self.device)
             self._step_table = torch.zeros((r, w), dtype=torch.int32, device=self.device)
             # staging: [rows of the step | query_start_loc | seq_lens] int32, slots int64
             self._host_ints = torch.zeros(3 * r + 1, dtype=torch.int32, pin_memory=pin)
-            self._dev_ints = torch.zeros(3 * r + 1, dtype=torch.int32, device=self.device)
             self._host_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
-            self._dev_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
+            if self.device.type == "cpu":                          # no copy: the staging is the metadata
+                self._dev_ints, self._dev_slots = self._host_ints, self._host_slots
+            else:
+                self._dev_ints = torch.zeros(3 * r + 1, dtype=torch.int32, device=self.device)
+                self._dev_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
             self._host_dirty = torch.zeros((r, w + 1), dtype=torch.int32, pin_memory=pin)
         self._copied = torch.cuda.Event() if pin else None
 
@@ -181,7 +187,8 @@ class BlockTable:
             raise KVLayoutError(f"{n} request ids, {len(num_computed)} num_computed and {len(num_new)} num_new: "
                                 f"give one count of each per request")
         try:
-            rows = np.fromiter((self._rows[r] for r in request_ids), dtype=np.int64, count=n)
+            rows = np.array([self._rows[request_ids[0]]] if n == 1 else itemgetter(*request_ids)(self._rows)
+                            if n else (), dtype=np.int64)
         except KeyError as e:
             raise KVLayoutError(f"request {e.args[0]!r} has no row in the block table; add it first") from None
         computed = token_counts(num_computed, lambda i: f"num_computed[{i}]")
@@ -203,18 +210,44 @@ class BlockTable:
         total = int(new.sum())
         if n > self.max_num_reqs or total > self.max_num_tokens:
             raise KVLayoutError(f"the step has {total} tokens; the table's buffers hold {self.max_num_tokens}")
-        qsl = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(new, out=qsl[1:])
-        not_decode = np.flatnonzero(new != 1)
-        num_decodes = int(not_decode[0]) if not_decode.size else n
-        slots = new_token_slots(self._host, rows, computed, new, qsl, bs)
-        return self._upload(rows, qsl, seq, slots, num_decodes, int(new.max(initial=0)), int(seq.max(initial=0)))
-
-    def _upload(self, rows, qsl, seq, slots, num_decodes: int, max_query_len: int, max_seq_len: int
-                ) -> AttentionMetadata:
+        decode_only = total == n and (n == 0 or int(new.min()) == 1)
+        if decode_only:                              # the common step: no cumsum, no search for the first prefill
+            qsl, num_decodes, max_query_len = self._order[:n + 1], n, int(n > 0)
+        else:
+            qsl = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(new, out=qsl[1:])
+            not_decode = np.flatnonzero(new != 1)
+            num_decodes, max_query_len = (int(not_decode[0]) if not_decode.size else n), int(new.max(initial=0))
+        v = self._step_views(n, total)
         if self._copied is not None:
             self._copied.synchronize()              # the previous step's copies have left the staging buffers
-        n, total, r = rows.shape[0], slots.shape[0], self.max_num_reqs
+        v.rows[:] = rows
+        v.qsl[:] = qsl
+        v.seq[:] = seq
+        new_token_slots(self._host, rows, computed, new, qsl, bs, out=v.slots)
+        return self._upload(v, n, total, num_decodes, max_query_len, int(seq.max(initial=0)))
+
+    def _step_views(self, n: int, total: int) -> "_StepViews":
+        """The staging and device views of a step of ``n`` requests and ``total`` tokens (made once per
+        size: slicing tensors costs about a microsecond each)."""
+        v = self._views.get((n, total))
+        if v is None:
+            r = self.max_num_reqs
+            ints, slots = self._host_ints.numpy(), self._host_slots.numpy()
+            with torch.inference_mode(False):
+                v = _StepViews(rows=ints[:n], qsl=ints[r:r + n + 1], seq=ints[2 * r + 1:2 * r + 1 + n],
+                               slots=slots[:total], qsl_cpu=self._host_ints[r:r + n + 1],
+                               seq_cpu=self._host_ints[2 * r + 1:2 * r + 1 + n], host_slots=self._host_slots[:total],
+                               dev_rows=self._dev_ints[:n], dev_qsl=self._dev_ints[r:r + n + 1],
+                               dev_seq=self._dev_ints[2 * r + 1:2 * r + 1 + n], dev_slots=self._dev_slots[:total],
+                               step_table=self._step_table[:n])
+            if len(self._views) >= 4096:
+                self._views.clear()
+            self._views[(n, total)] = v
+        return v
+
+    def _upload(self, v: "_StepViews", n: int, total: int, num_decodes: int, max_query_len: int,
+                max_seq_len: int) -> AttentionMetadata:
         with torch.inference_mode(False):
             if self._dirty:                         # rows that changed since the last step: one copy
                 dirty = np.fromiter(self._dirty, dtype=np.int64, count=len(self._dirty))
@@ -224,25 +257,37 @@ class BlockTable:
                 dev = self._host_dirty[:dirty.size].to(self.device, non_blocking=True)
                 self._table.index_copy_(0, dev[:, 0].long(), dev[:, 1:])
                 self._dirty.clear()
-            ints = self._host_ints.numpy()
-            ints[:n] = rows
-            ints[r:r + n + 1] = qsl
-            ints[2 * r + 1:2 * r + 1 + n] = seq
-            self._dev_ints.copy_(self._host_ints, non_blocking=True)
-            self._host_slots.numpy()[:total] = slots
-            self._dev_slots[:total].copy_(self._host_slots[:total], non_blocking=True)
-            torch.index_select(self._table, 0, self._dev_ints[:n].long(), out=self._step_table[:n])
+            if self._dev_ints is not self._host_ints:               # on the CPU the staging is the metadata
+                self._dev_ints.copy_(self._host_ints, non_blocking=True)
+                v.dev_slots.copy_(v.host_slots, non_blocking=True)
+            torch.index_select(self._table, 0, v.dev_rows, out=v.step_table)
             if self._copied is not None:
                 self._copied.record()
             meta = AttentionMetadata(
-                block_size=self.block_size, num_blocks=self.num_blocks,
-                query_start_loc=self._dev_ints[r:r + n + 1], seq_lens=self._dev_ints[2 * r + 1:2 * r + 1 + n],
-                block_table=self._step_table[:n], slot_mapping=self._dev_slots[:total],
-                query_start_loc_cpu=torch.from_numpy(qsl.astype(np.int32)),
-                seq_lens_cpu=torch.from_numpy(seq.astype(np.int32)), max_query_len=max_query_len,
-                max_seq_len=max_seq_len, num_decodes=num_decodes, num_decode_tokens=num_decodes,
-                num_actual_tokens=total)
+                block_size=self.block_size, num_blocks=self.num_blocks, query_start_loc=v.dev_qsl,
+                seq_lens=v.dev_seq, block_table=v.step_table, slot_mapping=v.dev_slots, query_start_loc_cpu=v.qsl_cpu,
+                seq_lens_cpu=v.seq_cpu, max_query_len=max_query_len, max_seq_len=max_seq_len,
+                num_decodes=num_decodes, num_decode_tokens=num_decodes, num_actual_tokens=total)
             return seal(meta)
+
+
+@dataclass(frozen=True)
+class _StepViews:
+    """Views of ``BlockTable``'s persistent buffers for one step size: numpy views of the staging (written
+    by ``build``), the staging tensors the metadata's ``*_cpu`` fields are, and the device views."""
+
+    rows: np.ndarray
+    qsl: np.ndarray
+    seq: np.ndarray
+    slots: np.ndarray
+    qsl_cpu: torch.Tensor
+    seq_cpu: torch.Tensor
+    host_slots: torch.Tensor
+    dev_rows: torch.Tensor
+    dev_qsl: torch.Tensor
+    dev_seq: torch.Tensor
+    dev_slots: torch.Tensor
+    step_table: torch.Tensor
 
 
 __all__ = ["BlockTable"]

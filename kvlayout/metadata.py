@@ -189,8 +189,8 @@ def token_counts(values: Sequence, name: Callable[[int], str]) -> np.ndarray:
     if arr.size and (arr.dtype.kind not in "iu" or arr.ndim != 1):
         bad = next(i for i, x in enumerate(values) if isinstance(x, bool) or not isinstance(x, (int, np.integer)))
         raise KVLayoutError(f"{name(bad)} must be an integer, got {values[bad]!r}")
-    arr = arr.astype(np.int64).reshape(-1)
-    if (arr < 0).any():
+    arr = arr.astype(np.int64, copy=False).reshape(-1)
+    if arr.size and arr.min() < 0:
         bad = int(np.nonzero(arr < 0)[0][0])
         raise KVLayoutError(f"{name(bad)}: token counts must be >= 0, got {int(arr[bad])}")
     return arr
@@ -201,19 +201,28 @@ def _count_array(requests: Sequence[ScheduledRequest], attr: str) -> np.ndarray:
 
 
 def new_token_slots(table: np.ndarray, rows: np.ndarray, computed: np.ndarray, new: np.ndarray, qsl: np.ndarray,
-                    block_size: int) -> np.ndarray:
+                    block_size: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """The cache slot (int64) of every new token of the step, packed in request order: request ``r``'s
     token ``i`` sits at position ``p = computed[r] + i`` of the sequence whose blocks are ``table[rows[r]]``,
     so in slot ``table[rows[r], p // block_size] * block_size + p % block_size``. E.g. block size 4, a
-    request with blocks ``[7, 2]``, 5 cached and 2 new: positions 5, 6 -> slots ``2*4+1, 2*4+2`` = 9, 10."""
+    request with blocks ``[7, 2]``, 5 cached and 2 new: positions 5, 6 -> slots ``2*4+1, 2*4+2`` = 9, 10.
+    ``out``: an int64 array of the step's token count to write them into (returned)."""
     n = rows.shape[0]
     total = int(qsl[-1])
-    if total == n and (new == 1).all():             # decode-only: one token per request, no repeat needed
-        req, pos = np.arange(n), computed
+    if total == n and (n == 0 or int(new.min()) == 1):     # decode-only: one token per request, no repeat
+        blocks_of, pos = rows, computed
     else:
         req = np.repeat(np.arange(n), new)
-        pos = np.arange(total) - qsl[:-1][req] + computed[req]
-    return table[rows[req], pos // block_size].astype(np.int64) * block_size + pos % block_size
+        blocks_of, pos = rows[req], np.arange(total) - qsl[:-1][req] + computed[req]
+    out = np.empty(total, dtype=np.int64) if out is None else out
+    if block_size & (block_size - 1) == 0:                  # a power of two: shifts and masks
+        shift = block_size.bit_length() - 1
+        np.left_shift(table[blocks_of, pos >> shift], shift, out=out, dtype=np.int64)
+        out += pos & (block_size - 1)
+    else:
+        np.multiply(table[blocks_of, pos // block_size], block_size, out=out, dtype=np.int64)
+        out += pos % block_size
+    return out
 
 
 def _block_id_rows(requests: Sequence[ScheduledRequest], need: np.ndarray, block_size: int) -> np.ndarray:
