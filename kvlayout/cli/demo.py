@@ -35,6 +35,8 @@ from .demo_worker import engine_threads
 from ..specs import parse_dtype
 
 DEFAULT_MODEL = "tiny-llama"
+# NCCL, PyTorch and NVSHMEM leave NVLink multicast alone with these (a shared host's GPUs can hang otherwise)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 NIXL_HINT = 'NIXL is not installed; install it with  pip install "kvlayout[nixl]"  to run the two-engine part.'
 
 
@@ -73,6 +75,8 @@ class Worker:
                                                delete=False)
         env = dict(os.environ)
         env.setdefault("UCX_NET_DEVICES", "lo")
+        for key in NO_MULTICAST:                   # NVLink multicast stays off in every process we start
+            env.setdefault(key, NO_MULTICAST[key])
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg["tp_size"]),
                    LOCAL_WORLD_SIZE=str(cfg["tp_size"]), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
         if cfg["device"] == "cuda" and "CUDA_VISIBLE_DEVICES" not in os.environ:
