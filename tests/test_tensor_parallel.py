@@ -128,8 +128,8 @@ def test_sharding_refuses_fused_or_unsplittable_layers_and_changes_nothing(model
 def test_engine_tp_refusals():
     with pytest.raises(KVLayoutError, match="init_process_group"):
         TensorParallel(0, 2)
-    with pytest.raises(KVLayoutError, match="compile=True and cuda_graphs=True"):
-        Engine(small_config("llama"), num_blocks=8, compile=True, tp=FakeGroup(1, 2))
+    with pytest.raises(KVLayoutError, match="cuda_graphs=True does not run with tensor parallelism"):
+        Engine(small_config("llama"), num_blocks=8, cuda_graphs=True, device="cuda", tp=FakeGroup(1, 2))
     with pytest.raises(KVLayoutError, match="cannot be split"):
         Engine(small_config("llama", heads=6, kv_heads=2, hidden_size=96), num_blocks=8, tp=FakeGroup(1, 4))
     assert TensorParallel.from_env() == TensorParallel()        # no torchrun environment: one rank
@@ -152,7 +152,7 @@ RANK_SCRIPT = textwrap.dedent("""
     results = []
     for cfg in cases:
         eng = Engine(cfg, num_blocks=48, block_size=4, max_num_batched_tokens=16, tp=tp, device=device,
-                     dtype=torch.float32)
+                     dtype=torch.float32, compile={"backend": sys.argv[5]} if sys.argv[5] else False)
         results.append({"tokens": eng.generate(prompts, 6), "kv_heads": eng.model.kv_specs[
             "model.layers.0.self_attn"].num_kv_heads, "heads": eng.model.attention_layers()[
             "model.layers.0.self_attn"].attn_params.num_heads})
@@ -167,7 +167,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path, size: int, cases: list, prompts: list, device: str = "cpu") -> list[list[dict]]:
+def run_ranks(tmp_path, size: int, cases: list, prompts: list, device: str = "cpu", compile_backend: str = ""
+              ) -> list[list[dict]]:
     """Every case on ``size`` gloo ranks (one process each, torchrun environment); per rank, its results."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
@@ -177,7 +178,7 @@ def run_ranks(tmp_path, size: int, cases: list, prompts: list, device: str = "cp
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(cases), json.dumps(prompts),
-                                       str(tmp_path / f"out{size}-%d.json"), device], env=env, cwd=tmp_path,
+                                       str(tmp_path / f"out{size}-%d.json"), device, compile_backend], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
@@ -203,6 +204,16 @@ def test_tp_engines_over_gloo_give_the_tokens_of_tp1(tmp_path):
                 assert got["tokens"] == want, (size, rank, cfg["model_type"], cfg["num_key_value_heads"])
                 assert got["heads"] == 4 // size
                 assert got["kv_heads"] == kv_head_range(rank, size, cfg["num_key_value_heads"])[1]
+
+
+
+def test_compiled_tp_engine_gives_the_tokens_of_tp1(tmp_path):
+    """``Engine(compile=..., tp=)``: torch.compile(fullgraph=True) traces the all-reduce hooks (dynamo turns
+    them into functional collectives); TP 2 compiled gives TP 1's tokens."""
+    cases = [CASES[0]]
+    ref = [Engine(cfg, num_blocks=48, block_size=4, max_num_batched_tokens=16).generate(PROMPTS, 6) for cfg in cases]
+    for results in run_ranks(tmp_path, 2, cases, PROMPTS, compile_backend="aot_eager"):
+        assert [r["tokens"] for r in results] == ref
 
 
 @pytest.mark.gpu

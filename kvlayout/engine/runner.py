@@ -116,9 +116,9 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise KVLayoutError(f"cuda_graphs=True needs a CUDA device, the engine runs on {self.device}")
         self.tp = tp or TensorParallel()
-        if self.tp.enabled and (compile or cuda_graphs):
-            raise KVLayoutError("compile=True and cuda_graphs=True do not run with tensor parallelism yet (the "
-                                "all-reduce hooks are eager collectives); use tp with the eager engine")
+        if self.tp.enabled and cuda_graphs:
+            raise KVLayoutError("cuda_graphs=True does not run with tensor parallelism yet (capturing the "
+                                "all-reduces is untested); use tp with the eager or the compiled engine")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model: HFCausalLM = build_model(config, weights=weights, seed=seed, dtype=self.dtype,
                                              block_size=block_size, device=self.device, tp=self.tp)
