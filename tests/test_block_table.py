@@ -27,9 +27,12 @@ def same_metadata(a, b):
     assert (a.num_decodes, a.max_query_len, a.max_seq_len) == (b.num_decodes, b.max_query_len, b.max_seq_len)
 
 
-def test_steps_match_the_builder_as_rows_grow_and_are_reused(rng):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_steps_match_the_builder_as_rows_grow_and_are_reused(rng, device):
+    """Random steps (decode-only and mixed, rows growing, removed and reused) against the builder; on CUDA
+    too (pinned staging, changed rows copied, the step's rows gathered on the device)."""
     gen = np.random.default_rng(int(torch.randint(1 << 30, (1,), generator=rng)))
-    table = BlockTable(BS, num_blocks=NB, max_num_reqs=6, max_blocks_per_request=10)
+    table = BlockTable(BS, num_blocks=NB, max_num_reqs=6, max_blocks_per_request=10, device=device)
     free = list(gen.permutation(NB))
     held = {}                                   # request -> (tokens in cache, blocks)
     next_id = 0

@@ -36,7 +36,7 @@ os.environ.setdefault("KVLAYOUT_CONNECTOR_SECRET", __import__("secrets").token_h
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_transfer import BLOCK, TOKENS, model_specs, page_bytes  # noqa: E402
+from bench_transfer import BLOCK, TOKENS, _read_ready, model_specs, page_bytes  # noqa: E402
 
 import kvlayout as kvl  # noqa: E402
 
@@ -96,15 +96,6 @@ def serve(cfg: dict) -> None:
     conn.close()
 
 
-def _ready(child) -> dict:
-    line = ""
-    while not line.startswith("@@"):
-        line = child.stdout.readline()
-        if not line:
-            raise RuntimeError("the prefill child exited before it answered")
-    return json.loads(line[2:])
-
-
 def transfer(mode: str, num_requests: int, cross_layer: bool, layers: int, rounds: int, devices) -> dict:
     """``num_requests`` requests of ``TOKENS`` tokens moved at once, ``rounds`` times after a first that
     includes the handshake; the medians."""
@@ -119,7 +110,7 @@ def transfer(mode: str, num_requests: int, cross_layer: bool, layers: int, round
          "mode": mode, "rounds": rounds + 1, "block_ids": remote})],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        ready = _ready(child)
+        ready = _read_ready(child)
         plan = kvl.plan_kv_cache(model_specs(layers), num_blocks * page_bytes() * layers, cross_layer=cross_layer)
         conn = NixlConnector(kvl.allocate_kv_cache(plan, devices[1]), specs=plan.specs, engine_id="two-gpu-decode",
                              telemetry=True)
