@@ -182,6 +182,20 @@ class BlockTable:
         """The step's metadata for ``request_ids`` (decodes first, as ``order_decodes_first`` orders them),
         each with ``num_computed`` tokens in the cache and ``num_new`` computed now. Checked on the host:
         every request has a row, appears once, and holds the blocks its tokens need."""
+        step = self.schedule(request_ids, num_computed, num_new)
+        v = self._step_views(step.num_reqs, step.num_tokens)
+        if self._copied is not None:
+            self._copied.synchronize()              # the previous step's copies have left the staging buffers
+        v.rows[:] = step.rows
+        v.qsl[:] = step.qsl
+        v.seq[:] = step.seq
+        self.slots(step, out=v.slots)
+        return self._upload(v, step)
+
+    def schedule(self, request_ids: Sequence[Hashable], num_computed: Sequence[int], num_new: Sequence[int]
+                 ) -> "TableStep":
+        """The host side of a step, checked as ``build`` checks it (``build`` and
+        ``StepBuffers.build_from_table`` write it out)."""
         n = len(request_ids)
         if not (len(num_computed) == len(num_new) == n):
             raise KVLayoutError(f"{n} request ids, {len(num_computed)} num_computed and {len(num_new)} num_new: "
@@ -210,22 +224,37 @@ class BlockTable:
         total = int(new.sum())
         if n > self.max_num_reqs or total > self.max_num_tokens:
             raise KVLayoutError(f"the step has {total} tokens; the table's buffers hold {self.max_num_tokens}")
-        decode_only = total == n and (n == 0 or int(new.min()) == 1)
-        if decode_only:                              # the common step: no cumsum, no search for the first prefill
+        if total == n and (n == 0 or int(new.min()) == 1):   # decode-only: no cumsum, no search for a prefill
             qsl, num_decodes, max_query_len = self._order[:n + 1], n, int(n > 0)
         else:
             qsl = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(new, out=qsl[1:])
             not_decode = np.flatnonzero(new != 1)
             num_decodes, max_query_len = (int(not_decode[0]) if not_decode.size else n), int(new.max(initial=0))
-        v = self._step_views(n, total)
-        if self._copied is not None:
-            self._copied.synchronize()              # the previous step's copies have left the staging buffers
-        v.rows[:] = rows
-        v.qsl[:] = qsl
-        v.seq[:] = seq
-        new_token_slots(self._host, rows, computed, new, qsl, bs, out=v.slots)
-        return self._upload(v, n, total, num_decodes, max_query_len, int(seq.max(initial=0)))
+        return TableStep(rows, computed, new, qsl, seq, n, total, num_decodes, max_query_len,
+                         int(seq.max(initial=0)))
+
+    def slots(self, step: "TableStep", out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The cache slots of ``step``'s new tokens (into ``out``, int64, if given)."""
+        return new_token_slots(self._host, step.rows, step.computed, step.new, step.qsl, self.block_size, out=out)
+
+    def sync_rows(self) -> torch.Tensor:
+        """Copy the rows changed since the last call to the device table (one copy); returns the device
+        table ``[max_num_reqs, max_blocks_per_request]`` (int32), whose row ``i`` is request row ``i``."""
+        if self._dirty:
+            with torch.inference_mode(False):
+                if self._copied is not None:
+                    self._copied.synchronize()      # the last copy has left the staging buffer
+                dirty = np.fromiter(self._dirty, dtype=np.int64, count=len(self._dirty))
+                stage = self._host_dirty.numpy()
+                stage[:dirty.size, 0] = dirty
+                stage[:dirty.size, 1:] = self._host[dirty]
+                dev = self._host_dirty[:dirty.size].to(self.device, non_blocking=True)
+                self._table.index_copy_(0, dev[:, 0].long(), dev[:, 1:])
+                if self._copied is not None:
+                    self._copied.record()
+                self._dirty.clear()
+        return self._table
 
     def _step_views(self, n: int, total: int) -> "_StepViews":
         """The staging and device views of a step of ``n`` requests and ``total`` tokens (made once per
@@ -246,29 +275,38 @@ class BlockTable:
             self._views[(n, total)] = v
         return v
 
-    def _upload(self, v: "_StepViews", n: int, total: int, num_decodes: int, max_query_len: int,
-                max_seq_len: int) -> AttentionMetadata:
+    def _upload(self, v: "_StepViews", step: "TableStep") -> AttentionMetadata:
+        table = self.sync_rows()
         with torch.inference_mode(False):
-            if self._dirty:                         # rows that changed since the last step: one copy
-                dirty = np.fromiter(self._dirty, dtype=np.int64, count=len(self._dirty))
-                stage = self._host_dirty.numpy()
-                stage[:dirty.size, 0] = dirty
-                stage[:dirty.size, 1:] = self._host[dirty]
-                dev = self._host_dirty[:dirty.size].to(self.device, non_blocking=True)
-                self._table.index_copy_(0, dev[:, 0].long(), dev[:, 1:])
-                self._dirty.clear()
             if self._dev_ints is not self._host_ints:               # on the CPU the staging is the metadata
                 self._dev_ints.copy_(self._host_ints, non_blocking=True)
                 v.dev_slots.copy_(v.host_slots, non_blocking=True)
-            torch.index_select(self._table, 0, v.dev_rows, out=v.step_table)
+            torch.index_select(table, 0, v.dev_rows, out=v.step_table)
             if self._copied is not None:
                 self._copied.record()
             meta = AttentionMetadata(
                 block_size=self.block_size, num_blocks=self.num_blocks, query_start_loc=v.dev_qsl,
                 seq_lens=v.dev_seq, block_table=v.step_table, slot_mapping=v.dev_slots, query_start_loc_cpu=v.qsl_cpu,
-                seq_lens_cpu=v.seq_cpu, max_query_len=max_query_len, max_seq_len=max_seq_len,
-                num_decodes=num_decodes, num_decode_tokens=num_decodes, num_actual_tokens=total)
+                seq_lens_cpu=v.seq_cpu, max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
+                num_decodes=step.num_decodes, num_decode_tokens=step.num_decodes, num_actual_tokens=step.num_tokens)
             return seal(meta)
+
+
+@dataclass(slots=True)                                 # not frozen: its __init__ is on the hot path
+class TableStep:
+    """A step checked against a ``BlockTable``: the requests' table rows, token counts and ``query_start_loc``
+    (host arrays), and the host integers of its metadata."""
+
+    rows: np.ndarray
+    computed: np.ndarray
+    new: np.ndarray
+    qsl: np.ndarray
+    seq: np.ndarray
+    num_reqs: int
+    num_tokens: int
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
 
 
 @dataclass(frozen=True)
@@ -290,4 +328,4 @@ class _StepViews:
     step_table: torch.Tensor
 
 
-__all__ = ["BlockTable"]
+__all__ = ["BlockTable", "TableStep"]

@@ -21,11 +21,12 @@ build waits only for the previous copy to have left the staging buffer).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Hashable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .block_table import BlockTable
 from .errors import KVLayoutError
 from .metadata import (AttentionMetadata, PaddedStep, ScheduledRequest, as_device, host_schedule, resolve_group,
                        seal)
@@ -61,6 +62,8 @@ class StepBuffers:
             self._dev_slots = torch.full((self.max_num_tokens,), -1, dtype=torch.int64, device=self.device)
             self._host_ints = torch.zeros(self._ints, dtype=torch.int32, pin_memory=pin)
             self._host_slots = torch.full((self.max_num_tokens,), -1, dtype=torch.int64, pin_memory=pin)
+            self._host_rows = torch.zeros(r, dtype=torch.int32, pin_memory=pin)     # build_from_table's rows
+            self._dev_rows = torch.zeros(r, dtype=torch.int32, device=self.device)
         self._copied = torch.cuda.Event() if pin else None
         r1 = r + 1
         self._qsl = self._dev_ints[:r1]
@@ -79,6 +82,15 @@ class StepBuffers:
         buffers and padded to ``num_reqs`` requests and ``num_tokens`` tokens (the sizes of the graph
         that will replay it). ``decode_only``: every request decodes one token, ``num_tokens ==
         num_reqs``, and the whole step takes the backends' decode path."""
+        self._check_sizes(num_reqs, num_tokens, decode_only)
+        sched = host_schedule(requests, self.block_size, self.num_blocks, max_blocks_per_request=self.width,
+                              shared_block_ids=shared_block_ids, group=self.group, pool=pool)
+        self._check_fit(sched.num_reqs, sched.num_tokens, sched.num_decodes, sched.qsl, num_reqs, num_tokens,
+                        decode_only)
+        self._stage(sched, num_reqs, num_tokens)
+        return self._finish(sched.num_reqs, sched.num_tokens, num_reqs, num_tokens, decode_only)
+
+    def _check_sizes(self, num_reqs: int, num_tokens: int, decode_only: bool) -> None:
         require_int(num_reqs, "num_reqs", minimum=1)
         require_int(num_tokens, "num_tokens", minimum=1)
         if num_reqs > self.max_num_reqs or num_tokens > self.max_num_tokens:
@@ -87,20 +99,23 @@ class StepBuffers:
                                 f"for the largest captured step")
         if not isinstance(decode_only, bool):
             raise KVLayoutError(f"decode_only must be True or False, got {decode_only!r}")
-        sched = host_schedule(requests, self.block_size, self.num_blocks, max_blocks_per_request=self.width,
-                              shared_block_ids=shared_block_ids, group=self.group, pool=pool)
-        n, total = sched.num_reqs, sched.num_tokens
+
+    @staticmethod
+    def _check_fit(n: int, total: int, num_decodes: int, qsl, num_reqs: int, num_tokens: int,
+                   decode_only: bool) -> None:
         if n > num_reqs or total > num_tokens:
             raise KVLayoutError(f"the step has {n} requests and {total} tokens, more than the {num_reqs} requests "
                                 f"and {num_tokens} tokens it is padded to; pick a larger captured size")
         if decode_only:
-            if sched.num_decodes != n:
-                raise KVLayoutError(f"decode_only: request {sched.num_decodes} schedules "
-                                    f"{int(np.diff(sched.qsl)[sched.num_decodes])} tokens, not one")
+            if num_decodes != n:
+                raise KVLayoutError(f"decode_only: request {num_decodes} schedules "
+                                    f"{int(np.diff(qsl)[num_decodes])} tokens, not one")
             if num_tokens != num_reqs:
                 raise KVLayoutError(f"decode_only: pad to as many tokens as requests, got {num_reqs} requests "
                                     f"and {num_tokens} tokens")
-        self._stage(sched, num_reqs, num_tokens)
+
+    def _finish(self, n: int, total: int, num_reqs: int, num_tokens: int, decode_only: bool) -> AttentionMetadata:
+        """The sealed metadata of the padded step just written."""
         if self._copied is not None:
             self._copied.record()
         r1 = num_reqs + 1
@@ -115,18 +130,50 @@ class StepBuffers:
                 num_actual_tokens=num_tokens, padded=PaddedStep(n, total, decode_only, self))
             return seal(meta)
 
+    def build_from_table(self, table: BlockTable, request_ids: Sequence[Hashable], num_computed: Sequence[int],
+                         num_new: Sequence[int], *, num_reqs: int, num_tokens: int, decode_only: bool = False
+                         ) -> AttentionMetadata:
+        """``build`` for requests whose block ids a ``BlockTable`` holds (checked when they got them): the
+        step costs host work per request, not per block. The step's table rows are gathered on the device
+        from the table's device copy into these buffers (``table`` must be on the same device, with rows
+        as wide as these buffers'); the rest is written and padded as ``build`` does."""
+        self._check_sizes(num_reqs, num_tokens, decode_only)
+        if not isinstance(table, BlockTable):
+            raise KVLayoutError(f"table must be a kvlayout.BlockTable, got {type(table).__name__}")
+        if (table.block_size, table.num_blocks, table.width, table.device) != \
+                (self.block_size, self.num_blocks, self.width, self.device):
+            raise KVLayoutError(f"the block table (block size {table.block_size}, {table.num_blocks} blocks, rows of "
+                                f"{table.width}, on {table.device}) does not match these buffers (block size "
+                                f"{self.block_size}, {self.num_blocks} blocks, rows of {self.width}, on {self.device})")
+        step = table.schedule(request_ids, num_computed, num_new)
+        self._check_fit(step.num_reqs, step.num_tokens, step.num_decodes, step.qsl, num_reqs, num_tokens, decode_only)
+        if self._copied is not None:
+            self._copied.synchronize()              # the previous step's copy has left the staging buffer
+        n, total, r = step.num_reqs, step.num_tokens, self.max_num_reqs
+        ints = self._host_ints.numpy()
+        self._write_counts(ints, step.qsl, step.seq, n, total, num_reqs)
+        rows = self._host_rows.numpy()
+        rows[:n] = step.rows
+        slots = self._host_slots.numpy()
+        table.slots(step, out=slots[:total])
+        slots[total:num_tokens] = -1
+        device_table = table.sync_rows()
+        with torch.inference_mode(False):
+            self._dev_ints[:2 * r + 1].copy_(self._host_ints[:2 * r + 1], non_blocking=True)
+            self._dev_slots[:num_tokens].copy_(self._host_slots[:num_tokens], non_blocking=True)
+            self._dev_rows[:n].copy_(self._host_rows[:n], non_blocking=True)
+            torch.index_select(device_table, 0, self._dev_rows[:n], out=self._table[:n])
+            self._table[n:num_reqs].zero_()          # padding rows name no block
+        return self._finish(n, total, num_reqs, num_tokens, decode_only)
+
     def _stage(self, sched, num_reqs: int, num_tokens: int) -> None:
         """Write the padded arrays into the pinned staging tensors, then copy them to the device."""
         if self._copied is not None:
             self._copied.synchronize()              # the previous step's copy has left the staging buffer
         n, total, r = sched.num_reqs, sched.num_tokens, self.max_num_reqs
         ints = self._host_ints.numpy()
-        qsl, seq = ints[:r + 1], ints[r + 1:2 * r + 1]
+        self._write_counts(ints, sched.qsl, sched.seq, n, total, num_reqs)
         table = ints[2 * r + 1:].reshape(r, self.width)
-        qsl[:n + 1] = sched.qsl
-        qsl[n + 1:num_reqs + 1] = total
-        seq[:n] = sched.seq
-        seq[n:num_reqs] = 0
         table[:n] = sched.table
         table[n:num_reqs] = 0
         slots = self._host_slots.numpy()
@@ -136,6 +183,15 @@ class StepBuffers:
         with torch.inference_mode(False):
             self._dev_ints[:used].copy_(self._host_ints[:used], non_blocking=True)
             self._dev_slots[:num_tokens].copy_(self._host_slots[:num_tokens], non_blocking=True)
+
+    def _write_counts(self, ints: np.ndarray, qsl, seq, n: int, total: int, num_reqs: int) -> None:
+        """``query_start_loc`` and ``seq_lens`` of the padded step into the staging (padding requests:
+        no token, no cached token)."""
+        r = self.max_num_reqs
+        ints[:n + 1] = qsl
+        ints[n + 1:num_reqs + 1] = total
+        ints[r + 1:r + 1 + n] = seq
+        ints[r + 1 + n:r + 1 + num_reqs] = 0
 
     def owns(self, meta: AttentionMetadata) -> bool:
         """Whether ``meta`` was built into these buffers."""

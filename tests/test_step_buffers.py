@@ -84,6 +84,53 @@ def test_a_padded_step_equals_the_unpadded_one(rng, backend, reqs, num_reqs, num
     assert torch.equal(cache[free], free_pages)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("reqs, num_reqs, num_tokens, decode_only", CASES)
+def test_building_from_a_block_table_equals_building_from_block_ids(rng, device, reqs, num_reqs, num_tokens,
+                                                                   decode_only):
+    """``build_from_table`` (rows gathered on the device from a persistent ``BlockTable``) writes the same
+    padded metadata as ``build`` from the requests' block ids; padding rows name no block."""
+    _, cache, sched, _ = world(rng, reqs)
+    nb = cache.shape[0]
+    bufs = StepBuffers(BS, num_blocks=nb, max_num_reqs=8, max_num_tokens=16, max_blocks_per_request=6,
+                       device=device)
+    table = kvl.BlockTable(BS, num_blocks=nb, max_num_reqs=10, max_blocks_per_request=6, device=device)
+    table.add("other", [])                                 # rows in the table are not the step's order
+    for i in reversed(range(len(sched))):
+        table.add(i, sched[i].block_ids)
+    ref = bufs.build(sched, num_reqs=num_reqs, num_tokens=num_tokens, decode_only=decode_only)
+    ref = [t.clone() for t in (ref.query_start_loc, ref.seq_lens, ref.block_table, ref.slot_mapping)] + [ref]
+    meta = bufs.build_from_table(table, list(range(len(sched))), [r.num_computed_tokens for r in sched],
+                                 [r.num_new_tokens for r in sched], num_reqs=num_reqs, num_tokens=num_tokens,
+                                 decode_only=decode_only)
+    assert meta.is_validated and bufs.owns(meta) and not ref[-1].is_validated
+    for got, want in zip((meta.query_start_loc, meta.seq_lens, meta.block_table, meta.slot_mapping), ref):
+        assert torch.equal(got, want)
+    assert (meta.padded.num_reqs, meta.padded.num_tokens) == (ref[-1].padded.num_reqs, ref[-1].padded.num_tokens)
+    assert (meta.num_decodes, meta.max_query_len, meta.max_seq_len) == \
+        (ref[-1].num_decodes, ref[-1].max_query_len, ref[-1].max_seq_len)
+
+
+def test_building_from_a_block_table_refuses_what_does_not_fit(rng):
+    bufs = StepBuffers(BS, num_blocks=24, max_num_reqs=4, max_num_tokens=4, max_blocks_per_request=6)
+    table = kvl.BlockTable(BS, num_blocks=24, max_num_reqs=4, max_blocks_per_request=6)
+    table.add("a", [3, 7])
+    good = bufs.build_from_table(table, ["a"], [5], [1], num_reqs=2, num_tokens=2, decode_only=True)
+    narrow = kvl.BlockTable(BS, num_blocks=24, max_num_reqs=4, max_blocks_per_request=5)
+    narrow.add("a", [3, 7])
+    for call, match in [
+        (lambda: bufs.build_from_table(narrow, ["a"], [5], [1], num_reqs=2, num_tokens=2), "does not match"),
+        (lambda: bufs.build_from_table(table, ["b"], [5], [1], num_reqs=2, num_tokens=2), "no row"),
+        (lambda: bufs.build_from_table(table, ["a"], [7], [3], num_reqs=2, num_tokens=2), "append blocks"),
+        (lambda: bufs.build_from_table(table, ["a"], [5], [2], num_reqs=1, num_tokens=2, decode_only=True),
+         "not one"),
+        (lambda: bufs.build_from_table("table", ["a"], [5], [1], num_reqs=2, num_tokens=2), "BlockTable"),
+    ]:
+        with pytest.raises(KVLayoutError, match=match):
+            call()
+    assert good.is_validated                              # a refused build wrote nothing
+
+
 def test_the_worked_example():
     bufs = StepBuffers(16, num_blocks=64, max_num_reqs=4, max_num_tokens=4, max_blocks_per_request=8)
     sched = [kvl.ScheduledRequest(16, 1, [5, 9]), kvl.ScheduledRequest(4, 1, [2]),

@@ -52,10 +52,13 @@ def requests_for(step: list[tuple[int, int]], rng: np.random.Generator, shared_p
     return reqs, shared, len(pool)
 
 
-def block_table_time(reqs, num_blocks: int, device: str, reps: int) -> float:
+def block_table_time(reqs, num_blocks: int, device: str, reps: int, buffers=None, decode_only: bool = False
+                     ) -> float:
     """Median host seconds of one step on a persistent ``BlockTable`` that holds the requests' rows: a
     sixteenth of the requests get their next block (decodes cross a block boundary every 16 steps), then
-    the step's metadata is built. Between timed steps those blocks are dropped again (untimed)."""
+    the step's metadata is built (``table.build``, or with ``buffers`` the padded ``StepBuffers`` of a
+    CUDA-graph step, ``buffers.build_from_table``). Between timed steps those blocks are dropped again
+    (untimed)."""
     width = max(len(r.block_ids) for r in reqs)
     table = kvl.BlockTable(BLOCK, num_blocks=num_blocks, max_num_reqs=len(reqs), max_blocks_per_request=width,
                            max_num_tokens=sum(r.num_new_tokens for r in reqs), device=device)
@@ -68,7 +71,11 @@ def block_table_time(reqs, num_blocks: int, device: str, reps: int) -> float:
         t0 = time.perf_counter()
         for i in growing:
             table.append(i, reqs[i].block_ids[-1:])
-        table.build(ids, computed, new)
+        if buffers is None:
+            table.build(ids, computed, new)
+        else:
+            buffers.build_from_table(table, ids, computed, new, num_reqs=len(ids), num_tokens=sum(new),
+                                     decode_only=decode_only)
         times.append(time.perf_counter() - t0)
         for i in growing:
             table.truncate(i, len(reqs[i].block_ids) - 1)
@@ -98,6 +105,7 @@ def run_rows(reps: int, device: str) -> list[dict]:
                 row["buffers_us"] = 1e6 * host_time(lambda: bufs.build(reqs, num_reqs=len(reqs), num_tokens=tokens,
                                                                       decode_only=decode_only), reps, warmup=3)
                 row["table_us"] = 1e6 * block_table_time(reqs, num_blocks, device, reps)
+                row["table_buffers_us"] = 1e6 * block_table_time(reqs, num_blocks, device, reps, bufs, decode_only)
             rows.append(row)
     return rows
 
@@ -112,11 +120,13 @@ def main(argv: Optional[list] = None) -> int:
     torch.set_num_threads(args.threads)
     rows = run_rows(args.reps, args.device)
     print(f"host cost per step (median of {args.reps}, {args.threads} thread(s), metadata on {args.device})")
-    print(f"{'step':<52}{'build us':>10}{'StepBuffers us':>16}{'BlockTable us':>15}{'validate us':>13}")
+    print("columns: build_attention_metadata | StepBuffers.build (padded, from block ids) | BlockTable (append "
+          "+ build) | BlockTable + StepBuffers.build_from_table (padded) | validate_attention_metadata")
+    print(f"{'step':<52}{'build us':>10}{'StepBuffers us':>16}{'BlockTable us':>15}{'table+buffers us':>18}"
+          f"{'validate us':>13}")
     for r in rows:
-        bufs = f"{r['buffers_us']:.0f}" if "buffers_us" in r else "-"
-        table = f"{r['table_us']:.0f}" if "table_us" in r else "-"
-        print(f"{r['step']:<52}{r['build_us']:>10.0f}{bufs:>16}{table:>15}{r['validate_us']:>13.0f}")
+        cols = [f"{r[k]:.0f}" if k in r else "-" for k in ("buffers_us", "table_us", "table_buffers_us")]
+        print(f"{r['step']:<52}{r['build_us']:>10.0f}{cols[0]:>16}{cols[1]:>15}{cols[2]:>18}{r['validate_us']:>13.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

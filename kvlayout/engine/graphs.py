@@ -12,10 +12,11 @@ runs between layers, and no launch choice depends on the step (``PaddedStep``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
+from ..block_table import BlockTable
 from ..custom_ops import step_context
 from ..errors import KVLayoutError
 from ..metadata import AttentionMetadata, ScheduledRequest, require_validated
@@ -125,6 +126,16 @@ class StepGraphs:
         self._graph(key)
         meta = self.buffers.build(sched, num_reqs=key.num_reqs, num_tokens=key.num_tokens,
                                   decode_only=key.decode_only, pool=pool)
+        return self.replay_metadata(key, meta, input_ids, positions)
+
+    def replay_table(self, key: GraphKey, table: BlockTable, request_ids: Sequence[Hashable],
+                     num_computed: Sequence[int], num_new: Sequence[int], input_ids: Sequence[int],
+                     positions: Sequence[int]) -> torch.Tensor:
+        """``replay`` for requests whose block ids ``table`` holds (``StepBuffers.build_from_table``: host
+        work per request, not per block)."""
+        self._graph(key)
+        meta = self.buffers.build_from_table(table, request_ids, num_computed, num_new, num_reqs=key.num_reqs,
+                                             num_tokens=key.num_tokens, decode_only=key.decode_only)
         return self.replay_metadata(key, meta, input_ids, positions)
 
     def replay_metadata(self, key: GraphKey, meta: AttentionMetadata, input_ids: Sequence[int],

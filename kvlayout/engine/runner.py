@@ -323,11 +323,12 @@ class Engine:
         positions = np.concatenate(pos)
         num_decodes = next((i for i, (_, n) in enumerate(scheduled) if n != 1), len(scheduled))
         key = self.graphs.pick(len(sched), len(ids), num_decodes == len(sched)) if self.graphs else None
+        step = ([r.request_id for r, _ in scheduled], [r.num_computed for r, _ in scheduled],
+                [n for _, n in scheduled])
         if key is not None:
-            logits = self.graphs.replay(key, sched, ids, positions, pool=self.pool if self.validate else None)
+            logits = self.graphs.replay_table(key, self.table, *step, ids, positions)
         else:
-            meta = self.table.build([r.request_id for r, _ in scheduled], [r.num_computed for r, _ in scheduled],
-                                    [n for _, n in scheduled])
+            meta = self.table.build(*step)
             input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
             logits = self.model(input_ids, torch.from_numpy(positions).to(self.device, non_blocking=True), meta,
                                 self.backend, validate=self.validate)
