@@ -35,6 +35,9 @@ from .planner import KVCachePlan
 from .values import require_int
 
 
+SYNC_CHUNK = 1 << 16          # (index, id) pairs per host-to-device copy of changed table entries
+
+
 class BlockTable:
     """Rows of block ids for up to ``max_num_reqs`` requests of up to ``max_blocks_per_request`` blocks.
 
@@ -59,13 +62,15 @@ class BlockTable:
         self._host = np.zeros((r, w), dtype=np.int32)            # the table's host mirror
         self._lens = np.zeros(r, dtype=np.int64)                  # blocks per row
         self._owner = np.full(self.num_blocks, -1, dtype=np.int32)
-        self._dirty: set[int] = set()
+        self._dirty: list[tuple[int, int, int]] = []               # (row, first, end) entries written
         self._seen = np.zeros(r, dtype=np.int64)                  # scratch of build's duplicate check
         self._order = np.arange(r + 1, dtype=np.int64)
         self._views: dict[tuple[int, int], _StepViews] = {}
         pin = self.device.type == "cuda"
         with torch.inference_mode(False):
-            self._table = torch.zeros((r, w), dtype=torch.int32, device=self.device)
+            # on the CPU the host mirror is the table: nothing to copy when rows change
+            self._table = torch.from_numpy(self._host) if self.device.type == "cpu" else \
+                torch.zeros((r, w), dtype=torch.int32, device=self.device)
             self._step_table = torch.zeros((r, w), dtype=torch.int32, device=self.device)
             # staging: [rows of the step | query_start_loc | seq_lens] int32, slots int64
             self._host_ints = torch.zeros(3 * r + 1, dtype=torch.int32, pin_memory=pin)
@@ -75,7 +80,8 @@ class BlockTable:
             else:
                 self._dev_ints = torch.zeros(3 * r + 1, dtype=torch.int32, device=self.device)
                 self._dev_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
-            self._host_dirty = torch.zeros((r, w + 1), dtype=torch.int32, pin_memory=pin)
+            # changed entries go to the device as (flat index, block id) pairs, SYNC_CHUNK at a time
+            self._host_entries = torch.zeros((2, min(r * w, SYNC_CHUNK)), dtype=torch.int64, pin_memory=pin)
         self._copied = torch.cuda.Event() if pin else None
 
     # ---- rows -------------------------------------------------------------------------------------
@@ -173,8 +179,8 @@ class BlockTable:
         self._host[row, n:n + ids.size] = ids
         self._lens[row] = n + ids.size
         self._owner[ids] = row
-        if ids.size:
-            self._dirty.add(row)
+        if ids.size and self.device.type != "cpu":
+            self._dirty.append((row, n, n + ids.size))
 
     # ---- one step ---------------------------------------------------------------------------------
     def build(self, request_ids: Sequence[Hashable], num_computed: Sequence[int], num_new: Sequence[int]
@@ -239,21 +245,28 @@ class BlockTable:
         return new_token_slots(self._host, step.rows, step.computed, step.new, step.qsl, self.block_size, out=out)
 
     def sync_rows(self) -> torch.Tensor:
-        """Copy the rows changed since the last call to the device table (one copy); returns the device
-        table ``[max_num_reqs, max_blocks_per_request]`` (int32), whose row ``i`` is request row ``i``."""
-        if self._dirty:
-            with torch.inference_mode(False):
+        """Copy the entries written since the last call to the device table; returns the device table
+        ``[max_num_reqs, max_blocks_per_request]`` (int32), whose row ``i`` is request row ``i`` (on the CPU
+        it is the host mirror itself). Only the new entries move: a decode step that crosses a block boundary
+        for ``k`` requests copies ``k`` (index, id) pairs, not ``k`` rows."""
+        if not self._dirty:
+            return self._table
+        w = self.width
+        flat = np.concatenate([np.arange(row * w + lo, row * w + hi) for row, lo, hi in self._dirty])
+        self._dirty.clear()
+        stage = self._host_entries.numpy()
+        table = self._table.view(-1)
+        with torch.inference_mode(False):
+            for at in range(0, flat.size, stage.shape[1]):
+                part = flat[at:at + stage.shape[1]]
                 if self._copied is not None:
                     self._copied.synchronize()      # the last copy has left the staging buffer
-                dirty = np.fromiter(self._dirty, dtype=np.int64, count=len(self._dirty))
-                stage = self._host_dirty.numpy()
-                stage[:dirty.size, 0] = dirty
-                stage[:dirty.size, 1:] = self._host[dirty]
-                dev = self._host_dirty[:dirty.size].to(self.device, non_blocking=True)
-                self._table.index_copy_(0, dev[:, 0].long(), dev[:, 1:])
+                stage[0, :part.size] = part
+                stage[1, :part.size] = self._host.reshape(-1)[part]
+                dev = self._host_entries[:, :part.size].to(self.device, non_blocking=True)
+                table.index_copy_(0, dev[0], dev[1].to(torch.int32))
                 if self._copied is not None:
                     self._copied.record()
-                self._dirty.clear()
         return self._table
 
     def _step_views(self, n: int, total: int) -> "_StepViews":
