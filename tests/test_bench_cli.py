@@ -156,8 +156,8 @@ def test_a_tool_missing_an_optional_dependency_names_the_extra(tmp_path, monkeyp
 
 
 def test_two_gpu_tool_runs_its_transfers_on_the_cpu(tmp_path):
-    """``tools/bench_two_gpu.py --device cpu``: the script itself (a prefill child, pull and push of whole
-    requests, the torch copy next to them) without GPUs; the numbers are not GPU numbers."""
+    """``tools/bench_two_gpu.py --device cpu``: the script itself (the TP 2 -> 1 demo, a prefill child, pull
+    and push of whole requests, the torch copy next to them) without GPUs; the numbers are not GPU numbers."""
     import subprocess
     import sys
     from kvlayout.connectors.nixl_api import nixl_installed
@@ -165,11 +165,14 @@ def test_two_gpu_tool_runs_its_transfers_on_the_cpu(tmp_path):
         pytest.skip("needs NIXL (pip install kvlayout[nixl])")
     tool = Path(__file__).resolve().parent.parent / "tools" / "bench_two_gpu.py"
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--quick", "--parts", "transfer", "--sizes",
+    proc = subprocess.run([sys.executable, str(tool), "--device", "cpu", "--quick", "--parts", "tp,transfer", "--sizes",
                            "2", "--layouts", "cross-layer", "--json", str(out)], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())
+    demo = rows[0]
+    assert demo["part"] == "demo --prefill-tp 2 --decode-tp 1" and demo["rc"] == 0 and demo["ok"] is True
+    assert demo["released"] == demo["requests"] == 3
     moved = [r for r in rows if r["part"] == "transfer"]
     assert {r["mode"] for r in moved} == {"pull", "push"} and all(r["requests"] == 2 for r in moved)
     assert all(r["GBps"] > 0 and r["bytes"] == 2 * 4 * 256 * 8 * 16 * 2 * 128 * 2 for r in moved)

@@ -49,7 +49,7 @@ def demo(device: str, extra: list[str], quick: bool) -> dict:
     """One ``kvlayout demo`` run; its summary (tokens ok, bytes, descriptors, released holds)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo.json"
-        cmd = [sys.executable, "-m", "kvlayout.cli", "demo", "--device", device, "--no-progress", "--summary-json",
+        cmd = [sys.executable, "-m", "kvlayout", "demo", "--device", device, "--no-progress", "--summary-json",
                str(out), "--requests", "3" if quick else "8"] + extra
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -100,7 +100,7 @@ for step in $STEPS; do
         record "pytest -m gpu" "$status" "$secs" "$(grep -E '(passed|failed|error|skipped)' "$LOGS/pytest-gpu.log" | tail -1)"
         ;;
     bench)
-        read -r status secs < <(run_step bench "$LOGS/kvlayout-bench.log" "$PY" -m kvlayout.cli bench \
+        read -r status secs < <(run_step bench "$LOGS/kvlayout-bench.log" "$PY" -m kvlayout bench \
             --tools "$REPO/tools" --out "$LOGS/bench" ${GPU_CHECK_QUICK:+--quick} \
             --timeout "$STEP_TIMEOUT")
         note=$("$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(', '.join(f'{n}: {t[\"status\"]}' for n, t in r['tools'].items()), '|', len(r['rows']), 'rows')" "$LOGS/bench/bench.json" 2>/dev/null || echo "no bench.json")
@@ -120,7 +120,7 @@ for step in $STEPS; do
         done
         ;;
     demo)
-        read -r status secs < <(run_step demo "$LOGS/demo-cuda.log" "$PY" -m kvlayout.cli demo --device cuda \
+        read -r status secs < <(run_step demo "$LOGS/demo-cuda.log" "$PY" -m kvlayout demo --device cuda \
             --no-progress --summary-json "$LOGS/demo-cuda.json")
         record "kvlayout demo --device cuda" "$status" "$secs" "$(grep -E 'tokens match|DIFFER|error|NIXL is not' "$LOGS/demo-cuda.log" | tail -1 | cut -c1-100)"
         ;;
