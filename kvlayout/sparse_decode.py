@@ -53,16 +53,14 @@ def check_sparse_decode(q, kv_cache, block_table, seq_lens, selected, logits_sof
 def selected_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, selected: torch.Tensor, page: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(table [B, S] int32, lens [B] int32)``: the selected pages as a block table of their own and the
-    keys each request sees in them (the request's last page counted up to its length). Device ops only."""
-    valid = selected >= 0
-    sel = selected.long().clamp(min=0)
-    table = torch.gather(block_table.long(), 1, sel).to(torch.int32)
-    count = valid.sum(1)
-    last_sel = torch.gather(sel, 1, (count - 1).clamp(min=0)[:, None])[:, 0]
-    last_page = (seq_lens.long() - 1).clamp(min=0) // page
-    fill = seq_lens.long() - last_page * page
-    short = torch.where((count > 0) & (last_sel == last_page), page - fill, torch.zeros_like(fill))
-    return table, (count * page - short).to(torch.int32)
+    keys each request sees in them: page ``p`` holds ``min(page, seq_len - p * page)`` of them (the request's
+    last page up to its length), -1 entries none. Device ops only, eight small ones: on a host-bound step
+    each costs a launch."""
+    sel = selected.clamp(min=0).long()
+    table = torch.gather(block_table.to(torch.int32), 1, sel)
+    keys = (seq_lens[:, None].long() - sel * page).clamp_(0, page)
+    lens = torch.where(selected >= 0, keys, 0).sum(1, dtype=torch.int32)
+    return table, lens
 
 
 def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

@@ -75,8 +75,19 @@ def test_sparse_decode_matches_the_oracle(rng, impl, lens, hq, hkv):
 
 def test_the_worked_example_and_every_page_is_plain_decode(rng):
     kv, table, seq, q = case(rng, [10, 13], 4, 2)
-    _, lens = selected_pages(table, seq, torch.tensor([[0, 2, -1, -1], [1, 3, -1, -1]]), BS)
+    sel = torch.tensor([[0, 2, -1, -1], [1, 3, -1, -1]])
+    pages, lens = selected_pages(table, seq, sel, BS)
     assert lens.tolist() == [6, 5]
+    assert pages.dtype == torch.int32 and pages[:, :2].tolist() == [[table[0, 0], table[0, 2]], [table[1, 1], table[1, 3]]]
+    for _ in range(20):                                   # against a count of the positions each one sees
+        lens_r = torch.randint(1, 4 * BS + 1, (3,), generator=rng)
+        sel = torch.full((3, 4), -1)
+        for r, n in enumerate(lens_r.tolist()):
+            k = int(torch.randint(0, -(-n // BS) + 1, (1,), generator=rng))
+            sel[r, :k] = torch.sort(torch.randperm(-(-n // BS), generator=rng)[:k]).values
+        _, got = selected_pages(table[:1].expand(3, -1), lens_r.to(torch.int32), sel, BS)
+        want = [sum(1 for p in range(n) if p // BS in sel[r].tolist()) for r, n in enumerate(lens_r.tolist())]
+        assert got.tolist() == want
     full = torch.tensor([[0, 1, 2, -1], [0, 1, 2, 3]], dtype=torch.int32)
     got = ops.sparse_decode(q, kv, table, seq, full, impl="torch")
     meta = kvl.build_attention_metadata([kvl.ScheduledRequest(9, 1, table[0, :3].tolist()),
