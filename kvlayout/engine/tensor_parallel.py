@@ -114,7 +114,7 @@ class TensorParallel:
         torch.distributed.all_gather(sizes, torch.tensor([len(data)], dtype=torch.long, device=dev), group=self.group)
         width = max(int(s) for s in sizes)
         buf = torch.zeros(width, dtype=torch.uint8, device=dev)
-        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)    # msgpack data is never empty
         out = [torch.empty(width, dtype=torch.uint8, device=dev) for _ in range(self.size)]
         torch.distributed.all_gather(out, buf, group=self.group)
         return [msgpack.unpackb(o[:int(s)].cpu().numpy().tobytes(), strict_map_key=False) for o, s in zip(out, sizes)]
