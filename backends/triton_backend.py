@@ -4,11 +4,17 @@
 part (the leading one-token requests) goes to the split-KV decode kernel, the rest to the unified kernel;
 when every query tile is already decode-sized (short chunks), the whole mixed batch is one unified launch.
 LSE is returned in base e.
+
+Plan once, run many: the first layer of a step makes a ``TritonStepPlan`` (in ``meta.step_state``) with the
+route, the launch settings, the metadata slices of each part and the split-KV workspace; the step's other
+layers reuse it. The workspace is shared by the layers of a step, which run one after another on one
+stream (each layer's merge reads it before the next layer's decode writes it).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,9 +23,10 @@ import triton
 from kvlayout.capabilities import BackendCapabilities
 from kvlayout.errors import KVLayoutError
 from kvlayout.kernels import INTERPRET_ENV, interpreter_requested, interpreting
-from kvlayout.kernels.decode import split_kv_decode
-from kvlayout.kernels.unified import unified_attention, unified_config
+from kvlayout.kernels.decode import DecodeConfig, choose_num_splits, decode_config, device_sms, split_kv_decode
+from kvlayout.kernels.unified import UnifiedConfig, unified_attention, unified_config
 from kvlayout.kernels.write import write_kv as triton_write_kv
+from kvlayout.metadata import AttentionMetadata
 from kvlayout.specs import FP8_DTYPES
 
 from .base import AttentionBackend, AttentionOutput, output_buffers
@@ -46,6 +53,62 @@ def split_decodes(num_decodes: int, num_reqs: int, max_query_len: int, group: in
         return True
     cfg = unified_config(max_query_len, group, head_size, elem_bytes, interpret)
     return cfg.block_q * triton.next_power_of_2(group) > 16
+
+
+@dataclass(frozen=True)
+class TritonStepKey:
+    """Key of the triton backend's per-step plan: what the launch choices depend on besides the step, and
+    whether a CUDA graph is being captured (a workspace made by an eager warm-up must not be baked into a
+    graph that outlives it)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    q_dtype: torch.dtype
+    capturing: bool = False
+
+
+@dataclass(frozen=True)
+class TritonStepPlan:
+    """Host decisions and views made once per step: the decode part (``num_decodes`` requests on the
+    split-KV kernel, or 0 when everything rides in the unified launch) and the rest."""
+
+    num_decodes: int
+    num_decode_tokens: int
+    decode_rows: tuple            # (query_start_loc, seq_lens, block_table) of the decode part
+    num_splits: int
+    decode_config: DecodeConfig
+    workspace: Optional[tuple]    # split-KV partials (o [R, H, S, D], lse [R, H, S]) float32, or None
+    rest_rows: tuple              # (query_start_loc, seq_lens, block_table) of the unified part
+    unified_config: UnifiedConfig
+
+
+def make_step_plan(meta: AttentionMetadata, key: TritonStepKey) -> TritonStepPlan:
+    """The plan of ``meta``'s step for the shape in ``key`` (host integers only; no sync)."""
+    nd, nr = meta.num_decodes, meta.num_reqs
+    group = key.num_heads // key.num_kv_heads
+    elem, interp = key.q_dtype.itemsize, interpreting()
+    split = split_decodes(nd, nr, meta.max_query_len, group, key.head_size, elem, interp)
+    nd = nd if split else 0
+    splits = choose_num_splits(nd, key.num_kv_heads, meta.max_seq_len, device_sms(meta.device)) if nd else 1
+    workspace = None
+    if splits > 1:
+        workspace = (torch.empty(nd, key.num_heads, splits, key.head_size, dtype=torch.float32, device=meta.device),
+                     torch.empty(nd, key.num_heads, splits, dtype=torch.float32, device=meta.device))
+    qsl, lens, table = meta.query_start_loc, meta.seq_lens, meta.block_table
+    return TritonStepPlan(nd, meta.num_decode_tokens if nd else 0, (qsl[:nd], lens[:nd], table[:nd]), splits,
+                          decode_config(key.head_size, elem, interp), workspace, (qsl[nd:], lens[nd:], table[nd:]),
+                          unified_config(meta.max_query_len, group, key.head_size, elem, interp))
+
+
+def step_plan(meta: AttentionMetadata, params, q_dtype: torch.dtype) -> TritonStepPlan:
+    """The step's plan for this attention shape, made on the first layer's call and reused by the rest."""
+    capturing = meta.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = TritonStepKey(params.num_heads, params.num_kv_heads, params.head_size, q_dtype, capturing)
+    plan = meta.step_state.get(key, TritonStepPlan)
+    if plan is None:
+        plan = meta.step_state.put(key, make_step_plan(meta, key))
+    return plan
 
 
 class TritonBackend(AttentionBackend):
@@ -93,17 +156,16 @@ class TritonBackend(AttentionBackend):
         out, lse = output_buffers(q, total, out, lse, want_lse)
         if total == 0:
             return (out, lse) if want_lse else out
-        nd, nr = meta.num_decodes, meta.num_reqs
-        group = params.num_heads // params.num_kv_heads
-        r0 = t0 = 0
-        if split_decodes(nd, nr, meta.max_query_len, group, params.head_size, q.dtype.itemsize, interpreting()):
-            split_kv_decode(q, kv_cache, meta.query_start_loc[:nd], meta.seq_lens[:nd], meta.block_table[:nd],
-                            params, max_seq_len=meta.max_seq_len, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-                            out=out, lse=lse)
-            r0, t0 = nd, meta.num_decode_tokens
-        if r0 < nr:
-            unified_attention(q, kv_cache, out, meta.query_start_loc[r0:], meta.seq_lens[r0:],
-                              meta.block_table[r0:], params, num_tokens=total - t0, tok_lo=t0,
+        plan = step_plan(meta, params, q.dtype)
+        if plan.num_decodes:
+            qsl, lens, table = plan.decode_rows
+            split_kv_decode(q, kv_cache, qsl, lens, table, params, max_seq_len=meta.max_seq_len,
+                            num_splits=plan.num_splits, sinks=sinks, k_scale=k_scale, v_scale=v_scale, out=out,
+                            lse=lse, workspace=plan.workspace, config=plan.decode_config)
+        if plan.num_decodes < meta.num_reqs:
+            qsl, lens, table = plan.rest_rows
+            t0 = plan.num_decode_tokens
+            unified_attention(q, kv_cache, out, qsl, lens, table, params, num_tokens=total - t0, tok_lo=t0,
                               max_query_len=meta.max_query_len, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-                              lse=lse)
+                              lse=lse, config=plan.unified_config)
         return (out, lse) if want_lse else out

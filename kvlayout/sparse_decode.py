@@ -12,8 +12,8 @@ output 0 and LSE -inf.
 Worked example, page size 4, a request of 10 tokens (pages 0, 1, 2; page 2 holds 2 tokens),
 ``selected = [0, 2, -1]``: keys at positions 0-3 and 8-9 are seen, 6 keys in all.
 
-The Triton path is the split-KV decode kernel over a block table of the selected pages (gathered on the
-device, with each request's length recounted): no new kernel, no host sync.
+The Triton path is two launches and no host sync: one builds a block table of the selected pages with each
+request's length recounted (``kernels/sparse.py``), then the split-KV decode kernel runs over it.
 """
 
 from __future__ import annotations
@@ -79,16 +79,17 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     scale = softmax_scale(scale, q.shape[2])
     cap = soft_cap_value(logits_soft_cap)
     page = kv_cache.shape[2]
-    table, lens = selected_pages(block_table, seq_lens, selected, page)
     if _use_triton(impl, q.device, "sparse_decode", q.dtype):
         from .kernels.decode import split_kv_decode
+        from .kernels.sparse import selected_pages_launch
+        table, lens, rows = selected_pages_launch(block_table, seq_lens, selected, page)
         params = AttentionParams(q.shape[1], kv_cache.shape[1], q.shape[2], scale, False, None, cap)
-        rows = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
 
         def launch(o, l):
             split_kv_decode(q, kv_cache, rows, lens, table, params, max_seq_len=selected.shape[1] * page,
                             k_scale=k_scale, v_scale=v_scale, out=o, lse=l)
         return _run_attention(q, q.shape[:2], out, lse, return_lse, launch=launch)
+    table, lens = selected_pages(block_table, seq_lens, selected, page)
     return _run_attention(q, q.shape[:2], out, lse, return_lse,
                           reference=lambda: _reference(q, kv_cache, table, lens, scale, cap, k_scale, v_scale))
 

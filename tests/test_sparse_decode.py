@@ -97,6 +97,23 @@ def test_the_worked_example_and_every_page_is_plain_decode(rng):
     assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.skipif("triton" not in IMPLS, reason="needs the Triton interpreter or a GPU")
+def test_the_one_launch_page_table_equals_the_torch_form(rng):
+    from kvlayout.kernels.sparse import selected_pages_launch
+    for lens, width in (([10, 16, 1, 33, 0], 10), ([5] * 3, 3), ([4 * BS * 300 + 1], 1202)):
+        kv, table, seq, q = case(rng, lens, 2, 1)
+        sel = random_selection(rng, lens, width)
+        sel[-1, 0] = 0 if lens[-1] else -1                    # one row with its first page selected
+        for t in (table, table.t().contiguous().t()):         # row-major and column-major block tables
+            got_table, got_lens, rows = selected_pages_launch(t, seq, sel, BS)
+            want_table, want_lens = selected_pages(t, seq, sel, BS)
+            valid = sel >= 0
+            assert torch.equal(got_table[valid], want_table[valid]) and torch.equal(got_lens, want_lens)
+            assert rows.tolist() == list(range(len(lens) + 1))
+    empty = selected_pages_launch(table[:0], seq[:0], sel[:0], BS)
+    assert empty[0].shape == (0, sel.shape[1]) and empty[2].tolist() == [0]
+
+
 @pytest.mark.parametrize("sel, match", [
     ([[0, -1, 1], [0, -1, -1]], "padded only at the end"),
     ([[1, 0, -1], [0, -1, -1]], "increase"),

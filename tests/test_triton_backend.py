@@ -148,6 +148,24 @@ def test_two_launch_route(backend, rng, monkeypatch):
     run_case(backend, rng, sinks=True, sliding_window=9)
 
 
+def test_one_plan_per_step_serves_every_layer(backend, rng):
+    """Layers of a step share the plan (route, settings, slices, split-KV workspace); each is still correct,
+    and a layer of another shape gets a plan of its own."""
+    meta = make_meta(rng, [(1200, 1), (700, 1), (33, 1)], 4, 600)
+    params = AttentionParams(4, 2, 64)
+    layers = [make_cache(rng, 600, 2, 4, 64, torch.float32) for _ in range(3)]
+    q = rand(rng, meta.num_actual_tokens, 4, 64)
+    for kv in layers:
+        out = backend.forward(q, kv, meta, params, out=torch.full_like(q, float("nan")))
+        assert rel_err(out, REF.forward(q, kv, meta, params)) < 1e-4
+    plans = meta.step_state.states(triton_backend.TritonStepPlan)
+    assert len(plans) == 1 and plans[0].num_decodes == 3 and plans[0].num_splits > 1
+    wide = AttentionParams(8, 2, 64)
+    q8 = rand(rng, meta.num_actual_tokens, 8, 64)
+    assert rel_err(backend.forward(q8, layers[0], meta, wide), REF.forward(q8, layers[0], meta, wide)) < 1e-4
+    assert len(meta.step_state.states(triton_backend.TritonStepPlan)) == 2
+
+
 @pytest.mark.parametrize("splits", [1, 2, 7])
 def test_split_kv_decode(rng, splits):
     """More splits than key tiles leaves empty splits; preallocated out, LSE and workspace are filled."""

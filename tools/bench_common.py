@@ -62,6 +62,14 @@ def timed(fn: Callable[[], object], device: Device, quick: bool = False, iters: 
     return statistics.median(times)
 
 
+def graph_time(fn: Callable[[], object], iters: Optional[int] = None) -> float:
+    """Seconds per replay of a CUDA graph of one ``fn()`` call (the kernels alone, no launch cost), timed as
+    ``timed`` times an eager call."""
+    from kvlayout.engine.graphs import capture_graph
+    graph, _ = capture_graph(fn)
+    return timed(graph.replay, "cuda", iters=iters)
+
+
 def measure_ceilings(device: Device, quick: bool = False) -> dict:
     """The device's copy bandwidth (bytes read + written by one large copy) and bf16 matmul rate.
 

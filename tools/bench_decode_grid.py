@@ -21,10 +21,9 @@ from typing import Callable, Optional
 import torch
 
 from bench_attention import Setup, attn_bytes, make_step
-from bench_common import device_name, measure_ceilings, timed
+from bench_common import device_name, graph_time, measure_ceilings, timed
 
 import kvlayout as kvl
-from kvlayout.engine.graphs import capture_graph
 from kvlayout.registry import available_backends, get_attention_backend
 
 ITERS = 20
@@ -34,10 +33,8 @@ def events_time(fn: Callable[[], object]) -> float:
     return timed(fn, "cuda", iters=ITERS)
 
 
-def graph_time(fn: Callable[[], object]) -> float:
-    """Seconds per replay of a CUDA graph of one ``fn()`` call."""
-    graph, _ = capture_graph(fn)
-    return events_time(graph.replay)
+def graph_replay_time(fn: Callable[[], object]) -> float:
+    return graph_time(fn, iters=ITERS)
 
 
 def cell(batch: int, context: int, s: Setup, backends: list, device, gen) -> list[dict]:
@@ -51,7 +48,7 @@ def cell(batch: int, context: int, s: Setup, backends: list, device, gen) -> lis
         def call(be=be):
             be.forward(q, kv, meta, params, out=out, validate=False)
         row = {"batch": batch, "context": context, "backend": be.name, "bytes": nbytes}
-        for mode, timer in (("eager", events_time), ("graph", graph_time)):
+        for mode, timer in (("eager", events_time), ("graph", graph_replay_time)):
             if mode == "graph" and hasattr(be, "plan"):     # FlashInfer: its CUDA-graph plan, made before capture
                 be.plan(meta, params, kv.dtype, q.dtype, cuda_graph=True)
             try:

@@ -7,7 +7,8 @@ loop over ``torch.ops.kvlayout.attend``) and as one replayed CUDA graph, next to
 Each mode is timed as a serving engine runs it: the step's metadata built (``build_attention_metadata``,
 or ``StepBuffers.build`` for the graph), then every layer's K/V write and attention, back to back for
 ``--steps`` steps (CUDA events around them; the GPU waits when the host is slower). ``host us`` is the
-host time to issue one step with the GPU idle (what the step costs the CPU); ``bytes`` counts each
+host time to issue one step with the GPU idle (what the step costs the CPU; ``per layer`` divides it by
+the layers, the step's metadata included); ``bytes`` counts each
 layer's cached K/V read once plus the new K/V, q and out, as a roofline does. The copy ceiling is
 measured in the same run.
 """
@@ -146,9 +147,10 @@ def main(argv: Optional[list] = None) -> int:
             rows += bench_batch(b, args.context, args.layers, args.steps, device, have_fi)
     print(f"{device_name(device)}: copy ceiling {ceil['copy_TBps']:.2f} TB/s; {args.layers}-layer decode step, "
           f"context {args.context}")
-    print(f"{'batch':>6} {'mode':<18}{'step us':>10}{'host us':>10}{'TB/s':>8}{'% copy':>8}")
+    print(f"{'batch':>6} {'mode':<18}{'step us':>10}{'host us':>10}{'per layer':>10}{'TB/s':>8}{'% copy':>8}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['mode']:<18}{r['step_us']:>10.1f}{r['host_us']:>10.1f}{r['TBps']:>8.2f}"
+        print(f"{r['batch']:>6} {r['mode']:<18}{r['step_us']:>10.1f}{r['host_us']:>10.1f}"
+              f"{r['host_us'] / r['layers']:>10.1f}{r['TBps']:>8.2f}"
               f"{100 * r['TBps'] / ceil['copy_TBps']:>7.0f}%")
     if args.json:
         with open(args.json, "w") as f:

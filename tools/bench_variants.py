@@ -1,12 +1,15 @@
 """Attention variants next to dense decode on the same inputs: block-sparse decode (a fraction of the pages
 selected), gated decode, and tree attention for speculative decoding (next to FlashInfer's custom-mask
 prefill over the same pages when FlashInfer is installed). 32 query / 8 KV heads, D=128, bf16, block 16,
-pages in random order; triton.testing.do_bench medians (L2 flushed); the copy ceiling from the same run.
+pages in random order; triton.testing.do_bench medians (L2 flushed) of eager calls and of replays of a CUDA
+graph of one call (the kernels alone: eager small ops are bound by their launches); the copy ceiling from
+the same run.
 
     python tools/bench_variants.py [--batch 8] [--context 32768] [--drafts 64] [--json rows.json]
 
 Bytes are counted from the inputs: the K/V a call reads (only the selected pages for sparse decode; plus
-the gates for gated decode), q and out. Sparse decode's time should follow the pages it reads.
+the gates for gated decode), q and out. Sparse decode's time should follow the pages it reads; the graph
+column shows whether it does.
 """
 
 from __future__ import annotations
@@ -20,11 +23,21 @@ from typing import Optional
 import torch
 
 from bench_attention import Setup, make_step
-from bench_common import device_name, measure_ceilings, timed
+from bench_common import device_name, graph_time, measure_ceilings, timed
 
 import kvlayout as kvl
 from kvlayout import ops
 from kvlayout.registry import available_backends
+
+
+def both(fn) -> dict:
+    """Eager and graph-replay seconds of ``fn`` (graph None where the op cannot be captured)."""
+    row = {"seconds": timed(fn, "cuda")}
+    try:
+        row["graph_seconds"] = graph_time(fn)
+    except Exception as e:                                   # say why, keep the eager number
+        row["graph_seconds"], row["graph_error"] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return row
 
 
 def rows_sparse_gated(s: Setup, batch: int, context: int, device, gen) -> list[dict]:
@@ -35,23 +48,22 @@ def rows_sparse_gated(s: Setup, batch: int, context: int, device, gen) -> list[d
     qo = 2 * batch * s.heads * s.head_size * el
     dense = kvl.get_attention_backend("triton", device)
     rows = []
-    t = timed(lambda: dense.forward(q, kv, meta, params, validate=False), device)
-    rows.append({"op": "dense decode", "fraction": 1.0, "seconds": t, "bytes": batch * context * per_token + qo})
+    out = torch.empty_like(q)
+    rows.append({"op": "dense decode", "fraction": 1.0, "bytes": batch * context * per_token + qo,
+                 **both(lambda: dense.forward(q, kv, meta, params, out=out, validate=False))})
     pages = meta.block_table.shape[1]
     for frac in (1 / 16, 1 / 4, 1.0):
         k = max(1, int(pages * frac))
         sel = torch.stack([torch.sort(torch.randperm(pages, device=device, generator=gen)[:k]).values
                            for _ in range(batch)]).to(torch.int32)
-        t = timed(lambda: ops.sparse_decode(q, kv, meta.block_table, meta.seq_lens, sel, impl="triton",
-                                            validate=False), device)
-        rows.append({"op": "sparse decode", "fraction": k / pages, "seconds": t,
-                     "bytes": batch * k * s.block_size * per_token + qo})
+        rows.append({"op": "sparse decode", "fraction": k / pages, "bytes": batch * k * s.block_size * per_token + qo,
+                     **both(lambda: ops.sparse_decode(q, kv, meta.block_table, meta.seq_lens, sel, impl="triton",
+                                                      out=out, validate=False))})
     delta = torch.randn(kv.shape[0], s.kv_heads, s.block_size, device=device, generator=gen)
     alpha = torch.randn(batch, s.heads, device=device, generator=gen)
-    t = timed(lambda: ops.gated_decode(q, kv, delta, alpha, meta.block_table, meta.seq_lens, impl="triton",
-                                       validate=False), device)
-    rows.append({"op": "gated decode", "fraction": 1.0, "seconds": t,
-                 "bytes": batch * context * (per_token + 4 * s.kv_heads) + qo})
+    rows.append({"op": "gated decode", "fraction": 1.0, "bytes": batch * context * (per_token + 4 * s.kv_heads) + qo,
+                 **both(lambda: ops.gated_decode(q, kv, delta, alpha, meta.block_table, meta.seq_lens, impl="triton",
+                                                 out=out, validate=False))})
     return rows
 
 
@@ -67,12 +79,12 @@ def rows_tree(s: Setup, batch: int, prefix: int, drafts: int, device, gen, have_
     el = s.dtype.itemsize
     nbytes = batch * (prefix + drafts) * s.kv_heads * 2 * s.head_size * el + 2 * q.numel() * el
     rows = []
-    t = timed(lambda: ops.tree_attention(q, k, v, kv, meta.query_start_loc, lens, meta.block_table, masks,
-                                         impl="triton", validate=False, max_drafts=drafts), device)
-    rows.append({"op": "tree attention", "impl": "triton", "seconds": t, "bytes": nbytes})
-    t = timed(lambda: ops.paged_prefill_with_append(q, k, v, kv, meta.query_start_loc, lens, meta.block_table,
-                                                    impl="triton", validate=False), device)
-    rows.append({"op": "causal chunk (same shape)", "impl": "triton", "seconds": t, "bytes": nbytes})
+    rows.append({"op": "tree attention", "impl": "triton", "bytes": nbytes,
+                 **both(lambda: ops.tree_attention(q, k, v, kv, meta.query_start_loc, lens, meta.block_table, masks,
+                                                   impl="triton", validate=False, max_drafts=drafts))})
+    rows.append({"op": "causal chunk (same shape)", "impl": "triton", "bytes": nbytes,
+                 **both(lambda: ops.paged_prefill_with_append(q, k, v, kv, meta.query_start_loc, lens,
+                                                              meta.block_table, impl="triton", validate=False))})
     if have_fi:
         try:
             rows.append({"op": "tree attention", "impl": "flashinfer custom mask", "bytes": nbytes,
@@ -129,14 +141,19 @@ def main(argv: Optional[list] = None) -> int:
     copy = ceil["copy_TBps"]
     print(f"{device_name(device)}: copy ceiling {copy:.2f} TB/s (this run); decode {args.batch} x {args.context}, "
           f"tree {args.tree_batch} x ({args.prefix} + {args.drafts} drafts)")
-    print(f"{'op':<28}{'impl / pages read':<26}{'time us':>10}{'TB/s':>8}{'% copy':>8}")
+    print(f"{'op':<28}{'impl / pages read':<26}{'eager us':>10}{'TB/s':>8}{'graph us':>10}{'TB/s':>8}"
+          f"{'% copy':>8}")
     for r in rows:
         what = r.get("impl") or f"{100 * r['fraction']:.1f}% of pages"
         if r["seconds"] is None:
             print(f"{r['op']:<28}{what:<26}  failed: {r['error']}")
             continue
-        tbps = r["bytes"] / r["seconds"] / 1e12
-        print(f"{r['op']:<28}{what:<26}{r['seconds'] * 1e6:>10.1f}{tbps:>8.2f}{100 * tbps / copy:>7.0f}%")
+        g = r.get("graph_seconds")
+        best = min(r["seconds"], g) if g else r["seconds"]
+        cols = f"{r['seconds'] * 1e6:>10.1f}{r['bytes'] / r['seconds'] / 1e12:>8.2f}"
+        cols += f"{g * 1e6:>10.1f}{r['bytes'] / g / 1e12:>8.2f}" if g else f"{'-':>10}{'-':>8}"
+        print(f"{r['op']:<28}{what:<26}{cols}{100 * r['bytes'] / best / 1e12 / copy:>7.0f}%"
+              + (f"  (graph: {r['graph_error']})" if r.get("graph_error") else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from kvlayout.fp8 import scale_arg
 
-from .decode import choose_num_splits, device_sms
+from . import interpreting
+from .decode import choose_num_splits, decode_config, device_sms
 from .merge import merge_states_launch
 from .softmax import LOG2E, dot, finalize_heads, softmax_init, softmax_update
 from .tiles import dot_pad, load_group_query, load_tile, store_rows, tile_rows
@@ -96,6 +97,7 @@ def gated_decode_launch(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: to
     h_kv, page, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
     h = q.shape[1]
     group = h // h_kv
+    cfg = decode_config(d, q.dtype.itemsize, interpreting())      # the dense decode kernel's tiles
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs, h_kv, max_seq_len, device_sms(q.device))
     partial = num_splits > 1
@@ -113,9 +115,9 @@ def gated_decode_launch(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: to
         q.stride(0), q.stride(1), *o_strides, *l_strides,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), delta_cache.stride(0), delta_cache.stride(1),
         alpha.stride(0), block_table.stride(0), ks.stride, vs.stride,
-        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, M=dot_pad(group), BLOCK_N=16, PAGE=page, LOGSIGMOID=logsigmoid,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, M=dot_pad(group), BLOCK_N=cfg.block_n, PAGE=page, LOGSIGMOID=logsigmoid,
         K_SCALE=ks.on, V_SCALE=vs.on, PARTIAL=partial, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=1)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         rows = torch.arange(num_reqs + 1, device=q.device, dtype=torch.int32)
         merge_states_launch(o_dst.permute(0, 2, 1, 3), l_dst.permute(0, 2, 1), out, lse, in_base="2", out_base="e",

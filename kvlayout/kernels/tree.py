@@ -18,8 +18,10 @@ import triton.language as tl
 
 from kvlayout.fp8 import scale_arg
 
+from . import interpreting
 from .softmax import dot, finalize_heads, fold_k_scale, score_tile, softmax_init, softmax_update
 from .tiles import attend_paged_span, dot_pad, full_tiles_end, load_tile, packed_rows, store_rows, tile_rows
+from .unified import unified_config
 
 
 @triton.jit
@@ -89,16 +91,19 @@ def tree_attention_launch(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q:
     h_kv, page, d = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
     group = q.shape[1] // h_kv
     group_pad = triton.next_power_of_2(group)
-    block_q = max(1, 16 // group_pad)
+    # the unified kernel's tiles for a chunk of max_drafts queries: every program reads the whole prefix,
+    # so the more drafts per program the fewer times the prefix is read (4 drafts x 4 heads by 16 keys
+    # in one stage read it 16 times for 64 drafts and ran 3.4x slower than FlashInfer's custom mask, H100)
+    cfg = unified_config(max_drafts, group, d, q.dtype.itemsize, interpreting())
     block_t = max(16, triton.next_power_of_2(max(max_drafts, 1)))
     lse_t = lse if lse is not None else out
     ks, vs = scale_arg(k_scale, kv_cache.dtype, cache_seqlens), scale_arg(v_scale, kv_cache.dtype, cache_seqlens)
-    grid = (num_reqs, triton.cdiv(max(max_drafts, 1), block_q), h_kv)
+    grid = (num_reqs, triton.cdiv(max(max_drafts, 1), cfg.block_q), h_kv)
     _tree_attention_kernel[grid](
         q, kv_cache, out, lse_t, cu_seqlens_q, cache_seqlens, block_table, tree_mask, ks.tensor, vs.tensor, scale,
         soft_cap or 0.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         lse_t.stride(0) if lse is not None else 0, lse_t.stride(1) if lse is not None else 0,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks.stride, vs.stride,
-        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=16, BLOCK_T=block_t,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_T=block_t,
         PAGE=page, SOFT_CAP=soft_cap is not None, K_SCALE=ks.on, V_SCALE=vs.on, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=1)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
