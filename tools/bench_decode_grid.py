@@ -4,11 +4,12 @@ bf16, block 16, pages in random order), each timed eagerly *and* as a replayed C
 the kernels alone; eager adds the launch cost), next to the copy ceiling measured in the same run.
 
     python tools/bench_decode_grid.py [--batches 1,2,4,8,16,64,256] [--contexts 512,2048,8192,32768,131072]
-                                      [--max-gib 40] [--json rows.json]
+                                      [--max-gib 40] [--fp8] [--json rows.json]
 
 Bytes are counted from the inputs (the cached K/V read once, q, out, the block table). Cells whose cache
-would exceed ``--max-gib`` are skipped and listed. Timing: CUDA events around 20 back-to-back calls (or
-replays), median of 5, after warm-up; no L2 flush, as the layers of a step run.
+would exceed ``--max-gib`` are skipped and listed. ``--fp8`` times every cell a second time with the same
+values in an e4m3 cache (per-head scales), and prints fp8 time over bf16 time. Timing: CUDA events around
+20 back-to-back calls (or replays), median of 5, after warm-up; no L2 flush, as the layers of a step run.
 """
 
 from __future__ import annotations
@@ -37,27 +38,32 @@ def graph_replay_time(fn: Callable[[], object]) -> float:
     return graph_time(fn, iters=ITERS)
 
 
-def cell(batch: int, context: int, s: Setup, backends: list, device, gen) -> list[dict]:
+def cell(batch: int, context: int, s: Setup, backends: list, device, gen, fp8: bool = False) -> list[dict]:
     pairs = [(context - 1, 1)] * batch
-    kv, meta, q = make_step(pairs, s, device, gen)
+    kv16, meta, q = make_step(pairs, s, device, gen)
     params = kvl.AttentionParams(s.heads, s.kv_heads, s.head_size)
     out = torch.empty_like(q)
-    nbytes = attn_bytes(pairs, s)
     rows = []
-    for be in backends:
-        def call(be=be):
-            be.forward(q, kv, meta, params, out=out, validate=False)
-        row = {"batch": batch, "context": context, "backend": be.name, "bytes": nbytes}
-        for mode, timer in (("eager", events_time), ("graph", graph_replay_time)):
-            if mode == "graph" and hasattr(be, "plan"):     # FlashInfer: its CUDA-graph plan, made before capture
-                be.plan(meta, params, kv.dtype, q.dtype, cuda_graph=True)
-            try:
-                row[f"{mode}_s"] = timer(call)
-            except Exception as e:                       # e.g. a backend that cannot be captured
-                row[f"{mode}_s"] = None
-                row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-        rows.append(row)
-    del kv, q, out, meta
+    kinds = [("bf16", kv16, None)]
+    if fp8:                          # the same values stored as e4m3 with per-head scales of 1
+        kinds.append(("fp8", kv16.to(torch.float8_e4m3fn), torch.ones(s.kv_heads, device=device)))
+    for kv_name, kv, scale in kinds:
+        nbytes = attn_bytes(pairs, s) - (sum(pairs[0]) * batch * s.kv_heads * 2 * s.head_size if scale is not None
+                                         else 0)
+        for be in backends:
+            def call(be=be, kv=kv, scale=scale):
+                be.forward(q, kv, meta, params, out=out, k_scale=scale, v_scale=scale, validate=False)
+            row = {"batch": batch, "context": context, "backend": be.name, "kv": kv_name, "bytes": nbytes}
+            for mode, timer in (("eager", events_time), ("graph", graph_replay_time)):
+                try:
+                    if mode == "graph" and hasattr(be, "plan"):  # FlashInfer: its CUDA-graph plan, before capture
+                        be.plan(meta, params, kv.dtype, q.dtype, cuda_graph=True)
+                    row[f"{mode}_s"] = timer(call)
+                except Exception as e:                   # e.g. a backend that cannot be captured
+                    row[f"{mode}_s"] = None
+                    row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            rows.append(row)
+    del kinds, kv16, q, out, meta
     torch.cuda.empty_cache()
     return rows
 
@@ -68,6 +74,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--contexts", default="512,2048,8192,32768,131072")
     ap.add_argument("--backends", default="triton,flashinfer")
     ap.add_argument("--max-gib", type=float, default=40.0)
+    ap.add_argument("--fp8", action="store_true", help="also time each cell with an fp8 (e4m3) cache")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -87,16 +94,16 @@ def main(argv: Optional[list] = None) -> int:
                 skipped.append(f"{b}x{c} ({gib:.0f} GiB)")
                 continue
             print(f"... {b} x {c}", file=sys.stderr, flush=True)
-            rows += cell(b, c, s, backends, device, gen)
+            rows += cell(b, c, s, backends, device, gen, args.fp8)
     copy = ceil["copy_TBps"]
     peer = "flashinfer" if "flashinfer" in usable else None
     print(f"{device_name(device)}: copy ceiling {copy:.2f} TB/s (this run); decode, 32 q / 8 KV heads, D=128, bf16, "
           f"block 16")
-    print(f"{'batch x context':<16}{'backend':<12}{'eager us':>10}{'TB/s':>7}{'graph us':>10}{'TB/s':>7}"
+    print(f"{'batch x context':<16}{'backend':<16}{'eager us':>10}{'TB/s':>7}{'graph us':>10}{'TB/s':>7}"
           f"{'% copy':>8}{'x FI eager':>11}{'x FI graph':>11}")
     for r in rows:
         p = next((x for x in rows if peer and x["backend"] == peer and x["batch"] == r["batch"]
-                  and x["context"] == r["context"]), None)
+                  and x["context"] == r["context"] and x["kv"] == r["kv"]), None)
 
         def fmt(key, ref=None):
             v = r.get(key)
@@ -111,12 +118,22 @@ def main(argv: Optional[list] = None) -> int:
                 return "-"
             return f"{p[key] / r[key]:.2f}"
         pct = "-" if r.get("graph_s") is None else f"{100 * r['bytes'] / r['graph_s'] / 1e12 / copy:.0f}%"
-        print(f"{str(r['batch']) + ' x ' + str(r['context']):<16}{r['backend']:<12}{fmt('eager_s'):>10}"
+        name = r["backend"] + ("" if r["kv"] == "bf16" else " " + r["kv"])
+        print(f"{str(r['batch']) + ' x ' + str(r['context']):<16}{name:<16}{fmt('eager_s'):>10}"
               f"{tb('eager_s'):>7}{fmt('graph_s'):>10}{tb('graph_s'):>7}{pct:>8}{ratio('eager_s'):>11}"
               f"{ratio('graph_s'):>11}")
         for mode in ("eager", "graph"):
             if f"{mode}_error" in r:
                 print(f"    {mode} failed: {r[mode + '_error']}")
+    fp8_rows = [r for r in rows if r["kv"] == "fp8"]
+    if fp8_rows:
+        print("fp8 time / bf16 time, same shape and backend (target <= 0.55):")
+        for r in fp8_rows:
+            b16 = next(x for x in rows if x["kv"] == "bf16" and x["backend"] == r["backend"]
+                       and x["batch"] == r["batch"] and x["context"] == r["context"])
+            ratios = [f"{m} {r[m + '_s'] / b16[m + '_s']:.2f}" for m in ("eager", "graph")
+                      if r.get(m + "_s") and b16.get(m + "_s")]
+            print(f"  {r['batch']} x {r['context']} {r['backend']}: {', '.join(ratios) or 'failed'}")
     if skipped:
         print(f"skipped (over {args.max_gib:g} GiB of cache): {', '.join(skipped)}")
     if args.json:
