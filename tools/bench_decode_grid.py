@@ -56,8 +56,14 @@ def cell(batch: int, context: int, s: Setup, backends: list, device, gen, fp8: b
             row = {"batch": batch, "context": context, "backend": be.name, "kv": kv_name, "bytes": nbytes}
             for mode, timer in (("eager", events_time), ("graph", graph_replay_time)):
                 try:
-                    if mode == "graph" and hasattr(be, "plan"):  # FlashInfer: its CUDA-graph plan, before capture
-                        be.plan(meta, params, kv.dtype, q.dtype, cuda_graph=True)
+                    if mode == "graph" and hasattr(be, "plan"):
+                        # FlashInfer: a fresh backend (its graph buffers are sized by the first plan) and its
+                        # CUDA-graph plan, made before capture
+                        gbe = type(be)()
+                        gbe.plan(meta, params, kv.dtype, q.dtype, cuda_graph=True)
+
+                        def call(be=gbe, kv=kv, scale=scale):
+                            be.forward(q, kv, meta, params, out=out, k_scale=scale, v_scale=scale, validate=False)
                     row[f"{mode}_s"] = timer(call)
                 except Exception as e:                   # e.g. a backend that cannot be captured
                     row[f"{mode}_s"] = None

@@ -83,17 +83,19 @@ def heads_per_program(num_heads: int, states: int, head_size: int) -> int:
 
 def merge_states_launch(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor], *,
                         in_base: str = "e", out_base: str = "e", rows: Optional[torch.Tensor] = None,
-                        sinks: Optional[torch.Tensor] = None, num_states: Optional[int] = None) -> None:
+                        sinks: Optional[torch.Tensor] = None, num_states: Optional[int] = None,
+                        heads: Optional[int] = None) -> None:
     """Merge ``v [R, K, H, D]`` (any strides, last dim contiguous) by ``s [R, K, H]`` into ``out [*, H, D]``
     and, if given, ``lse [*, H]``. Output row of input row ``r`` is ``rows[r]`` (default ``r``). ``sinks [H]``
     (natural-log logits) join every denominator without a value. Only the first ``num_states`` of ``K``
-    are read. Inputs are trusted; no host sync."""
+    are read. ``heads``: heads per program, a power of two (default ``heads_per_program``; benchmarks
+    sweep it). Inputs are trusted; no host sync."""
     r, k, h, d = v.shape
     if r == 0 or h == 0:
         return
     k = k if num_states is None else num_states
     lse_t = lse if lse is not None else s
-    heads = heads_per_program(h, k, d)
+    heads = heads or heads_per_program(h, k, d)
     _merge_states_kernel[(r, triton.cdiv(h, heads))](
         v, v, s, s, out, lse_t, rows if rows is not None else s, sinks if sinks is not None else s,
         k, h, lse_factor(in_base, "2"), 1.0, lse_factor("2", out_base),
