@@ -23,12 +23,46 @@ from . import interpreting
 from .decode import choose_num_splits, decode_config, device_sms
 from .merge import merge_states_launch
 from .softmax import LOG2E, dot, finalize_heads, softmax_init, softmax_update
-from .tiles import dot_pad, load_group_query, load_tile, store_rows, tile_rows
+from .tiles import dot_pad, full_tiles_end, load_group_query, load_tile, store_rows, tile_rows
 
 
 @triton.jit
 def _log_sigmoid(x):
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _gated_tiles(m, l, acc, q, alpha, lo, hi, k_end, kv_ptr, delta_ptr, bt_row, head_off, delta_head_off,
+                 stride_kb, stride_kn, stride_db, d, d_ok, k_scale, sm_scale, HEAD: tl.constexpr,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, LOGSIGMOID: tl.constexpr, K_SCALE: tl.constexpr,
+                 MASK: tl.constexpr, D_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """Fold keys ``lo .. hi`` (tiles of ``BLOCK_N``) with their gates into the softmax state; ``MASK``: keys at
+    or past ``k_end`` read 0 and score -inf (without it every key of the range must exist)."""
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < k_end
+        base, rows = tile_rows(bt_row, start, k_pos, k_end, head_off, stride_kb, stride_kn, PAGE, BLOCK_N, MASK,
+                               False)
+        k_ptrs = kv_ptr + base + rows[:, None] + d[None, :]
+        k = load_tile(k_ptrs, k_ok, d_ok, MASK, D_MASK, True)
+        v = load_tile(k_ptrs + HEAD, k_ok, d_ok, MASK, D_MASK, True)
+        if MASK:
+            blk = tl.load(bt_row + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+            delta = tl.load(delta_ptr + blk * stride_db + delta_head_off + k_pos % PAGE, mask=k_ok, other=0.0)
+        else:
+            blk = tl.load(bt_row + k_pos // PAGE).to(tl.int64)
+            delta = tl.load(delta_ptr + blk * stride_db + delta_head_off + k_pos % PAGE)
+        gate = alpha[:, None] * delta[None, :]
+        if LOGSIGMOID:
+            gate = _log_sigmoid(gate)
+        if K_SCALE:
+            s = (dot(q, tl.trans(k.to(q.dtype)), None, IEEE) * k_scale + gate) * (sm_scale * LOG2E)
+        else:
+            s = dot(q, tl.trans(k.to(q.dtype)), gate, IEEE) * (sm_scale * LOG2E)
+        if MASK:
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+        m, l, acc = softmax_update(m, l, acc, s, v.to(q.dtype), IEEE)
+    return m, l, acc
 
 
 @triton.jit
@@ -56,25 +90,14 @@ def _gated_decode_kernel(
     if K_SCALE:
         k_scale = tl.load(k_scale_ptr + kvh * k_scale_stride)
     m, l, acc = softmax_init(M, HEAD_PAD)
-    for start in range(s_lo, s_hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < s_hi
-        base, rows = tile_rows(bt_row, start, k_pos, s_hi, head_off, stride_kb, stride_kn, PAGE, BLOCK_N, True,
-                               False)
-        k_ptrs = kv_ptr + base + rows[:, None] + d[None, :]
-        k = load_tile(k_ptrs, k_ok, d_ok, True, D_MASK, True)
-        v = load_tile(k_ptrs + HEAD, k_ok, d_ok, True, D_MASK, True)
-        blk = tl.load(bt_row + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        delta = tl.load(delta_ptr + blk * stride_db + kvh * stride_dh + k_pos % PAGE, mask=k_ok, other=0.0)
-        gate = alpha[:, None] * delta[None, :]
-        if LOGSIGMOID:
-            gate = _log_sigmoid(gate)
-        if K_SCALE:
-            s = (dot(q, tl.trans(k.to(q.dtype)), None, IEEE) * k_scale + gate) * (sm_scale * LOG2E)
-        else:
-            s = dot(q, tl.trans(k.to(q.dtype)), gate, IEEE) * (sm_scale * LOG2E)
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m, l, acc = softmax_update(m, l, acc, s, v.to(q.dtype), IEEE)
+    # whole tiles without masks, then the split's last partial tile masked
+    full_end = full_tiles_end(s_lo, s_hi, BLOCK_N)
+    m, l, acc = _gated_tiles(m, l, acc, q, alpha, s_lo, full_end, s_hi, kv_ptr, delta_ptr, bt_row, head_off,
+                             kvh * stride_dh, stride_kb, stride_kn, stride_db, d, d_ok, k_scale, sm_scale, HEAD,
+                             PAGE, BLOCK_N, LOGSIGMOID, K_SCALE, False, D_MASK, IEEE)
+    m, l, acc = _gated_tiles(m, l, acc, q, alpha, full_end, s_hi, s_hi, kv_ptr, delta_ptr, bt_row, head_off,
+                             kvh * stride_dh, stride_kb, stride_kn, stride_db, d, d_ok, k_scale, sm_scale, HEAD,
+                             PAGE, BLOCK_N, LOGSIGMOID, K_SCALE, True, D_MASK, IEEE)
     out, lse = finalize_heads(m, l, acc, q_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, False, V_SCALE)
     if PARTIAL:           # rows (request, head, split) of the workspace; LSE stays in log2 units
         store_rows(out_ptr, lse_ptr, tok * stride_or + head * stride_oh + split * stride_os,
