@@ -298,11 +298,8 @@ def test_merge_states_one_to_eight(rng, k, base):
         assert rel_err(v0, full) < 1e-5 and rel_err(s0, full_lse * f) < 1e-5
 
 
-def test_merge_states_over_head_groups(rng):
-    """A merge program takes several heads (about 32 KiB of states): 40 heads of D=80 in 16 states take
-    ten groups of four, 3 states forty heads in two groups of 32, the last one partly empty."""
-    from kvlayout.kernels.merge import heads_per_program
-    assert heads_per_program(40, 16, 80) == 4 and heads_per_program(40, 3, 80) == 32
+def test_merge_states_many_heads_and_states(rng):
+    """40 heads of D=80 (a head size that is not a power of two) in 16 and 3 states."""
     for k in (16, 3):
         v, s, full, full_lse = split_states(rng, 3, 40, 80, k, torch.float32)
         out, lse = ops.merge_states(v, s)

@@ -32,7 +32,6 @@ import kvlayout as kvl  # noqa: E402
 from kvlayout import ops  # noqa: E402
 from kvlayout.backends import available_backends, get_attention_backend  # noqa: E402
 from kvlayout.kernels.unified import UnifiedConfig, unified_config  # noqa: E402
-from kvlayout.kernels.merge import heads_per_program, merge_states_launch  # noqa: E402
 from kvlayout.kernels.prefill import append_config, paged_prefill_append_launch  # noqa: E402
 
 
@@ -173,7 +172,7 @@ def bench_pages_and_merge(device, gen, quick: bool, ceil: dict) -> list[dict]:
     rows.append({"op": f"copy_blocks {pages} pages of {cache[0].numel() * cache.element_size() >> 10} KiB",
                  "impl": "triton", **roofline(t, nbytes, 0.0, ceil)})
     # merge_states over split-KV partials: the shape of the issue, and what decode's combine step merges at
-    # 8 x 8k (4 splits) and 1 x 128k (64 splits); heads per program swept (the default marked)
+    # 8 x 8k (4 splits) and 1 x 128k (64 splits)
     shapes = [(8, 4, 4, 64)] if quick else [(64, 16, 32, 128), (8, 4, 32, 128), (1, 64, 32, 128)]
     for r, k, h, d in shapes:
         v = torch.randn(r, k, h, d, generator=gen).to(device)
@@ -181,12 +180,9 @@ def bench_pages_and_merge(device, gen, quick: bool, ceil: dict) -> list[dict]:
         out, lse = torch.empty(r, h, d, device=device), torch.empty(r, h, device=device)
         ops.merge_states(v, s, out=out, lse_out=lse)
         nbytes = (v.numel() + s.numel() + out.numel() + lse.numel()) * 4
-        default = heads_per_program(h, k, d)
-        for heads in sorted({1, 2, 4, 8, default}) if not quick else [default]:
-            t = timed(lambda: merge_states_launch(v, s, out, lse, heads=heads), device, quick)
-            rows.append({"op": f"merge_states {k} states, [{r}, {h}, {d}] fp32",
-                         "impl": f"triton, {heads} heads/program" + (" (default)" if heads == default else ""),
-                         **roofline(t, nbytes, 0.0, ceil)})
+        t = timed(lambda: ops.merge_states(v, s, out=out, lse_out=lse, validate=False), device, quick)
+        rows.append({"op": f"merge_states {k} states, [{r}, {h}, {d}] fp32", "impl": "triton",
+                     **roofline(t, nbytes, 0.0, ceil)})
     return rows
 
 

@@ -25,85 +25,64 @@ from .softmax import LOG2E, merge_partials
 @triton.jit
 def _merge_states_kernel(
         v_ptr, v2_ptr, s_ptr, s2_ptr, out_ptr, lse_ptr, row_ptr, sinks_ptr,
-        num_states, num_heads, scale_a, scale_b, out_scale,
+        num_states, scale_a, scale_b, out_scale,
         stride_vt, stride_vk, stride_vh, stride_v2t, stride_v2h,
         stride_st, stride_sk, stride_sh, stride_s2t, stride_s2h,
         stride_ot, stride_oh, stride_lt, stride_lh,
-        HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, HEADS: tl.constexpr, STATES_PAD: tl.constexpr,
-        TWO: tl.constexpr, ROW_INDEX: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
-    # Program (row, group of HEADS heads). TWO: state 0 is (v_ptr, s_ptr), state 1 is (v2_ptr, s2_ptr),
-    # each with its own strides and LSE factor (scale_a, scale_b); otherwise the states are
-    # v_ptr[row, k, head] for k < num_states, all with factor scale_a.
+        HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, STATES_PAD: tl.constexpr, TWO: tl.constexpr,
+        ROW_INDEX: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+    # Program (row, head). TWO: state 0 is (v_ptr, s_ptr), state 1 is (v2_ptr, s2_ptr), each with its own
+    # strides and LSE factor (scale_a, scale_b); otherwise the states are v_ptr[row, k, head] for
+    # k < num_states, all with factor scale_a.
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
-    h_ok = h < num_heads
+    h = tl.program_id(1)
     k = tl.arange(0, STATES_PAD)
     k_ok = k < num_states
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD
     if TWO:
-        first = (k == 0)[:, None]
-        s_ptrs = tl.where(first, s_ptr + t * stride_st + h[None, :] * stride_sh,
-                          s2_ptr + t * stride_s2t + h[None, :] * stride_s2h)
-        v_rows = tl.where(first, v_ptr + t * stride_vt + h[None, :] * stride_vh,
-                          v2_ptr + t * stride_v2t + h[None, :] * stride_v2h)
+        first = k == 0
+        s_ptrs = tl.where(first, s_ptr + t * stride_st + h * stride_sh, s2_ptr + t * stride_s2t + h * stride_s2h)
+        v_rows = tl.where(first, v_ptr + t * stride_vt + h * stride_vh, v2_ptr + t * stride_v2t + h * stride_v2h)
         factor = tl.where(first, scale_a, scale_b)
     else:
-        s_ptrs = s_ptr + t * stride_st + k[:, None] * stride_sk + h[None, :] * stride_sh
-        v_rows = v_ptr + t * stride_vt + k[:, None] * stride_vk + h[None, :] * stride_vh
+        s_ptrs = s_ptr + t * stride_st + k * stride_sk + h * stride_sh
+        v_rows = v_ptr + t * stride_vt + k * stride_vk + h * stride_vh
         factor = scale_a
-    ok = k_ok[:, None] & h_ok[None, :]
-    lse = tl.load(s_ptrs, mask=ok, other=float("-inf")) * factor
-    live = ok & (lse > float("-inf"))
-    o = tl.load(v_rows[:, :, None] + d[None, None, :], mask=live[:, :, None] & d_ok[None, None, :],
-                other=0.0).to(tl.float32)
-    sink = tl.zeros([HEADS], tl.float32)
+    lse = tl.load(s_ptrs, mask=k_ok, other=float("-inf")) * factor
+    live = k_ok & (lse > float("-inf"))
+    o = tl.load(v_rows[:, None] + d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    sink = 0.0
     if HAS_SINK:
-        sink = tl.load(sinks_ptr + h, mask=h_ok, other=0.0) * LOG2E
+        sink = tl.load(sinks_ptr + h) * LOG2E
     out, lse_out = merge_partials(lse, o, sink, HAS_SINK)
     row = t
     if ROW_INDEX:
         row = tl.load(row_ptr + t).to(tl.int64)
-    tl.store(out_ptr + row * stride_ot + h[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=h_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_LSE:
-        tl.store(lse_ptr + row * stride_lt + h * stride_lh, lse_out * out_scale, mask=h_ok)
-
-
-TILE_BYTES = 32768       # float32 partial-state bytes one merge program reads (about; whole heads)
-
-
-def heads_per_program(num_heads: int, states: int, head_size: int) -> int:
-    """Heads one merge program takes: a power of two, enough that a program reads about ``TILE_BYTES``
-    of partial states (one (row, head) of 2 states of D=128 is 1 KiB: too little work for a program), and
-    no more than the heads there are."""
-    per_head = max(1, states) * triton.next_power_of_2(head_size) * 4
-    return max(1, min(triton.next_power_of_2(max(1, TILE_BYTES // per_head)), triton.next_power_of_2(num_heads)))
+        tl.store(lse_ptr + row * stride_lt + h * stride_lh, lse_out * out_scale)
 
 
 def merge_states_launch(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor], *,
                         in_base: str = "e", out_base: str = "e", rows: Optional[torch.Tensor] = None,
-                        sinks: Optional[torch.Tensor] = None, num_states: Optional[int] = None,
-                        heads: Optional[int] = None) -> None:
+                        sinks: Optional[torch.Tensor] = None, num_states: Optional[int] = None) -> None:
     """Merge ``v [R, K, H, D]`` (any strides, last dim contiguous) by ``s [R, K, H]`` into ``out [*, H, D]``
     and, if given, ``lse [*, H]``. Output row of input row ``r`` is ``rows[r]`` (default ``r``). ``sinks [H]``
     (natural-log logits) join every denominator without a value. Only the first ``num_states`` of ``K``
-    are read. ``heads``: heads per program, a power of two (default ``heads_per_program``; benchmarks
-    sweep it). Inputs are trusted; no host sync."""
+    are read. Inputs are trusted; no host sync."""
     r, k, h, d = v.shape
     if r == 0 or h == 0:
         return
     k = k if num_states is None else num_states
     lse_t = lse if lse is not None else s
-    heads = heads or heads_per_program(h, k, d)
-    _merge_states_kernel[(r, triton.cdiv(h, heads))](
+    _merge_states_kernel[(r, h)](
         v, v, s, s, out, lse_t, rows if rows is not None else s, sinks if sinks is not None else s,
-        k, h, lse_factor(in_base, "2"), 1.0, lse_factor("2", out_base),
+        k, lse_factor(in_base, "2"), 1.0, lse_factor("2", out_base),
         v.stride(0), v.stride(1), v.stride(2), 0, 0,
         s.stride(0), s.stride(1), s.stride(2), 0, 0,
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        HEAD=d, HEAD_PAD=triton.next_power_of_2(d), HEADS=heads, STATES_PAD=max(2, triton.next_power_of_2(k)),
-        TWO=False,
+        HEAD=d, HEAD_PAD=triton.next_power_of_2(d), STATES_PAD=max(2, triton.next_power_of_2(k)), TWO=False,
         ROW_INDEX=rows is not None, HAS_SINK=sinks is not None, WRITE_LSE=lse is not None, num_warps=4)
 
 
@@ -117,12 +96,11 @@ def merge_two_launch(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_
     if t == 0 or h == 0:
         return
     lse_t = lse if lse is not None else s_a
-    heads = heads_per_program(h, 2, d)
-    _merge_states_kernel[(t, triton.cdiv(h, heads))](
+    _merge_states_kernel[(t, h)](
         v_a, v_b, s_a, s_b, out, lse_t, s_a, s_a,
-        2, h, lse_factor(base_a, "2"), lse_factor(base_b, "2"), lse_factor("2", out_base),
+        2, lse_factor(base_a, "2"), lse_factor(base_b, "2"), lse_factor("2", out_base),
         v_a.stride(0), 0, v_a.stride(1), v_b.stride(0), v_b.stride(1),
         s_a.stride(0), 0, s_a.stride(1), s_b.stride(0), s_b.stride(1),
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        HEAD=d, HEAD_PAD=triton.next_power_of_2(d), HEADS=heads, STATES_PAD=2, TWO=True, ROW_INDEX=False, HAS_SINK=False,
+        HEAD=d, HEAD_PAD=triton.next_power_of_2(d), STATES_PAD=2, TWO=True, ROW_INDEX=False, HAS_SINK=False,
         WRITE_LSE=lse is not None, num_warps=4)

@@ -173,16 +173,15 @@ def finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, v_scale_off,
 
 @triton.jit
 def merge_partials(lse, o, sink, HAS_SINK: tl.constexpr):
-    """Merge ``S`` normalized partial states of ``G`` heads of one row: ``lse [S, G]`` (log2 units, -inf
-    for an empty part) and ``o [S, G, D]``. Returns ``(out [G, D], lse [G])`` in log2 units, a sink logit
-    per head (``sink [G]``, log2 units) included."""
+    """Merge ``S`` normalized partial states of one row: ``lse [S]`` (log2 units, -inf for an empty part)
+    and ``o [S, D]``. Returns ``(out [D], lse)`` in log2 units, a sink logit (log2 units) included."""
     m = tl.max(lse, 0)
     if HAS_SINK:
         m = tl.maximum(m, sink)
     m_use = _finite_or_zero(m)
-    w = tl.exp2(lse - m_use[None, :])
+    w = tl.exp2(lse - m_use)
     total = tl.sum(w, 0)
     if HAS_SINK:
         total = total + tl.exp2(sink - m_use)
     inv_total, lse_out = _normalizer(m_use, total)
-    return tl.sum(o * w[:, :, None], 0) * inv_total[:, None], lse_out
+    return tl.sum(o * w[:, None], 0) * inv_total, lse_out
