@@ -138,7 +138,8 @@ def gated_decode_launch(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: to
         q.stride(0), q.stride(1), *o_strides, *l_strides,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), delta_cache.stride(0), delta_cache.stride(1),
         alpha.stride(0), block_table.stride(0), ks.stride, vs.stride,
-        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, M=dot_pad(group), BLOCK_N=cfg.block_n, PAGE=page, LOGSIGMOID=logsigmoid,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, M=dot_pad(group), BLOCK_N=cfg.block_n, PAGE=page,
+        LOGSIGMOID=logsigmoid,
         K_SCALE=ks.on, V_SCALE=vs.on, PARTIAL=partial, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:

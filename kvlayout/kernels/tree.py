@@ -104,6 +104,7 @@ def tree_attention_launch(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q:
         soft_cap or 0.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         lse_t.stride(0) if lse is not None else 0, lse_t.stride(1) if lse is not None else 0,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0), ks.stride, vs.stride,
-        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_T=block_t,
+        HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
+        BLOCK_T=block_t,
         PAGE=page, SOFT_CAP=soft_cap is not None, K_SCALE=ks.on, V_SCALE=vs.on, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
