@@ -59,6 +59,30 @@ def test_metadata_matches_reference(n, decodes, rng):
     assert len(set(slots)) == len(slots)                             # distinct blocks: distinct slots
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("n,decodes", [(1, 1), (3, 0), (7, 2)])
+def test_metadata_tensors_share_one_aligned_buffer(n, decodes, device, rng):
+    """The step's tensors are views of one buffer (one copy to the device): each starts on a 16-byte
+    boundary, none overlaps another, and an edit of any of them turns the seal off."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    reqs = random_requests(rng, n, decodes)
+    meta = kvl.build_attention_metadata(reqs, BS, device, num_blocks=NB, pad_tokens_to=sum(
+        r.num_new_tokens for r in reqs) + 3)
+    width = max(1, max(-(-(r.num_computed_tokens + r.num_new_tokens) // BS) for r in reqs))
+    qsl, seqs, table, slots = reference(reqs, width)
+    assert meta.slot_mapping.tolist() == slots + [-1] * 3 and meta.block_table.tolist() == table
+    assert meta.query_start_loc.tolist() == qsl and meta.seq_lens.tolist() == seqs
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                   for t in (meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_table))
+    assert all(lo % 16 == 0 for lo, _ in spans) and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all(t.is_contiguous() for t in (meta.slot_mapping, meta.block_table, meta.query_start_loc_cpu))
+    for name in ("slot_mapping", "seq_lens", "block_table", "query_start_loc_cpu"):
+        fresh = kvl.build_attention_metadata(reqs, BS, device, num_blocks=NB)
+        getattr(fresh, name).add_(0)
+        assert not fresh.is_validated, name
+
+
 def test_page_boundaries_and_chunked_prefill():
     reqs = [kvl.ScheduledRequest(BS - 1, 1, [7]),                     # decode filling the last slot of block 7
             kvl.ScheduledRequest(BS, 1, [3, 9]),                      # decode opening a new block
