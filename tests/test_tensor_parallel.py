@@ -157,7 +157,7 @@ RANK_SCRIPT = textwrap.dedent("""
             "model.layers.0.self_attn"].num_kv_heads, "heads": eng.model.attention_layers()[
             "model.layers.0.self_attn"].attn_params.num_heads})
     json.dump(results, open(out % tp.rank, "w"))
-    torch.distributed.destroy_process_group()
+    tp.close()
 """)
 
 

@@ -116,6 +116,7 @@ def serve(cfg: dict) -> None:
     readers = num_readers(tp.rank, tp.size, peer_tp, kv_heads)    # decode ranks reading this rank's heads
     sources = source_ranks(tp.rank, tp.size, peer_tp, kv_heads)   # prefill ranks holding this rank's heads
     started: dict[str, float] = {}
+    clean = True                               # False once an exception leaves the loop: no barrier then
     try:
         while True:
             cmds = []
@@ -178,10 +179,12 @@ def serve(cfg: dict) -> None:
                               "params": params, "seconds": secs, "blocks": len(req.block_ids)})
                     elif tp.rank == 0:
                         emit({"event": "done", "id": rid, "tokens": req.output, "seconds": secs})
+    except BaseException:
+        clean = False
+        raise
     finally:
         conn.close()
-        if tp.enabled:
-            torch.distributed.destroy_process_group()
+        tp.close(wait=clean)
 
 
 def main() -> None:

@@ -88,6 +88,17 @@ class TensorParallel:
             torch.distributed.broadcast(t, self._src(), group=self.group)
         return t
 
+    def close(self, wait: bool = True) -> None:
+        """Leave the group at the end of a rank's work: with ``wait``, a barrier first, so no rank tears its
+        process group down while a peer is still inside a collective (gloo then aborts the peer's process
+        at exit with "terminate called without an active exception"); then ``destroy_process_group``.
+        Pass ``wait=False`` on an error path, where a peer may never reach the barrier. No-op for one rank."""
+        if not self.enabled or not torch.distributed.is_initialized():
+            return
+        if wait:
+            torch.distributed.barrier(group=self.group)
+        torch.distributed.destroy_process_group(self.group)
+
     def _device(self) -> torch.device:
         backend = torch.distributed.get_backend(self.group)
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
