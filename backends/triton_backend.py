@@ -8,7 +8,8 @@ LSE is returned in base e.
 Plan once, run many: the first layer of a step makes a ``TritonStepPlan`` (in ``meta.step_state``) with the
 route, the launch settings, the metadata slices of each part and the split-KV workspace; the step's other
 layers reuse it. The workspace is shared by the layers of a step, which run one after another on one
-stream (each layer's merge reads it before the next layer's decode writes it).
+stream (each layer's merge reads it before the next layer's decode writes it, and leaves the arrival
+counters at zero).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import triton
 from kvlayout.capabilities import BackendCapabilities
 from kvlayout.errors import KVLayoutError
 from kvlayout.kernels import INTERPRET_ENV, interpreter_requested, interpreting
-from kvlayout.kernels.decode import DecodeConfig, choose_num_splits, decode_config, device_sms, split_kv_decode
+from kvlayout.kernels.decode import (DecodeConfig, SplitWorkspace, choose_num_splits, decode_config, device_sms,
+                                     split_kv_decode)
 from kvlayout.kernels.unified import UnifiedConfig, unified_attention, unified_config
 from kvlayout.kernels.write import write_kv as triton_write_kv
 from kvlayout.metadata import AttentionMetadata
@@ -78,7 +80,7 @@ class TritonStepPlan:
     decode_rows: tuple            # (query_start_loc, seq_lens, block_table) of the decode part
     num_splits: int
     decode_config: DecodeConfig
-    workspace: Optional[tuple]    # split-KV partials (o [R, H, S, D], lse [R, H, S]) float32, or None
+    workspace: Optional[SplitWorkspace]   # split-KV partials and arrival counters, or None unsplit
     rest_rows: tuple              # (query_start_loc, seq_lens, block_table) of the unified part
     unified_config: UnifiedConfig
 
@@ -93,8 +95,7 @@ def make_step_plan(meta: AttentionMetadata, key: TritonStepKey) -> TritonStepPla
     splits = choose_num_splits(nd, key.num_kv_heads, meta.max_seq_len, device_sms(meta.device)) if nd else 1
     workspace = None
     if splits > 1:
-        workspace = (torch.empty(nd, key.num_heads, splits, key.head_size, dtype=torch.float32, device=meta.device),
-                     torch.empty(nd, key.num_heads, splits, dtype=torch.float32, device=meta.device))
+        workspace = SplitWorkspace.make(nd, key.num_heads, key.num_kv_heads, splits, key.head_size, meta.device)
     qsl, lens, table = meta.query_start_loc, meta.seq_lens, meta.block_table
     return TritonStepPlan(nd, meta.num_decode_tokens if nd else 0, (qsl[:nd], lens[:nd], table[:nd]), splits,
                           decode_config(key.head_size, elem, interp), workspace, (qsl[nd:], lens[nd:], table[nd:]),

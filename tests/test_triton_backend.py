@@ -2,6 +2,7 @@
 interpreter's bf16 dot is not trustworthy). Small shapes: every kernel program is interpreted in Python."""
 
 
+import dataclasses
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from kvlayout.backends.torch_ref import TorchBackend
 from kvlayout.kernels import interpreting
 from kvlayout.kernels.unified import unified_attention
 from kvlayout.ops import copy_blocks as ops_copy_blocks
-from kvlayout.kernels.decode import choose_num_splits, split_kv_decode
+from kvlayout.kernels.decode import SplitWorkspace, choose_num_splits, decode_config, split_kv_decode
 from kvlayout.cache_ops import write_kv as ref_write_kv
 from kvlayout.specs import is_fp8
 
@@ -166,9 +167,11 @@ def test_one_plan_per_step_serves_every_layer(backend, rng):
     assert len(meta.step_state.states(triton_backend.TritonStepPlan)) == 2
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("splits", [1, 2, 7])
-def test_split_kv_decode(rng, splits):
-    """More splits than key tiles leaves empty splits; preallocated out, LSE and workspace are filled."""
+def test_split_kv_decode(rng, splits, fused):
+    """More splits than key tiles leaves empty splits; preallocated out, LSE and workspace are filled; the
+    merge in the decode launch (fused) and in its own launch agree, and the arrival counters end at 0."""
     h_kv, group, d, page = 2, 4, 64, 4
     lens = [(39, 1), (0, 1), (6, 1)]
     kv = make_cache(rng, 16, h_kv, page, d, torch.float32)
@@ -178,13 +181,19 @@ def test_split_kv_decode(rng, splits):
     sinks = rand(rng, h_kv * group)
     ref, ref_lse = REF.forward(q, kv, meta, params, sinks=sinks, return_lse=True)
     out, lse = torch.full_like(q, float("nan")), torch.full((3, h_kv * group), float("nan"))
-    ws = (torch.full((3, h_kv * group, 8, d), float("nan")), torch.full((3, h_kv * group, 8), float("nan")))
-    got, got_lse = split_kv_decode(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_table, params,
-                                   max_seq_len=meta.max_seq_len, num_splits=splits, sinks=sinks, out=out,
-                                   lse=lse, workspace=ws if splits > 1 else None)
-    assert got is out and got_lse is lse
-    assert rel_err(out, ref) < 1e-4
-    check_lse(lse, ref_lse)
+    ws = SplitWorkspace(torch.full((3, h_kv * group, 8, d), float("nan")),
+                        torch.full((3, h_kv * group, 8), float("nan")), torch.zeros(3, h_kv, dtype=torch.int32))
+    cfg = dataclasses.replace(decode_config(d, 4, True), fused_merge=fused)
+    for _ in range(2):                       # a second launch on the same workspace sees zeroed counters
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        got, got_lse = split_kv_decode(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_table, params,
+                                       max_seq_len=meta.max_seq_len, num_splits=splits, sinks=sinks, out=out,
+                                       lse=lse, workspace=ws if splits > 1 else None, config=cfg)
+        assert got is out and got_lse is lse
+        assert rel_err(out, ref) < 1e-4
+        check_lse(lse, ref_lse)
+        assert not ws.arrivals.any()
 
 
 def test_choose_num_splits():

@@ -1,12 +1,14 @@
 """The triton backend on a CUDA device: bf16/fp16/fp8 on real head counts and lengths against the
 reference, poisoned outputs (every element written), split-KV decode, write_kv bits, CUDA-graph replay."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from kvlayout import AttentionParams, ScheduledRequest, build_attention_metadata, get_attention_backend
 from kvlayout.backends.torch_ref import TorchBackend
-from kvlayout.kernels.decode import split_kv_decode
+from kvlayout.kernels.decode import SplitWorkspace, decode_config, split_kv_decode
 from kvlayout.cache_ops import write_kv as ref_write_kv
 from kvlayout.specs import is_fp8
 
@@ -103,6 +105,31 @@ def test_split_kv_decode_long(gen, splits):
                     max_seq_len=meta.max_seq_len, num_splits=splits, out=out, lse=lse)
     ref, ref_lse = REF.forward(q, kv, meta, params, return_lse=True)
     assert rel_err(out, ref) < 1e-2 and (lse - ref_lse).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_split_kv_merge_in_the_decode_launch_is_race_free(gen, fused):
+    """The last split of each (request, KV head) merges the others' partials (release/acquire counter):
+    thousands of programs racing, relaunched on one workspace, give the same bits every time, the
+    reference's values (with sinks and LSE), and leave the arrival counters at zero."""
+    lens = [(int(c), 1) for c in torch.randint(1, 6000, (24,), generator=gen, device=DEV).tolist()]
+    kv, meta, q, params = setup(gen, lens)
+    sinks = torch.randn(params.num_heads, generator=gen, device=DEV)
+    ws = SplitWorkspace.make(meta.num_reqs, params.num_heads, params.num_kv_heads, 16, params.head_size, DEV)
+    cfg = dataclasses.replace(decode_config(params.head_size, 2, False), fused_merge=fused)
+    ref, ref_lse = REF.forward(q, kv, meta, params, sinks=sinks, return_lse=True)
+    first = None
+    for _ in range(50):
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:2], float("nan"), device=DEV)
+        split_kv_decode(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_table, params,
+                        max_seq_len=meta.max_seq_len, num_splits=16, sinks=sinks, out=out, lse=lse, workspace=ws,
+                        config=cfg)
+        if first is None:
+            first = (out, lse)
+            assert rel_err(out, ref) < 1e-2 and (lse - ref_lse).abs().max().item() < 2e-2
+        assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+    assert not ws.arrivals.any()
 
 
 @pytest.mark.parametrize("kv_dtype,scales", [(torch.bfloat16, None), (torch.float8_e4m3fn, "head"),

@@ -4,11 +4,13 @@ bf16, block 16, pages in random order), each timed eagerly *and* as a replayed C
 the kernels alone; eager adds the launch cost), next to the copy ceiling measured in the same run.
 
     python tools/bench_decode_grid.py [--batches 1,2,4,8,16,64,256] [--contexts 512,2048,8192,32768,131072]
-                                      [--max-gib 40] [--fp8] [--json rows.json]
+                                      [--max-gib 40] [--fp8] [--variants two-launch,bn128] [--json rows.json]
 
 Bytes are counted from the inputs (the cached K/V read once, q, out, the block table). Cells whose cache
 would exceed ``--max-gib`` are skipped and listed. ``--fp8`` times every cell a second time with the same
-values in an e4m3 cache (per-head scales), and prints fp8 time over bf16 time. Timing: CUDA events around
+values in an e4m3 cache (per-head scales), and prints fp8 time over bf16 time. ``--variants`` adds rows of the split-KV decode kernel launched directly with
+other launch choices (``VARIANTS``: the merge in its own launch, other key tiles, other split counts), so a
+launch choice is judged against the default on every cell of one run. Timing: CUDA events around
 20 back-to-back calls (or replays), median of 5, after warm-up; no L2 flush, as the layers of a step run.
 """
 
@@ -25,9 +27,40 @@ from bench_attention import Setup, attn_bytes, make_step
 from bench_common import device_name, graph_time, measure_ceilings, timed
 
 import kvlayout as kvl
+from kvlayout.kernels.decode import (DecodeConfig, SplitWorkspace, choose_num_splits, decode_config, device_sms,
+                                     split_kv_decode)
 from kvlayout.registry import available_backends, get_attention_backend
 
 ITERS = 20
+
+# name -> (DecodeConfig, or None for the default one; min_tokens_per_split of the split count)
+VARIANTS = {
+    "default": (None, 512),
+    "two-launch": (DecodeConfig(64, 4, 3, fused_merge=False), 512),
+    "bn128": (DecodeConfig(128, 4, 3), 512),
+    "bn128w8": (DecodeConfig(128, 8, 3), 512),
+    "split256": (None, 256),
+    "split1024": (None, 1024),
+}
+
+
+class DecodeVariant:
+    """The split-KV decode kernel with one launch choice fixed, behind the backend's ``forward`` signature
+    (decode-only steps); its workspace is made before any timing or capture."""
+
+    def __init__(self, name: str, meta, params, device):
+        self.name = f"triton:{name}"
+        cfg, min_tokens = VARIANTS[name]
+        self.cfg = cfg or decode_config(params.head_size, 2, False)
+        self.splits = choose_num_splits(meta.num_reqs, params.num_kv_heads, meta.max_seq_len, device_sms(device),
+                                        min_tokens_per_split=min_tokens)
+        self.ws = (SplitWorkspace.make(meta.num_reqs, params.num_heads, params.num_kv_heads, self.splits,
+                                       params.head_size, device) if self.splits > 1 else None)
+
+    def forward(self, q, kv, meta, params, *, out, k_scale=None, v_scale=None, validate=False):
+        split_kv_decode(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_table, params,
+                        max_seq_len=meta.max_seq_len, num_splits=self.splits, k_scale=k_scale, v_scale=v_scale,
+                        out=out, workspace=self.ws, config=self.cfg)
 
 
 def events_time(fn: Callable[[], object]) -> float:
@@ -38,10 +71,12 @@ def graph_replay_time(fn: Callable[[], object]) -> float:
     return graph_time(fn, iters=ITERS)
 
 
-def cell(batch: int, context: int, s: Setup, backends: list, device, gen, fp8: bool = False) -> list[dict]:
+def cell(batch: int, context: int, s: Setup, backends: list, device, gen, fp8: bool = False,
+         variants: tuple = ()) -> list[dict]:
     pairs = [(context - 1, 1)] * batch
     kv16, meta, q = make_step(pairs, s, device, gen)
     params = kvl.AttentionParams(s.heads, s.kv_heads, s.head_size)
+    backends = list(backends) + [DecodeVariant(v, meta, params, device) for v in variants]
     out = torch.empty_like(q)
     rows = []
     kinds = [("bf16", kv16, None)]
@@ -54,6 +89,8 @@ def cell(batch: int, context: int, s: Setup, backends: list, device, gen, fp8: b
             def call(be=be, kv=kv, scale=scale):
                 be.forward(q, kv, meta, params, out=out, k_scale=scale, v_scale=scale, validate=False)
             row = {"batch": batch, "context": context, "backend": be.name, "kv": kv_name, "bytes": nbytes}
+            if isinstance(be, DecodeVariant):
+                row.update(splits=be.splits, config=repr(be.cfg))
             for mode, timer in (("eager", events_time), ("graph", graph_replay_time)):
                 try:
                     if mode == "graph" and hasattr(be, "plan"):
@@ -81,8 +118,13 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--backends", default="triton,flashinfer")
     ap.add_argument("--max-gib", type=float, default=40.0)
     ap.add_argument("--fp8", action="store_true", help="also time each cell with an fp8 (e4m3) cache")
+    ap.add_argument("--variants", default="", help=f"extra kernel rows, of: {', '.join(VARIANTS)}")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         print("bench_decode_grid needs a CUDA device (it times CUDA-graph replay)")
         return 2
@@ -100,12 +142,12 @@ def main(argv: Optional[list] = None) -> int:
                 skipped.append(f"{b}x{c} ({gib:.0f} GiB)")
                 continue
             print(f"... {b} x {c}", file=sys.stderr, flush=True)
-            rows += cell(b, c, s, backends, device, gen, args.fp8)
+            rows += cell(b, c, s, backends, device, gen, args.fp8, variants)
     copy = ceil["copy_TBps"]
     peer = "flashinfer" if "flashinfer" in usable else None
     print(f"{device_name(device)}: copy ceiling {copy:.2f} TB/s (this run); decode, 32 q / 8 KV heads, D=128, bf16, "
           f"block 16")
-    print(f"{'batch x context':<16}{'backend':<16}{'eager us':>10}{'TB/s':>7}{'graph us':>10}{'TB/s':>7}"
+    print(f"{'batch x context':<16}{'backend':<22}{'eager us':>10}{'TB/s':>7}{'graph us':>10}{'TB/s':>7}"
           f"{'% copy':>8}{'x FI eager':>11}{'x FI graph':>11}")
     for r in rows:
         p = next((x for x in rows if peer and x["backend"] == peer and x["batch"] == r["batch"]
@@ -125,7 +167,7 @@ def main(argv: Optional[list] = None) -> int:
             return f"{p[key] / r[key]:.2f}"
         pct = "-" if r.get("graph_s") is None else f"{100 * r['bytes'] / r['graph_s'] / 1e12 / copy:.0f}%"
         name = r["backend"] + ("" if r["kv"] == "bf16" else " " + r["kv"])
-        print(f"{str(r['batch']) + ' x ' + str(r['context']):<16}{name:<16}{fmt('eager_s'):>10}"
+        print(f"{str(r['batch']) + ' x ' + str(r['context']):<16}{name:<22}{fmt('eager_s'):>10}"
               f"{tb('eager_s'):>7}{fmt('graph_s'):>10}{tb('graph_s'):>7}{pct:>8}{ratio('eager_s'):>11}"
               f"{ratio('graph_s'):>11}")
         for mode in ("eager", "graph"):

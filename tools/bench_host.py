@@ -1,12 +1,14 @@
 """Host cost of one engine step's metadata: ``build_attention_metadata`` (schedule checks included) and
 ``validate_attention_metadata``, and ``StepBuffers.build`` (persistent buffers for CUDA graphs), in CPU microseconds, on the step shapes a serving engine runs.
 
-    python tools/bench_host.py [--threads 1] [--reps 50] [--json rows.json]
+    python tools/bench_host.py [--threads 1] [--reps 50] [--device cpu|cuda] [--profile] [--json rows.json]
 
 Host time is what the GPU waits for without CUDA graphs, so it is timed on the host clock alone (median
 of ``--reps`` calls after warm-up), with one torch thread unless told otherwise. Block ids are a random
 permutation of the pool, as after some hours of serving. ``--device cuda`` includes the copies to the
-device (pinned, non-blocking).
+device (pinned, non-blocking). ``--profile`` also prints, for the largest decode step, the torch ops that
+take the host time of each column (``torch.profiler``, CPU activity; ``cuda*`` runtime calls included), so a
+slow column can be taken apart without another tool.
 """
 
 from __future__ import annotations
@@ -110,11 +112,35 @@ def run_rows(reps: int, device: str) -> list[dict]:
     return rows
 
 
+def profile_step(device: str, top: int = 12) -> None:
+    """Per-op host time of each column for the ``256 decodes @4096`` step (20 calls each)."""
+    from torch.profiler import ProfilerActivity, profile
+    step = dict(STEPS)["256 decodes @4096"]
+    reqs, _, num_blocks = requests_for(step, np.random.default_rng(0))
+    tokens = sum(n for _, n in step)
+    bufs = kvl.StepBuffers(BLOCK, num_blocks=num_blocks, max_num_reqs=len(reqs), max_num_tokens=tokens,
+                           max_blocks_per_request=max(len(r.block_ids) for r in reqs), device=device)
+    calls = {
+        "build_attention_metadata": lambda: kvl.build_attention_metadata(reqs, BLOCK, device, num_blocks=num_blocks),
+        "StepBuffers.build": lambda: bufs.build(reqs, num_reqs=len(reqs), num_tokens=tokens, decode_only=True),
+        "BlockTable + StepBuffers.build_from_table":
+            lambda: block_table_time(reqs, num_blocks, device, 20, bufs, True),
+    }
+    for name, fn in calls.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(1 if name.startswith("BlockTable") else 20):
+                fn()
+        print(f"\n{name} (256 decodes @4096, metadata on {device}): ops by self host time, 20 calls")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
+
+
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--device", default="cpu", help="where the metadata tensors go (cpu or cuda)")
+    ap.add_argument("--profile", action="store_true", help="per-op host time of the 256-decode step")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,6 +153,8 @@ def main(argv: Optional[list] = None) -> int:
     for r in rows:
         cols = [f"{r[k]:.0f}" if k in r else "-" for k in ("buffers_us", "table_us", "table_buffers_us")]
         print(f"{r['step']:<52}{r['build_us']:>10.0f}{cols[0]:>16}{cols[1]:>15}{cols[2]:>18}{r['validate_us']:>13.0f}")
+    if args.profile:
+        profile_step(args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -5,7 +5,7 @@ over every key of the request, reading K/V from the packed cache and the keys' g
 companion paged tensor ``(blocks, H_kv, N)`` with the same block table. Score of head ``h`` and key ``j``:
 ``scale * (q_h . k_j + G(alpha_h * delta_j))``, ``G`` log-sigmoid (``LOGSIGMOID``) or the identity. Split-KV as in
 ``kernels/decode.py``: with ``num_splits > 1`` each program takes one key range and writes a partial state
-(log2 LSE) to a float32 workspace, and the merge kernel combines them. fp8 caches: the K scale multiplies
+(log2 LSE) to a float32 workspace, and the last split to finish merges them (``merge_on_last_arrival``). fp8 caches: the K scale multiplies
 ``q . k`` (not the gate), the V scale the output.
 """
 
@@ -20,8 +20,8 @@ import triton.language as tl
 from kvlayout.fp8 import scale_arg
 
 from . import interpreting
-from .decode import choose_num_splits, decode_config, device_sms
-from .merge import merge_states_launch
+from .decode import SplitWorkspace, choose_num_splits, decode_config, device_sms
+from .merge import merge_on_last_arrival, merge_states_launch
 from .softmax import LOG2E, dot, finalize_heads, softmax_init, softmax_update
 from .tiles import dot_pad, full_tiles_end, load_group_query, load_tile, store_rows, tile_rows
 
@@ -67,12 +67,13 @@ def _gated_tiles(m, l, acc, q, alpha, lo, hi, k_end, kv_ptr, delta_ptr, bt_row, 
 
 @triton.jit
 def _gated_decode_kernel(
-        q_ptr, kv_ptr, delta_ptr, alpha_ptr, out_ptr, lse_ptr, seq_lens_ptr, bt_ptr, k_scale_ptr, v_scale_ptr,
-        num_splits, sm_scale, stride_qt, stride_qh, stride_or, stride_oh, stride_os, stride_lr, stride_lh, stride_ls,
+        q_ptr, kv_ptr, delta_ptr, alpha_ptr, out_ptr, lse_ptr, ws_o_ptr, ws_l_ptr, arrivals_ptr, seq_lens_ptr,
+        bt_ptr, k_scale_ptr, v_scale_ptr, num_splits, sm_scale, stride_qt, stride_qh,
+        stride_ot, stride_oh, stride_lt, stride_lh, stride_wr, stride_wh, stride_ws, stride_wlr, stride_wlh, stride_wls,
         stride_kb, stride_kh, stride_kn, stride_db, stride_dh, stride_at, stride_bt, k_scale_stride, v_scale_stride,
         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE: tl.constexpr, LOGSIGMOID: tl.constexpr, K_SCALE: tl.constexpr, V_SCALE: tl.constexpr,
-        PARTIAL: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE: tl.constexpr):
+        PARTIAL: tl.constexpr, FUSED_MERGE: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE: tl.constexpr):
     D_MASK: tl.constexpr = HEAD_PAD != HEAD
     req = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,12 +100,17 @@ def _gated_decode_kernel(
                              kvh * stride_dh, stride_kb, stride_kn, stride_db, d, d_ok, k_scale, sm_scale, HEAD,
                              PAGE, BLOCK_N, LOGSIGMOID, K_SCALE, True, D_MASK, IEEE)
     out, lse = finalize_heads(m, l, acc, q_ptr, head, row_ok, v_scale_ptr, kvh * v_scale_stride, False, V_SCALE)
+    out_off, lse_off = tok * stride_ot + head * stride_oh, tok * stride_lt + head * stride_lh
     if PARTIAL:           # rows (request, head, split) of the workspace; LSE stays in log2 units
-        store_rows(out_ptr, lse_ptr, tok * stride_or + head * stride_oh + split * stride_os,
-                   tok * stride_lr + head * stride_lh + split * stride_ls, d, row_ok, d_ok, out, lse, True, False)
+        ws_o_off, ws_l_off = tok * stride_wr + head * stride_wh, tok * stride_wlr + head * stride_wlh
+        store_rows(ws_o_ptr, ws_l_ptr, ws_o_off + split * stride_ws, ws_l_off + split * stride_wls, d, row_ok,
+                   d_ok, out, lse, True, False)
+        if FUSED_MERGE:
+            merge_on_last_arrival(ws_o_ptr, ws_l_ptr, ws_o_off, ws_l_off, stride_ws, stride_wls,
+                                  arrivals_ptr + req * tl.num_programs(1) + kvh, num_splits, out_ptr, lse_ptr,
+                                  out_off, lse_off, q_ptr, head, d, row_ok, d_ok, M, HEAD_PAD, False, WRITE_LSE)
     else:
-        store_rows(out_ptr, lse_ptr, tok * stride_or + head * stride_oh, tok * stride_lr + head * stride_lh, d,
-                   row_ok, d_ok, out, lse, WRITE_LSE, True)
+        store_rows(out_ptr, lse_ptr, out_off, lse_off, d, row_ok, d_ok, out, lse, WRITE_LSE, True)
 
 
 def gated_decode_launch(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: torch.Tensor, alpha: torch.Tensor,
@@ -124,25 +130,21 @@ def gated_decode_launch(q: torch.Tensor, kv_cache: torch.Tensor, delta_cache: to
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs, h_kv, max_seq_len, device_sms(q.device))
     partial = num_splits > 1
-    if partial:
-        o_dst = torch.empty(num_reqs, h, num_splits, d, dtype=torch.float32, device=q.device)
-        l_dst = torch.empty(num_reqs, h, num_splits, dtype=torch.float32, device=q.device)
-        o_strides, l_strides = o_dst.stride()[:3], l_dst.stride()
-    else:
-        o_dst, l_dst = out, (lse if lse is not None else out)
-        o_strides = (out.stride(0), out.stride(1), 0)
-        l_strides = (lse.stride(0), lse.stride(1), 0) if lse is not None else (0, 0, 0)
+    ws = SplitWorkspace.make(num_reqs, h, h_kv, num_splits, d, q.device) if partial else None
+    ws_o, ws_l, arrivals = (ws.o, ws.lse, ws.arrivals) if partial else (out, out, seq_lens)
+    fused = partial and cfg.fused_merge
     ks, vs = scale_arg(k_scale, kv_cache.dtype, seq_lens), scale_arg(v_scale, kv_cache.dtype, seq_lens)
     _gated_decode_kernel[(num_reqs, h_kv, num_splits)](
-        q, kv_cache, delta_cache, alpha, o_dst, l_dst, seq_lens, block_table, ks.tensor, vs.tensor, num_splits, scale,
-        q.stride(0), q.stride(1), *o_strides, *l_strides,
+        q, kv_cache, delta_cache, alpha, out, lse if lse is not None else out, ws_o, ws_l, arrivals, seq_lens,
+        block_table, ks.tensor, vs.tensor, num_splits, scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
+        *(ws_o.stride()[:3] if partial else (0, 0, 0)), *(ws_l.stride() if partial else (0, 0, 0)),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), delta_cache.stride(0), delta_cache.stride(1),
         alpha.stride(0), block_table.stride(0), ks.stride, vs.stride,
         HEAD=d, HEAD_PAD=dot_pad(d), GROUP=group, M=dot_pad(group), BLOCK_N=cfg.block_n, PAGE=page,
         LOGSIGMOID=logsigmoid,
-        K_SCALE=ks.on, V_SCALE=vs.on, PARTIAL=partial, WRITE_LSE=lse is not None, IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if partial:
-        rows = torch.arange(num_reqs + 1, device=q.device, dtype=torch.int32)
-        merge_states_launch(o_dst.permute(0, 2, 1, 3), l_dst.permute(0, 2, 1), out, lse, in_base="2", out_base="e",
-                            rows=rows, sinks=None, num_states=num_splits)
+        K_SCALE=ks.on, V_SCALE=vs.on, PARTIAL=partial, FUSED_MERGE=fused, WRITE_LSE=lse is not None,
+        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial and not fused:
+        merge_states_launch(ws_o.permute(0, 2, 1, 3), ws_l.permute(0, 2, 1), out, lse, in_base="2", out_base="e",
+                            sinks=None, num_states=num_splits)

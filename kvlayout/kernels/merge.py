@@ -19,7 +19,8 @@ import triton.language as tl
 
 from kvlayout.conventions import lse_factor
 
-from .softmax import LOG2E, merge_partials
+from .softmax import LOG2E, merge_finish, merge_fold, merge_partials, softmax_init
+from .tiles import store_rows
 
 
 @triton.jit
@@ -62,6 +63,39 @@ def _merge_states_kernel(
     tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_LSE:
         tl.store(lse_ptr + row * stride_lt + h * stride_lh, lse_out * out_scale)
+
+
+@triton.jit
+def merge_on_last_arrival(ws_o_ptr, ws_l_ptr, o_off, l_off, stride_os, stride_ls, arrivals_ptr, num_parts,
+                          out_ptr, lse_ptr, out_off, lse_off, sinks_ptr, head, d, row_ok, d_ok,
+                          M: tl.constexpr, HEAD_PAD: tl.constexpr, HAS_SINK: tl.constexpr,
+                          WRITE_LSE: tl.constexpr):
+    """Called by each of the ``num_parts`` programs that wrote one partial state of the same rows (``o`` at
+    ``ws_o_ptr + o_off[:, None] + part * stride_os + d``, log2 LSE at ``ws_l_ptr + l_off + part * stride_ls``):
+    the program that arrives last merges all parts into the output rows (``out_ptr + out_off[:, None] + d``,
+    base-e LSE at ``lse_ptr + lse_off``), the learned sinks of ``head`` included, and sets the arrival
+    counter ``arrivals_ptr`` (an int32 that is 0 between launches) back to 0. This replaces a merge launch.
+
+    Ordering: a CTA barrier puts every thread's partial stores before the counter's release-acquire atomic
+    (the CUDA grid-sync pattern); the last program then reads the parts through L2 (``.cg``), never a
+    stale L1 line."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_parts - 1:
+        m, total, acc = softmax_init(M, HEAD_PAD)
+        for part in range(num_parts):
+            lse = tl.load(ws_l_ptr + l_off + part * stride_ls, mask=row_ok, other=float("-inf"),
+                          cache_modifier=".cg")
+            live = row_ok & (lse > float("-inf"))
+            o = tl.load(ws_o_ptr + o_off[:, None] + part * stride_os + d[None, :],
+                        mask=live[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            m, total, acc = merge_fold(m, total, acc, lse, o)
+        if HAS_SINK:
+            sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")) * LOG2E
+            m, total, acc = merge_fold(m, total, acc, sink, tl.zeros([M, HEAD_PAD], tl.float32))
+        out, lse_out = merge_finish(m, total, acc)
+        store_rows(out_ptr, lse_ptr, out_off, lse_off, d, row_ok, d_ok, out, lse_out, WRITE_LSE, True)
+        tl.atomic_xchg(arrivals_ptr, 0)
 
 
 def merge_states_launch(v: torch.Tensor, s: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor], *,

@@ -172,6 +172,26 @@ def finalize_heads(m, l, acc, sinks_ptr, head, row_ok, v_scale_ptr, v_scale_off,
 
 
 @triton.jit
+def merge_fold(m, total, acc, lse, o):
+    """Fold one normalized partial state per row (``lse [M]`` in log2 units, -inf for an empty part, and
+    ``o [M, D]``) into a running merge ``(m [M], total [M], acc [M, D])`` that starts at ``softmax_init``:
+    ``acc / total`` is the merged output so far and ``m + log2(total)`` its LSE (``merge_finish``). A sink
+    folds in as a state with ``o = 0``."""
+    m_new = tl.maximum(m, lse)
+    m_use = _finite_or_zero(m_new)
+    alpha = tl.exp2(m - m_use)
+    w = tl.exp2(lse - m_use)
+    return m_new, total * alpha + w, acc * alpha[:, None] + o * w[:, None]
+
+
+@triton.jit
+def merge_finish(m, total, acc):
+    """``(out [M, D], lse [M])`` of a running merge of ``merge_fold``; ``lse`` in log2 units."""
+    inv_total, lse = _normalizer(_finite_or_zero(m), total)
+    return acc * inv_total[:, None], lse
+
+
+@triton.jit
 def merge_partials(lse, o, sink, HAS_SINK: tl.constexpr):
     """Merge ``S`` normalized partial states of one row: ``lse [S]`` (log2 units, -inf for an empty part)
     and ``o [S, D]``. Returns ``(out [D], lse)`` in log2 units, a sink logit (log2 units) included."""
