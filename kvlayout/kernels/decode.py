@@ -112,10 +112,6 @@ class SplitWorkspace:
                    torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=device),
                    torch.zeros(num_reqs, num_kv_heads, dtype=torch.int32, device=device))
 
-    @property
-    def max_splits(self) -> int:
-        return self.o.shape[2]
-
 
 @functools.lru_cache(maxsize=64)
 def decode_config(head_size: int, elem_bytes: int, interpret: bool) -> DecodeConfig:

@@ -5,8 +5,8 @@ over every key of the request, reading K/V from the packed cache and the keys' g
 companion paged tensor ``(blocks, H_kv, N)`` with the same block table. Score of head ``h`` and key ``j``:
 ``scale * (q_h . k_j + G(alpha_h * delta_j))``, ``G`` log-sigmoid (``LOGSIGMOID``) or the identity. Split-KV as in
 ``kernels/decode.py``: with ``num_splits > 1`` each program takes one key range and writes a partial state
-(log2 LSE) to a float32 workspace, and the last split to finish merges them (``merge_on_last_arrival``). fp8 caches: the K scale multiplies
-``q . k`` (not the gate), the V scale the output.
+(log2 LSE) to a float32 workspace, and the last split to finish merges them (``merge_on_last_arrival``).
+fp8 caches: the K scale multiplies ``q . k`` (not the gate), the V scale the output.
 """
 
 from __future__ import annotations
