@@ -8,6 +8,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
+# Under pytest-xdist (`pytest -n auto`) the workers share the cores: one torch thread pool each of the
+# whole machine's size would oversubscribe them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

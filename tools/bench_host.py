@@ -7,7 +7,8 @@ Host time is what the GPU waits for without CUDA graphs, so it is timed on the h
 of ``--reps`` calls after warm-up), with one torch thread unless told otherwise. Block ids are a random
 permutation of the pool, as after some hours of serving. ``--device cuda`` includes the copies to the
 device (pinned, non-blocking). ``--profile`` also prints, for the largest decode step, the torch ops that
-take the host time of each column (``torch.profiler``, CPU activity; ``cuda*`` runtime calls included), so a
+take the host time of each column (``torch.profiler``; on CUDA with CUDA activity, so the ``cuda*`` runtime
+calls — copies, event waits, pinned allocations — are rows of their own), so a
 slow column can be taken apart without another tool.
 """
 
@@ -128,7 +129,8 @@ def profile_step(device: str, top: int = 12) -> None:
     }
     for name, fn in calls.items():
         fn()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
             for _ in range(1 if name.startswith("BlockTable") else 20):
                 fn()
         print(f"\n{name} (256 decodes @4096, metadata on {device}): ops by self host time, 20 calls")
