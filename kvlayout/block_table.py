@@ -21,6 +21,7 @@ another request reads). Requests that share prefix blocks go through ``build_att
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Hashable, Optional, Sequence, Union
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from .errors import KVLayoutError
-from .metadata import AttentionMetadata, as_device, new_token_slots, resolve_group, seal, token_counts
+from .metadata import (AttentionMetadata, aligned_words, as_device, new_token_slots, resolve_group, seal,
+                       token_counts)
 from .page_pool import PagePool
 from .planner import KVCachePlan
 from .values import require_int
@@ -43,11 +45,16 @@ class BlockTable:
 
     With ``pool`` (the ``PagePool`` the ids come from), ``add``/``append`` also check that the attention
     group holds each id. ``build`` writes the step's metadata into persistent buffers (the previous
-    step's metadata is refused from then on, as with ``StepBuffers``)."""
+    step's metadata is refused from then on, as with ``StepBuffers``).
+
+    On a GPU (``staged``, the default there) a step costs one host-to-device copy of its staged metadata
+    and one gather of its table rows, plus one copy and one scatter when table entries changed since the
+    last step. ``staged=True`` on the CPU runs those same copies between CPU tensors (for tests)."""
 
     def __init__(self, plan: Union[KVCachePlan, int], *, max_num_reqs: int, max_blocks_per_request: int,
                  max_num_tokens: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-                 num_blocks: Optional[int] = None, group: Optional[int] = None, pool: Optional[PagePool] = None):
+                 num_blocks: Optional[int] = None, group: Optional[int] = None, pool: Optional[PagePool] = None,
+                 staged: Optional[bool] = None):
         self.block_size, self.num_blocks, self.group = resolve_group(plan, group, num_blocks, pool)
         self.max_num_reqs = require_int(max_num_reqs, "max_num_reqs", minimum=1)
         self.width = require_int(max_blocks_per_request, "max_blocks_per_request", minimum=1)
@@ -62,26 +69,32 @@ class BlockTable:
         self._host = np.zeros((r, w), dtype=np.int32)            # the table's host mirror
         self._lens = np.zeros(r, dtype=np.int64)                  # blocks per row
         self._owner = np.full(self.num_blocks, -1, dtype=np.int32)
-        self._dirty: list[tuple[int, int, int]] = []               # (row, first, end) entries written
+        self._dirty: list[np.ndarray] = []                         # flat indices of entries written
         self._seen = np.zeros(r, dtype=np.int64)                  # scratch of build's duplicate check
         self._order = np.arange(r + 1, dtype=np.int64)
         self._views: dict[tuple[int, int], _StepViews] = {}
+        # staged: the metadata is written into host staging and copied to device buffers, and changed table
+        # entries are copied to a device table (on a GPU; staged=True runs the same copies on the CPU). On the
+        # CPU by default the host mirror is the table and the staging is the metadata: nothing moves.
+        self.staged = self.device.type != "cpu" if staged is None else bool(staged)
         pin = self.device.type == "cuda"
+        self._at_slots = aligned_words(3 * r + 1)
+        words = self._at_slots + 2 * self.max_num_tokens
+        self._entries_chunk = min(r * w, SYNC_CHUNK)
         with torch.inference_mode(False):
-            # on the CPU the host mirror is the table: nothing to copy when rows change
-            self._table = torch.from_numpy(self._host) if self.device.type == "cpu" else \
-                torch.zeros((r, w), dtype=torch.int32, device=self.device)
+            self._table = torch.zeros((r, w), dtype=torch.int32, device=self.device) if self.staged else \
+                torch.from_numpy(self._host)
             self._step_table = torch.zeros((r, w), dtype=torch.int32, device=self.device)
-            # staging: [rows of the step | query_start_loc | seq_lens] int32, slots int64
-            self._host_ints = torch.zeros(3 * r + 1, dtype=torch.int32, pin_memory=pin)
-            self._host_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, pin_memory=pin)
-            if self.device.type == "cpu":                          # no copy: the staging is the metadata
-                self._dev_ints, self._dev_slots = self._host_ints, self._host_slots
-            else:
-                self._dev_ints = torch.zeros(3 * r + 1, dtype=torch.int32, device=self.device)
-                self._dev_slots = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
-            # changed entries go to the device as (flat index, block id) pairs, SYNC_CHUNK at a time
-            self._host_entries = torch.zeros((2, min(r * w, SYNC_CHUNK)), dtype=torch.int64, pin_memory=pin)
+            # one int32 staging buffer, one copy per step (words):
+            #   [ rows of the step: r | query_start_loc: r+1 | seq_lens: r | slots: int64 pairs, from _at_slots ]
+            self._host_words = torch.zeros(words, dtype=torch.int32, pin_memory=pin)
+            self._dev_words = torch.zeros(words, dtype=torch.int32, device=self.device) if self.staged else \
+                self._host_words
+            # changed table entries, one copy per chunk: [ flat indices: int64 pairs | block ids: int32 ]
+            self._host_entries = torch.zeros(3 * self._entries_chunk, dtype=torch.int32, pin_memory=pin) \
+                if self.staged else None
+            self._dev_entries = torch.zeros(3 * self._entries_chunk, dtype=torch.int32, device=self.device) \
+                if self.staged else None
         self._copied = torch.cuda.Event() if pin else None
 
     # ---- rows -------------------------------------------------------------------------------------
@@ -145,6 +158,17 @@ class BlockTable:
         return row
 
     def _checked(self, request_id: Hashable, block_ids, have: int) -> np.ndarray:
+        ids = self._as_ids(request_id, block_ids)
+        if have + ids.size > self.width:
+            raise KVLayoutError(f"request {request_id!r} would hold {have + ids.size} blocks; the table's rows hold "
+                                f"{self.width} (max_blocks_per_request)")
+        if ids.size:
+            self._check_free(ids, f"request {request_id!r}")
+        return ids
+
+    @staticmethod
+    def _as_ids(request_id: Hashable, block_ids) -> np.ndarray:
+        """``block_ids`` as a 1-D int64 array; refuses anything that is not a sequence of integers."""
         try:
             ids = np.asarray(block_ids if not isinstance(block_ids, torch.Tensor) else block_ids.cpu().numpy())
         except (TypeError, ValueError):
@@ -154,33 +178,85 @@ class BlockTable:
         if ids.ndim != 1 or ids.dtype.kind not in "iu" or isinstance(block_ids, (str, bytes)):
             raise KVLayoutError(f"request {request_id!r}: block ids must be a 1-D sequence of integers, got "
                                 f"{type(block_ids).__name__} of {ids.dtype}")
-        ids = ids.astype(np.int64)
-        if have + ids.size > self.width:
-            raise KVLayoutError(f"request {request_id!r} would hold {have + ids.size} blocks; the table's rows hold "
-                                f"{self.width} (max_blocks_per_request)")
+        return ids.astype(np.int64)
+
+    def _check_free(self, ids: np.ndarray, who: str) -> None:
+        """Refuse ``ids`` (new ids for ``who``, not empty) unless each is in range, listed once, in no row yet
+        and, with a pool, held by the group."""
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.num_blocks:
-            raise KVLayoutError(f"request {request_id!r}: block id {lo if lo < 0 else hi} is out of range; the cache "
-                                f"has blocks 0..{self.num_blocks - 1}")
-        if np.unique(ids).size != ids.size:
-            raise KVLayoutError(f"request {request_id!r}: a block id is listed twice in {ids.tolist()[:16]}")
+            raise KVLayoutError(f"{who}: block id {lo if lo < 0 else hi} is out of range; the cache has blocks "
+                                f"0..{self.num_blocks - 1}")
+        if ids.size > 1 and np.unique(ids).size != ids.size:
+            raise KVLayoutError(f"{who}: a block id is listed twice in {ids.tolist()[:16]}")
         taken = self._owner[ids] >= 0
         if taken.any():
             b = int(ids[np.argmax(taken)])
             other = next(r for r, row in self._rows.items() if row == self._owner[b])
-            raise KVLayoutError(f"request {request_id!r}: block {b} is already in request {other!r}'s row; a block "
-                                f"belongs to one request (shared prefixes go through build_attention_metadata)")
+            raise KVLayoutError(f"{who}: block {b} is already in request {other!r}'s row; a block belongs to one "
+                                f"request (shared prefixes go through build_attention_metadata)")
         if self.pool is not None:
-            self.pool.check_held(self.group, ids, f"request {request_id!r}")
-        return ids
+            self.pool.check_held(self.group, ids, who)
+
+    def append_many(self, request_ids: Sequence[Hashable], block_ids: Sequence[Sequence[int]]) -> None:
+        """``append`` for several requests at once, each listed once: ``block_ids[i]`` go at the end of
+        ``request_ids[i]``'s row. All the new ids are checked and written together, so a step in which ``k``
+        requests cross a block boundary costs one call instead of ``k``. Nothing changes if refused."""
+        n = len(request_ids)
+        if len(block_ids) != n:
+            raise KVLayoutError(f"{n} request ids but {len(block_ids)} lists of block ids; give one list per request")
+        if n <= 1:
+            if n:
+                self.append(request_ids[0], block_ids[0])
+            return
+        try:
+            rows = np.array(itemgetter(*request_ids)(self._rows), dtype=np.int64)
+        except KeyError as e:
+            raise KVLayoutError(f"request {e.args[0]!r} has no row in the block table; add it first") from None
+        if np.unique(rows).size != n:
+            seen: set = set()
+            dup = next(r for r in request_ids if r in seen or seen.add(r))
+            raise KVLayoutError(f"request {dup!r} is listed twice; give each request's new blocks in one list")
+        flat = array.array("q")              # fromlist refuses floats and strings, never truncates
+        counts = np.empty(n, dtype=np.int64)
+        end = 0
+        for i, ids in enumerate(block_ids):
+            if type(ids) is list:
+                try:
+                    flat.fromlist(ids)
+                except TypeError:
+                    self._as_ids(request_ids[i], ids)          # raises, naming the request
+                    raise
+            else:
+                flat.frombytes(self._as_ids(request_ids[i], ids).tobytes())
+            counts[i], end = len(flat) - end, len(flat)
+        have = self._lens[rows]
+        over = have + counts > self.width
+        if over.any():
+            i = int(np.argmax(over))
+            raise KVLayoutError(f"request {request_ids[i]!r} would hold {int(have[i] + counts[i])} blocks; the "
+                                f"table's rows hold {self.width} (max_blocks_per_request)")
+        if not len(flat):
+            return
+        ids = np.frombuffer(flat, dtype=np.int64)
+        self._check_free(ids, f"requests {list(request_ids)[:8]!r}")
+        # entry k of the new ids goes to row rows_of[k], at column have[...] + its index within its list
+        rows_of = np.repeat(rows, counts)
+        starts = np.cumsum(counts) - counts
+        cols = np.arange(ids.size) - np.repeat(starts - have, counts)
+        self._host[rows_of, cols] = ids
+        self._lens[rows] = have + counts
+        self._owner[ids] = rows_of
+        if self.staged:
+            self._dirty.append(rows_of * self.width + cols)
 
     def _put(self, row: int, ids: np.ndarray) -> None:
         n = int(self._lens[row])
         self._host[row, n:n + ids.size] = ids
         self._lens[row] = n + ids.size
         self._owner[ids] = row
-        if ids.size and self.device.type != "cpu":
-            self._dirty.append((row, n, n + ids.size))
+        if ids.size and self.staged:
+            self._dirty.append(np.arange(row * self.width + n, row * self.width + n + ids.size))
 
     # ---- one step ---------------------------------------------------------------------------------
     def build(self, request_ids: Sequence[Hashable], num_computed: Sequence[int], num_new: Sequence[int]
@@ -251,20 +327,22 @@ class BlockTable:
         for ``k`` requests copies ``k`` (index, id) pairs, not ``k`` rows."""
         if not self._dirty:
             return self._table
-        w = self.width
-        flat = np.concatenate([np.arange(row * w + lo, row * w + hi) for row, lo, hi in self._dirty])
+        chunk = self._entries_chunk
+        flat = np.concatenate(self._dirty) if len(self._dirty) > 1 else self._dirty[0]
         self._dirty.clear()
         stage = self._host_entries.numpy()
         table = self._table.view(-1)
         with torch.inference_mode(False):
-            for at in range(0, flat.size, stage.shape[1]):
-                part = flat[at:at + stage.shape[1]]
+            for at in range(0, flat.size, chunk):
+                part = flat[at:at + chunk]
+                m = part.size
                 if self._copied is not None:
                     self._copied.synchronize()      # the last copy has left the staging buffer
-                stage[0, :part.size] = part
-                stage[1, :part.size] = self._host.reshape(-1)[part]
-                dev = self._host_entries[:, :part.size].to(self.device, non_blocking=True)
-                table.index_copy_(0, dev[0], dev[1].to(torch.int32))
+                stage[:2 * m].view(np.int64)[:] = part
+                stage[2 * m:3 * m] = self._host.reshape(-1)[part]
+                dev = self._dev_entries[:3 * m]
+                dev.copy_(self._host_entries[:3 * m], non_blocking=True)
+                table.index_copy_(0, dev[:2 * m].view(torch.int64), dev[2 * m:])
                 if self._copied is not None:
                     self._copied.record()
         return self._table
@@ -274,15 +352,15 @@ class BlockTable:
         size: slicing tensors costs about a microsecond each)."""
         v = self._views.get((n, total))
         if v is None:
-            r = self.max_num_reqs
-            ints, slots = self._host_ints.numpy(), self._host_slots.numpy()
+            r, at, end = self.max_num_reqs, self._at_slots, self._at_slots + 2 * total
+            host, dev = self._host_words, self._dev_words
+            words = host.numpy()
             with torch.inference_mode(False):
-                v = _StepViews(rows=ints[:n], qsl=ints[r:r + n + 1], seq=ints[2 * r + 1:2 * r + 1 + n],
-                               slots=slots[:total], qsl_cpu=self._host_ints[r:r + n + 1],
-                               seq_cpu=self._host_ints[2 * r + 1:2 * r + 1 + n], host_slots=self._host_slots[:total],
-                               dev_rows=self._dev_ints[:n], dev_qsl=self._dev_ints[r:r + n + 1],
-                               dev_seq=self._dev_ints[2 * r + 1:2 * r + 1 + n], dev_slots=self._dev_slots[:total],
-                               step_table=self._step_table[:n])
+                v = _StepViews(rows=words[:n], qsl=words[r:r + n + 1], seq=words[2 * r + 1:2 * r + 1 + n],
+                               slots=words[at:end].view(np.int64), qsl_cpu=host[r:r + n + 1],
+                               seq_cpu=host[2 * r + 1:2 * r + 1 + n], host_used=host[:end], dev_used=dev[:end],
+                               dev_rows=dev[:n], dev_qsl=dev[r:r + n + 1], dev_seq=dev[2 * r + 1:2 * r + 1 + n],
+                               dev_slots=dev[at:end].view(torch.int64), step_table=self._step_table[:n])
             if len(self._views) >= 4096:
                 self._views.clear()
             self._views[(n, total)] = v
@@ -291,9 +369,8 @@ class BlockTable:
     def _upload(self, v: "_StepViews", step: "TableStep") -> AttentionMetadata:
         table = self.sync_rows()
         with torch.inference_mode(False):
-            if self._dev_ints is not self._host_ints:               # on the CPU the staging is the metadata
-                self._dev_ints.copy_(self._host_ints, non_blocking=True)
-                v.dev_slots.copy_(v.host_slots, non_blocking=True)
+            if self.staged:                                         # else the staging is the metadata
+                v.dev_used.copy_(v.host_used, non_blocking=True)
             torch.index_select(table, 0, v.dev_rows, out=v.step_table)
             if self._copied is not None:
                 self._copied.record()
@@ -333,7 +410,8 @@ class _StepViews:
     slots: np.ndarray
     qsl_cpu: torch.Tensor
     seq_cpu: torch.Tensor
-    host_slots: torch.Tensor
+    host_used: torch.Tensor        # the staging words this step uses, and where they go on the device
+    dev_used: torch.Tensor
     dev_rows: torch.Tensor
     dev_qsl: torch.Tensor
     dev_seq: torch.Tensor

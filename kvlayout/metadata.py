@@ -398,7 +398,7 @@ def seal(meta: AttentionMetadata) -> AttentionMetadata:
     return meta
 
 
-def _aligned(words: int) -> int:
+def aligned_words(words: int) -> int:
     """``words`` (int32) rounded up to a 16-byte boundary."""
     return -(-words // 4) * 4
 
@@ -416,9 +416,9 @@ def _sealed_metadata(device: torch.device, block_size: int, num_blocks: int, qsl
     same pointer alignment on every step. One pinned staging buffer and one host-to-device copy replace
     four of each: on a GPU host every torch call of a step costs microseconds."""
     n, width, total = seq.shape[0], table.shape[1], slots.shape[0]
-    at_qsl = _aligned(2 * total)
-    at_seq = _aligned(at_qsl + n + 1)
-    at_table = _aligned(at_seq + n)
+    at_qsl = aligned_words(2 * total)
+    at_seq = aligned_words(at_qsl + n + 1)
+    at_table = aligned_words(at_seq + n)
     host = np.zeros(at_table + n * width, dtype=np.int32)
     host[:2 * total].view(np.int64)[:] = slots
     host[at_qsl:at_qsl + n + 1] = qsl

@@ -27,12 +27,16 @@ def same_metadata(a, b):
     assert (a.num_decodes, a.max_query_len, a.max_seq_len) == (b.num_decodes, b.max_query_len, b.max_seq_len)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_steps_match_the_builder_as_rows_grow_and_are_reused(rng, device):
-    """Random steps (decode-only and mixed, rows growing, removed and reused) against the builder; on CUDA
-    too (pinned staging, changed rows copied, the step's rows gathered on the device)."""
+@pytest.mark.parametrize("device", ["cpu", "cpu-staged", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_steps_match_the_builder_as_rows_grow_and_are_reused(rng, device, monkeypatch):
+    """Random steps (decode-only and mixed, rows growing, removed and reused) against the builder; staged
+    as on a GPU too (staging copied, changed entries scattered into the device table in chunks, the step's
+    rows gathered), on the CPU and on CUDA (pinned staging)."""
     gen = np.random.default_rng(int(torch.randint(1 << 30, (1,), generator=rng)))
-    table = BlockTable(BS, num_blocks=NB, max_num_reqs=6, max_blocks_per_request=10, device=device)
+    monkeypatch.setattr("kvlayout.block_table.SYNC_CHUNK", 2)      # a step that adds 3+ blocks copies them in chunks
+    table = BlockTable(BS, num_blocks=NB, max_num_reqs=6, max_blocks_per_request=10,
+                       device=device.removesuffix("-staged"), staged=True if device.endswith("staged") else None)
+    assert table.staged == (device != "cpu")
     free = list(gen.permutation(NB))
     held = {}                                   # request -> (tokens in cache, blocks)
     next_id = 0
@@ -97,6 +101,14 @@ def test_attention_over_the_tables_metadata_equals_the_builders(rng):
     (lambda t: t.append("a", [1.5]), "integers"),
     (lambda t: t.append("nobody", [7]), "no row"),
     (lambda t: t.remove("nobody"), "no row"),
+    (lambda t: t.append_many(["a", "b"], [[5], [5]]), "listed twice"),
+    (lambda t: t.append_many(["a", "b"], [[5], [0]]), "already in request 'a'"),
+    (lambda t: t.append_many(["a", "b"], [[5], [NB]]), "out of range"),
+    (lambda t: t.append_many(["a", "b"], [[5, 6, 7], [8]]), "rows hold 4"),
+    (lambda t: t.append_many(["a", "a"], [[5], [6]]), "'a' is listed twice"),
+    (lambda t: t.append_many(["a", "nobody"], [[5], [6]]), "no row"),
+    (lambda t: t.append_many(["a", "b"], [[5]]), "one list per request"),
+    (lambda t: t.append_many(["a", "b"], [[5], ["x"]]), "integers"),
     (lambda t: t.build(["a", "a"], [1, 1], [1, 1]), "listed twice"),
     (lambda t: t.build(["a"], [8], [1]), "append blocks first"),
     (lambda t: t.build(["a"], [1], [-1]), ">= 0"),
@@ -113,6 +125,25 @@ def test_bad_calls_are_refused_and_change_nothing(call, match):
     t.add("c")
     with pytest.raises(KVLayoutError, match="holds 3 requests already"):
         t.add("d")
+
+
+def test_append_many_equals_appending_one_request_at_a_time(rng):
+    gen = np.random.default_rng(int(torch.randint(1 << 30, (1,), generator=rng)))
+    one = BlockTable(BS, num_blocks=NB, max_num_reqs=8, max_blocks_per_request=8, staged=True)
+    many = BlockTable(BS, num_blocks=NB, max_num_reqs=8, max_blocks_per_request=8, staged=True)
+    free = [int(b) for b in gen.permutation(NB)]
+    for t in (one, many):
+        for r in range(6):
+            t.add(r)
+    for _ in range(5):
+        rids = [int(r) for r in gen.permutation(6)[:int(gen.integers(1, 7))]]
+        new = [[free.pop() for _ in range(int(gen.integers(0, 3)))] for _ in rids]
+        for r, ids in zip(rids, new):
+            one.append(r, ids)
+        many.append_many(rids, new)
+        assert all(one.block_ids(r) == many.block_ids(r) for r in range(6))
+        assert torch.equal(one.sync_rows(), many.sync_rows())
+    many.append_many([], [])
 
 
 def test_the_pool_is_checked():

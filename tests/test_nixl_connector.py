@@ -497,7 +497,10 @@ def test_transfer_bytes_equal_and_other_blocks_untouched(prefill, decode, expect
 
 
 @needs_nixl
-def test_200_concurrent_requests_all_complete(prefill, decode, expected):
+def test_200_concurrent_requests_all_complete(prefill, decode, expected, monkeypatch):
+    # 200 confirmations at once can take longer than the fixture's 2 s handshake timeout when the tests share
+    # two cores (pytest -n auto); the loads' own 10 s timeout still bounds them
+    monkeypatch.setattr(decode, "handshake_timeout_s", 10)
     rng = np.random.default_rng(3)
     remote = rng.integers(0, 256, size=200).tolist()
     local = rng.permutation(256)[:200].tolist()

@@ -58,22 +58,22 @@ def requests_for(step: list[tuple[int, int]], rng: np.random.Generator, shared_p
 def block_table_time(reqs, num_blocks: int, device: str, reps: int, buffers=None, decode_only: bool = False
                      ) -> float:
     """Median host seconds of one step on a persistent ``BlockTable`` that holds the requests' rows: a
-    sixteenth of the requests get their next block (decodes cross a block boundary every 16 steps), then
+    sixteenth of the requests get their next block (decodes cross a block boundary every 16 steps; one
+    ``append_many``), then
     the step's metadata is built (``table.build``, or with ``buffers`` the padded ``StepBuffers`` of a
     CUDA-graph step, ``buffers.build_from_table``). Between timed steps those blocks are dropped again
     (untimed)."""
     width = max(len(r.block_ids) for r in reqs)
     table = kvl.BlockTable(BLOCK, num_blocks=num_blocks, max_num_reqs=len(reqs), max_blocks_per_request=width,
                            max_num_tokens=sum(r.num_new_tokens for r in reqs), device=device)
-    growing = set(range(0, len(reqs), 16))
+    growing = list(range(0, len(reqs), 16))
     for i, r in enumerate(reqs):
         table.add(i, r.block_ids[:-1] if i in growing else r.block_ids)
     ids, computed, new = list(range(len(reqs))), [r.num_computed_tokens for r in reqs], [r.num_new_tokens for r in reqs]
     times = []
     for rep in range(reps + 3):
         t0 = time.perf_counter()
-        for i in growing:
-            table.append(i, reqs[i].block_ids[-1:])
+        table.append_many(growing, [reqs[i].block_ids[-1:] for i in growing])
         if buffers is None:
             table.build(ids, computed, new)
         else:

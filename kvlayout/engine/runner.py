@@ -248,9 +248,11 @@ class Engine:
 
     def _grow(self, req: Request, num_blocks: int) -> None:
         """Give ``req`` ``num_blocks`` more blocks from the pool, and its row in the block table."""
-        ids = self.pool.allocate(self.group, num_blocks)
         if req.request_id not in self.table:
             self.table.add(req.request_id)
+        if num_blocks == 0:                          # most decode steps: no pool or table call
+            return
+        ids = self.pool.allocate(self.group, num_blocks)
         self.table.append(req.request_id, ids)
         req.block_ids += ids
 
