@@ -15,8 +15,9 @@ Worked example: 3 real decodes padded to a decode graph of 4, block size 16, buf
     query_start_loc = [0, 1, 2, 3, 3]      seq_lens = [17, 5, 40, 0]      slot_mapping = [s0, s1, s2, -1]
     num_decodes = num_actual_tokens = 4,   max_query_len = 1,   max_seq_len = 8 * 16 = 128
 
-The host arrays go to the device in one copy per step from pinned staging memory (no sync: the next
-build waits only for the previous copy to have left the staging buffer).
+The host arrays go to the device from pinned staging memory, one copy per step from a ``BlockTable``
+(whose rows are gathered on the device) and two from block ids; no sync: the next build waits only for
+the previous copy to have left the staging buffer.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 
 from .block_table import BlockTable
 from .errors import KVLayoutError
-from .metadata import (AttentionMetadata, PaddedStep, ScheduledRequest, as_device, host_schedule, resolve_group,
-                       seal)
+from .metadata import (AttentionMetadata, PaddedStep, ScheduledRequest, aligned_words, as_device, host_schedule,
+                       resolve_group, seal)
 from .page_pool import PagePool
 from .planner import KVCachePlan
 from .values import require_int
@@ -55,20 +56,26 @@ class StepBuffers:
                                 f"blocks")
         self.device = as_device(device)
         r, w = self.max_num_reqs, self.width
-        self._ints = (r + 1) + r + r * w            # query_start_loc | seq_lens | block_table, one int32 buffer
+        # one int32 buffer on the host (staging) and one on the device, same layout (words):
+        #   [ query_start_loc: r+1 | seq_lens: r | table rows of the step: r | slots: int64 pairs | block_table ]
+        # so a step from a BlockTable is one copy (counts, rows and slots) and a gather
+        self._at_rows = 2 * r + 1
+        self._at_slots = aligned_words(3 * r + 1)
+        self._at_table = aligned_words(self._at_slots + 2 * self.max_num_tokens)
+        words = self._at_table + r * w
         pin = self.device.type == "cuda"
         with torch.inference_mode(False):           # version counters are part of the metadata's seal
-            self._dev_ints = torch.zeros(self._ints, dtype=torch.int32, device=self.device)
-            self._dev_slots = torch.full((self.max_num_tokens,), -1, dtype=torch.int64, device=self.device)
-            self._host_ints = torch.zeros(self._ints, dtype=torch.int32, pin_memory=pin)
-            self._host_slots = torch.full((self.max_num_tokens,), -1, dtype=torch.int64, pin_memory=pin)
-            self._host_rows = torch.zeros(r, dtype=torch.int32, pin_memory=pin)     # build_from_table's rows
-            self._dev_rows = torch.zeros(r, dtype=torch.int32, device=self.device)
+            self._dev_words = torch.zeros(words, dtype=torch.int32, device=self.device)
+            self._host_words = torch.zeros(words, dtype=torch.int32, pin_memory=pin)
+            for buf in (self._dev_words, self._host_words):
+                buf[self._at_slots:self._at_table].view(torch.int64).fill_(-1)
         self._copied = torch.cuda.Event() if pin else None
         r1 = r + 1
-        self._qsl = self._dev_ints[:r1]
-        self._seq = self._dev_ints[r1:r1 + r]
-        self._table = self._dev_ints[r1 + r:].view(r, w)
+        self._qsl = self._dev_words[:r1]
+        self._seq = self._dev_words[r1:r1 + r]
+        self._dev_rows = self._dev_words[self._at_rows:self._at_rows + r]
+        self._dev_slots = self._dev_words[self._at_slots:self._at_slots + 2 * self.max_num_tokens].view(torch.int64)
+        self._table = self._dev_words[self._at_table:].view(r, w)
 
     @property
     def max_seq_len(self) -> int:
@@ -123,8 +130,8 @@ class StepBuffers:
             meta = AttentionMetadata(
                 block_size=self.block_size, num_blocks=self.num_blocks, query_start_loc=self._qsl[:r1],
                 seq_lens=self._seq[:num_reqs], block_table=self._table[:num_reqs],
-                slot_mapping=self._dev_slots[:num_tokens], query_start_loc_cpu=self._host_ints[:r1].clone(),
-                seq_lens_cpu=self._host_ints[self.max_num_reqs + 1:][:num_reqs].clone(),
+                slot_mapping=self._dev_slots[:num_tokens], query_start_loc_cpu=self._host_words[:r1].clone(),
+                seq_lens_cpu=self._host_words[self.max_num_reqs + 1:][:num_reqs].clone(),
                 max_query_len=1 if decode_only else num_tokens, max_seq_len=self.max_seq_len,
                 num_decodes=num_reqs if decode_only else 0, num_decode_tokens=num_tokens if decode_only else 0,
                 num_actual_tokens=num_tokens, padded=PaddedStep(n, total, decode_only, self))
@@ -149,40 +156,41 @@ class StepBuffers:
         self._check_fit(step.num_reqs, step.num_tokens, step.num_decodes, step.qsl, num_reqs, num_tokens, decode_only)
         if self._copied is not None:
             self._copied.synchronize()              # the previous step's copy has left the staging buffer
-        n, total, r = step.num_reqs, step.num_tokens, self.max_num_reqs
-        ints = self._host_ints.numpy()
-        self._write_counts(ints, step.qsl, step.seq, n, total, num_reqs)
-        rows = self._host_rows.numpy()
-        rows[:n] = step.rows
-        slots = self._host_slots.numpy()
+        n, total = step.num_reqs, step.num_tokens
+        words = self._host_words.numpy()
+        self._write_counts(words, step.qsl, step.seq, n, total, num_reqs)
+        words[self._at_rows:self._at_rows + n] = step.rows
+        end = self._at_slots + 2 * num_tokens
+        slots = words[self._at_slots:end].view(np.int64)
         table.slots(step, out=slots[:total])
-        slots[total:num_tokens] = -1
+        slots[total:] = -1
         device_table = table.sync_rows()
         with torch.inference_mode(False):
-            self._dev_ints[:2 * r + 1].copy_(self._host_ints[:2 * r + 1], non_blocking=True)
-            self._dev_slots[:num_tokens].copy_(self._host_slots[:num_tokens], non_blocking=True)
-            self._dev_rows[:n].copy_(self._host_rows[:n], non_blocking=True)
+            self._dev_words[:end].copy_(self._host_words[:end], non_blocking=True)
             torch.index_select(device_table, 0, self._dev_rows[:n], out=self._table[:n])
-            self._table[n:num_reqs].zero_()          # padding rows name no block
+            if n < num_reqs:
+                self._table[n:num_reqs].zero_()      # padding rows name no block
         return self._finish(n, total, num_reqs, num_tokens, decode_only)
 
     def _stage(self, sched, num_reqs: int, num_tokens: int) -> None:
-        """Write the padded arrays into the pinned staging tensors, then copy them to the device."""
+        """Write the padded arrays into the pinned staging, then copy them to the device (counts and
+        slots in one copy, the rows the padded step reads in another)."""
         if self._copied is not None:
             self._copied.synchronize()              # the previous step's copy has left the staging buffer
-        n, total, r = sched.num_reqs, sched.num_tokens, self.max_num_reqs
-        ints = self._host_ints.numpy()
-        self._write_counts(ints, sched.qsl, sched.seq, n, total, num_reqs)
-        table = ints[2 * r + 1:].reshape(r, self.width)
-        table[:n] = sched.table
-        table[n:num_reqs] = 0
-        slots = self._host_slots.numpy()
+        n, total = sched.num_reqs, sched.num_tokens
+        words = self._host_words.numpy()
+        self._write_counts(words, sched.qsl, sched.seq, n, total, num_reqs)
+        end = self._at_slots + 2 * num_tokens
+        slots = words[self._at_slots:end].view(np.int64)
         slots[:total] = sched.slots
-        slots[total:num_tokens] = -1
-        used = 2 * r + 1 + num_reqs * self.width    # only the rows the padded step reads
+        slots[total:] = -1
+        at, rows_end = self._at_table, self._at_table + num_reqs * self.width
+        table = words[at:rows_end].reshape(num_reqs, self.width)
+        table[:n] = sched.table
+        table[n:] = 0
         with torch.inference_mode(False):
-            self._dev_ints[:used].copy_(self._host_ints[:used], non_blocking=True)
-            self._dev_slots[:num_tokens].copy_(self._host_slots[:num_tokens], non_blocking=True)
+            self._dev_words[:end].copy_(self._host_words[:end], non_blocking=True)
+            self._dev_words[at:rows_end].copy_(self._host_words[at:rows_end], non_blocking=True)
 
     def _write_counts(self, ints: np.ndarray, qsl, seq, n: int, total: int, num_reqs: int) -> None:
         """``query_start_loc`` and ``seq_lens`` of the padded step into the staging (padding requests:
