@@ -322,9 +322,9 @@ class BlockTable:
 
     def sync_rows(self) -> torch.Tensor:
         """Copy the entries written since the last call to the device table; returns the device table
-        ``[max_num_reqs, max_blocks_per_request]`` (int32), whose row ``i`` is request row ``i`` (on the CPU
-        it is the host mirror itself). Only the new entries move: a decode step that crosses a block boundary
-        for ``k`` requests copies ``k`` (index, id) pairs, not ``k`` rows."""
+        ``[max_num_reqs, max_blocks_per_request]`` (int32), whose row ``i`` is request row ``i`` (when not
+        ``staged`` it is the host mirror itself). Only the new entries move: a decode step that crosses a block
+        boundary for ``k`` requests copies ``k`` (index, id) pairs, not ``k`` rows."""
         if not self._dirty:
             return self._table
         chunk = self._entries_chunk
