@@ -143,6 +143,7 @@ class Engine:
         self.table = BlockTable(self.plan, group=self.group, max_num_reqs=max(4 * max_num_seqs, 256),
                                 max_blocks_per_request=self.max_model_len // self.block_size,
                                 max_num_tokens=max_num_batched_tokens, device=self.device, pool=self.pool)
+        self._new_blocks: dict[str, list[int]] = {}     # blocks given since the table's rows were last written
         self.eos_token_id = eos_token_id
         self.validate = validate
         self.waiting: deque[Request] = deque()
@@ -216,6 +217,7 @@ class Engine:
         req = Request(request_id, [int(t) for t in prompt], int(max_new_tokens), output=[int(first_token)],
                       num_computed=len(prompt))
         self._grow(req, need)
+        self._write_rows()
         self.requests[request_id] = req
         self.held[request_id] = req
         return list(req.block_ids)
@@ -247,16 +249,23 @@ class Engine:
         return -(-num_tokens // self.block_size)
 
     def _grow(self, req: Request, num_blocks: int) -> None:
-        """Give ``req`` ``num_blocks`` more blocks from the pool, and its row in the block table."""
+        """Give ``req`` ``num_blocks`` more blocks from the pool, and a row in the block table; the row gets
+        them in ``_write_rows`` (one ``append_many`` per step for every request that grew)."""
         if req.request_id not in self.table:
             self.table.add(req.request_id)
         if num_blocks == 0:                          # most decode steps: no pool or table call
             return
         ids = self.pool.allocate(self.group, num_blocks)
-        self.table.append(req.request_id, ids)
+        self._new_blocks.setdefault(req.request_id, []).extend(ids)
         req.block_ids += ids
 
+    def _write_rows(self) -> None:
+        if self._new_blocks:
+            self.table.append_many(list(self._new_blocks), list(self._new_blocks.values()))
+            self._new_blocks.clear()
+
     def _free(self, req: Request) -> None:
+        self._new_blocks.pop(req.request_id, None)
         if req.request_id in self.table:
             self.table.remove(req.request_id)
         self.pool.free(self.group, req.block_ids)
@@ -304,6 +313,7 @@ class Engine:
             self.running.append(req)
             scheduled.append((req, n))
             budget -= n
+        self._write_rows()
         return scheduled
 
     # ---- one step -------------------------------------------------------------------------------
