@@ -221,7 +221,7 @@ class BlockTable:
         counts = np.empty(n, dtype=np.int64)
         end = 0
         for i, ids in enumerate(block_ids):
-            if type(ids) is list:
+            if type(ids) is list and not any(type(x) is bool for x in ids):
                 try:
                     flat.fromlist(ids)
                 except TypeError:

@@ -109,6 +109,8 @@ def test_attention_over_the_tables_metadata_equals_the_builders(rng):
     (lambda t: t.append_many(["a", "nobody"], [[5], [6]]), "no row"),
     (lambda t: t.append_many(["a", "b"], [[5]]), "one list per request"),
     (lambda t: t.append_many(["a", "b"], [[5], ["x"]]), "integers"),
+    (lambda t: t.append_many(["a", "b"], [[5], [True]]), "integers"),
+    (lambda t: t.append("a", [True]), "integers"),
     (lambda t: t.build(["a", "a"], [1, 1], [1, 1]), "listed twice"),
     (lambda t: t.build(["a"], [8], [1]), "append blocks first"),
     (lambda t: t.build(["a"], [1], [-1]), ">= 0"),
