@@ -116,8 +116,12 @@ def paged_inputs(meta: AttentionMetadata, reqs: np.ndarray) -> PagedInputs:
     np.cumsum(pages, out=indptr[1:])
     last = seq - (pages - 1) * bs
     width = meta.block_table.shape[1]
-    cols = np.arange(width)
-    flat = (reqs[:, None] * width + cols)[cols < pages[:, None]]     # row-major: request by request
+    # entry j of request i's pages is block_table[reqs[i], j], at flat index reqs[i] * width + j; page k of
+    # the packed list is entry k - indptr[i] of the request i it falls in. E.g. reqs [0, 2], pages [1, 2],
+    # width 4: indptr [0, 1, 3], flat = [0 - 0, 8 - 1, 8 - 1] + [0, 1, 2] = [0, 8, 9]. O(pages), not
+    # O(requests x width): CUDA-graph tables are as wide as the longest request allowed.
+    base = (reqs.astype(np.int32) * np.int32(width) - indptr[:-1].astype(np.int32))
+    flat = np.repeat(base, pages) + np.arange(int(indptr[-1]), dtype=np.int32)
     flat_dev = torch.from_numpy(flat).to(meta.block_table.device, non_blocking=True)
     indices = meta.block_table.reshape(-1).index_select(0, flat_dev)
     return PagedInputs(torch.from_numpy(indptr.astype(np.int32)), indices,

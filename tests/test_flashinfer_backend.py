@@ -268,6 +268,26 @@ def test_window_and_paged_inputs():
     assert pi.indices.tolist() == [4, 7, 0, 1, 3, 6] and pi.indices.dtype == torch.int32
 
 
+def test_paged_inputs_of_a_wide_table_and_any_requests(rng):
+    """A padded table much wider than the requests (as CUDA-graph buffers are), requests in any order."""
+    gen = np.random.default_rng(int(torch.randint(1 << 30, (1,), generator=rng)))
+    nb, bs = 64, 4
+    perm = gen.permutation(nb).tolist()
+    reqs, at = [], 0
+    for n in gen.integers(1, 20, size=6).tolist():
+        k = -(-n // bs)
+        reqs.append(kvl.ScheduledRequest(n - 1, 1, perm[at:at + k]))
+        at += k
+    meta = kvl.build_attention_metadata(reqs, bs, "cpu", num_blocks=nb, max_blocks_per_request=40)
+    pick = gen.permutation(6)[:4]
+    pi = paged_inputs(meta, pick)
+    want = [b for i in pick for b in reqs[i].block_ids]
+    assert pi.indices.tolist() == want
+    pages = [len(reqs[i].block_ids) for i in pick]
+    assert pi.indptr.tolist() == np.concatenate([[0], np.cumsum(pages)]).tolist()
+    assert pi.last_page_len.tolist() == [(reqs[i].num_computed_tokens + 1 - 1) % bs + 1 for i in pick]
+
+
 def test_canonical_strides_only_touch_size_one_dims():
     kv = torch.zeros(5 * 9999).as_strided((5, 1, 16, 256), (9999, 3, 256, 1))
     k, v = packed_kv_views(kv)
