@@ -239,7 +239,14 @@ class BlockTable:
         if not len(flat):
             return
         ids = np.frombuffer(flat, dtype=np.int64)
-        self._check_free(ids, f"requests {list(request_ids)[:8]!r}")
+        try:
+            self._check_free(ids, f"requests {list(request_ids)[:8]!r}")
+        except KVLayoutError:                        # name the request at fault where one alone is
+            ends = np.cumsum(counts)
+            for r, e, c in zip(request_ids, ends.tolist(), counts.tolist()):
+                if c:
+                    self._check_free(ids[e - c:e], f"request {r!r}")
+            raise
         # entry k of the new ids goes to row rows_of[k], at column have[...] + its index within its list
         rows_of = np.repeat(rows, counts)
         starts = np.cumsum(counts) - counts
